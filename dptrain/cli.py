@@ -1,0 +1,122 @@
+"""The `dptrain` command: parse flags, resolve the config, then train in-process (seq) or
+launch workers through torchrun (ddp, fsdp).
+
+torch is imported only once a command needs it, so `--help` and config errors are instant.
+"""
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+
+from dptrain.config import Config, resolve, to_toml
+from dptrain.errors import USER_ERROR_EXIT, UserError
+from dptrain.flags import config_from_flags, launch_flags, training_flags, with_flags
+from dptrain.runlog import (LAUNCH_TIME_ENV, SUMMARY, check_out_dir, default_out_dir, err,
+                            write_summary)
+
+app = typer.Typer(
+    help="Train a 784-16-16-10 MLP on MNIST sequentially, with DDP or with FSDP, and compare.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _train_command(mode: str):
+    def command(**flags) -> None:
+        started = time.time()
+        try:
+            config = config_from_flags(flags)
+            if mode == "seq":
+                from dptrain.worker import run
+
+                run("seq", config, force=flags["force"])
+            else:
+                launch(mode, config, force=flags["force"], started=started)
+        except UserError as e:
+            err(str(e))
+            raise typer.Exit(USER_ERROR_EXIT) from None
+
+    return command
+
+
+app.command("seq", help="Train in this process: the sequential baseline.")(
+    with_flags(_train_command("seq"), training_flags))
+app.command("ddp", help="Train with DistributedDataParallel on --nproc workers (torchrun).")(
+    with_flags(_train_command("ddp"), training_flags, launch_flags))
+app.command("fsdp", help="Train with FSDP2 (fully_shard per Linear, then the root) on --nproc "
+                         "workers (torchrun).")(
+    with_flags(_train_command("fsdp"), training_flags, launch_flags))
+
+
+def torchrun_args(config: Config) -> list[str]:
+    """torchrun's own flags: a free local port for one node, the given rendezvous for several."""
+    launch = config.launch
+    args = [f"--nproc-per-node={launch.nproc}", "--max-restarts=0"]
+    if launch.nnodes == 1 and not launch.rdzv_endpoint:
+        return args + ["--standalone"]
+    args += [f"--nnodes={launch.nnodes}", f"--rdzv-backend={launch.rdzv_backend}",
+             f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--node-rank={launch.node_rank}"]
+    if launch.rdzv_id:
+        args.append(f"--rdzv-id={launch.rdzv_id}")
+    return args
+
+
+def launch(mode: str, config: Config, *, force: bool, started: float) -> None:
+    """Check everything a worker would reject, then run torchrun in this process."""
+    from dptrain.data import load_mnist, split_indices
+    from dptrain.worker import LAUNCHED_ENV
+
+    # Decode (or download) the data once here, so that workers only map the cache.
+    mnist = load_mnist(config.data.data_dir)
+    n_train = len(split_indices(len(mnist.labels), config.data.split_seed).train)
+    resolve(config, mode=mode, world_size=config.launch.nproc * config.launch.nnodes,
+            n_train=n_train)
+    out = Path(config.run.out) if config.run.out else default_out_dir(mode)
+    check_out_dir(out, force)
+    config = _with_out(config, out)
+
+    threads = config.system.threads or max(1, (os.cpu_count() or 1) // config.launch.nproc)
+    os.environ.update({LAUNCH_TIME_ENV: repr(started), LAUNCHED_ENV: "1",
+                       "OMP_NUM_THREADS": str(threads)})
+    with tempfile.TemporaryDirectory(prefix="dptrain-") as tmp:
+        resolved = Path(tmp) / "config.toml"
+        resolved.write_text(to_toml(config))
+        worker = ["-m", "dptrain.worker", f"--mode={mode}", f"--config={resolved}"]
+        _torchrun(torchrun_args(config) + worker + (["--force"] if force else []))
+    if (out / SUMMARY).exists():  # on the node that held rank 0: time the whole command
+        import json
+
+        summary = json.loads((out / SUMMARY).read_text())
+        summary["wall_seconds"] = time.time() - started
+        write_summary(out, summary)
+
+
+def _with_out(config: Config, out: Path) -> Config:
+    from dataclasses import replace
+
+    return replace(config, run=replace(config.run, out=str(out)))
+
+
+def _torchrun(argv: list[str]) -> None:
+    """torch.distributed.run in-process; a worker's failure becomes one line, not a report."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode == USER_ERROR_EXIT:
+            raise UserError(failure.message) from None
+        err(f"worker rank {rank} failed with exit code {failure.exitcode}: "
+            f"{failure.message.splitlines()[0] if failure.message else 'no message'}; "
+            "its traceback is above")
+        raise typer.Exit(1) from None
+
+
+def main() -> None:
+    app()

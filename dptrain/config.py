@@ -1,0 +1,321 @@
+"""The configuration: one tree of dataclasses, defaults < TOML file < flags, and the LR rule.
+
+Nothing here imports torch: the CLI validates a whole config before it starts any process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from dptrain.errors import UserError
+
+MODES = ("seq", "ddp", "fsdp")
+ACTIVATIONS = ("relu", "sigmoid", "tanh")
+LOSSES = ("cross_entropy", "mse")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCALINGS = ("none", "linear", "seed")
+BACKENDS = ("auto", "gloo", "nccl")
+DEVICES = ("auto", "cpu", "cuda")
+RDZV_BACKENDS = ("c10d", "static")
+
+# Output-only section of a run's config.toml; ignored when that file is read back as --config.
+RESOLVED_SECTION = "resolved"
+
+
+class ConfigError(UserError):
+    """A config file or flag the user must fix."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class ModelConfig:
+    hidden: tuple[int, ...] = (16, 16)
+    activation: str = "relu"
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    data_dir: str = ""  # "" = $DPTRAIN_DATA_DIR, then the cache (downloading if needed)
+    split_seed: int = 0  # the 60/20/20 split; fixed so that every run sees the same split
+
+
+@dataclass(kw_only=True, frozen=True)
+class OptimConfig:
+    optimizer: str = "adam"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_scaling: str = "none"
+    ref_batch_size: int = 1024
+    warmup_epochs: int = 0
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    epochs: int = 25
+    batch_size: int = 1024  # the global batch, summed over all ranks
+    full_batch: bool = False  # the seed study's setup: the whole train split is one batch
+    loss: str = "cross_entropy"
+    seed: int = 0  # model init and the per-epoch shuffle
+    eval_batch_size: int = 8192
+
+
+@dataclass(kw_only=True, frozen=True)
+class SystemConfig:
+    backend: str = "auto"
+    device: str = "auto"
+    threads: int = 0  # intra-op threads per rank; 0 = cores // local world size
+    timeout: float = 300.0  # seconds a collective may wait for a peer
+
+
+@dataclass(kw_only=True, frozen=True)
+class LaunchConfig:
+    nproc: int = 2  # processes per node (ddp, fsdp)
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""  # "" = localhost on a free port
+    rdzv_id: str = ""
+    rdzv_backend: str = "c10d"  # c10d: ranks assigned at rendezvous; static: by node_rank
+
+
+@dataclass(kw_only=True, frozen=True)
+class RunConfig:
+    out: str = ""  # "" = runs/<mode>-<timestamp>
+
+
+@dataclass(kw_only=True, frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    system: SystemConfig = SystemConfig()
+    launch: LaunchConfig = LaunchConfig()
+    run: RunConfig = RunConfig()
+
+
+def _section_types() -> dict[str, type]:
+    return {f.name: f.default.__class__ for f in fields(Config)}
+
+
+def section_of(key: str) -> str:
+    """The section that holds a flag's key; every key name is unique across sections."""
+    for section, cls in _section_types().items():
+        if key in {f.name for f in fields(cls)}:
+            return section
+    raise KeyError(key)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a config file; a missing or malformed file is a ConfigError naming it."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+
+
+def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any] | None = None,
+                 *, source: str = "config") -> Config:
+    """Merge defaults < file values (nested by section) < flags (flat key -> value), then validate.
+
+    Flags whose value is None were not given. Every problem is reported in one ConfigError.
+    """
+    problems: list[str] = []
+    merged = asdict(Config())
+    for section, values in (file_values or {}).items():
+        if section == RESOLVED_SECTION:
+            continue
+        if section not in merged or not isinstance(values, dict):
+            problems.append(f"{source}: unknown section [{section}] (known: {', '.join(merged)})")
+            continue
+        for key, value in values.items():
+            if key not in merged[section]:
+                problems.append(f"{source}: unknown key '{section}.{key}'")
+            else:
+                merged[section][key] = value
+    for key, value in (flags or {}).items():
+        if value is not None:
+            merged[section_of(key)][key] = value
+
+    sections = {}
+    for section, cls in _section_types().items():
+        values = {}
+        for f in fields(cls):
+            value, problem = _coerce(merged[section][f.name], f.default)
+            if problem:
+                problems.append(f"{section}.{f.name}: {problem}, got {value!r}")
+            values[f.name] = value
+        sections[section] = cls(**values)
+    config = Config(**sections)
+    problems += validate(config)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config
+
+
+def _coerce(value: Any, default: Any) -> tuple[Any, str | None]:
+    """Check a value against the type of its default; ints are accepted where floats are."""
+    if isinstance(default, bool):
+        return value, None if isinstance(value, bool) else "expected true or false"
+    if isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return value, None if ok else "expected an integer"
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (float(value) if ok else value), None if ok else "expected a number"
+    if isinstance(default, str):
+        return value, None if isinstance(value, str) else "expected a string"
+    if isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return (tuple(value) if ok else value), None if ok else "expected a list of integers"
+    raise TypeError(f"no coercion for {type(default)}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> list[str]:
+    return [] if value in choices else [f"{name}: expected one of {', '.join(choices)}, got {value!r}"]
+
+
+def validate(c: Config) -> list[str]:
+    """Range and choice checks that need no knowledge of the world size or the data."""
+    p = []
+    if not c.model.hidden or any(h < 1 for h in c.model.hidden):
+        p.append(f"model.hidden: expected one or more sizes >= 1, got {list(c.model.hidden)}")
+    p += _choice("model.activation", c.model.activation, ACTIVATIONS)
+    p += _choice("optim.optimizer", c.optim.optimizer, OPTIMIZERS)
+    p += _choice("optim.lr_scaling", c.optim.lr_scaling, LR_SCALINGS)
+    p += _choice("train.loss", c.train.loss, LOSSES)
+    p += _choice("system.backend", c.system.backend, BACKENDS)
+    p += _choice("system.device", c.system.device, DEVICES)
+    p += _choice("launch.rdzv_backend", c.launch.rdzv_backend, RDZV_BACKENDS)
+    checks = [
+        ("optim.lr", c.optim.lr, c.optim.lr > 0 and math.isfinite(c.optim.lr), "> 0"),
+        ("optim.momentum", c.optim.momentum, 0 <= c.optim.momentum < 1, "in [0, 1)"),
+        ("optim.weight_decay", c.optim.weight_decay, c.optim.weight_decay >= 0, ">= 0"),
+        ("optim.ref_batch_size", c.optim.ref_batch_size, c.optim.ref_batch_size >= 1, ">= 1"),
+        ("optim.warmup_epochs", c.optim.warmup_epochs, c.optim.warmup_epochs >= 0, ">= 0"),
+        ("train.epochs", c.train.epochs, c.train.epochs >= 1, ">= 1"),
+        ("train.batch_size", c.train.batch_size, c.train.batch_size >= 1, ">= 1"),
+        ("train.eval_batch_size", c.train.eval_batch_size, c.train.eval_batch_size >= 1, ">= 1"),
+        ("system.threads", c.system.threads, c.system.threads >= 0, ">= 0 (0 = automatic)"),
+        ("system.timeout", c.system.timeout, c.system.timeout > 0, "> 0 seconds"),
+        ("launch.nproc", c.launch.nproc, c.launch.nproc >= 1, ">= 1"),
+        ("launch.nnodes", c.launch.nnodes, c.launch.nnodes >= 1, ">= 1"),
+        ("launch.node_rank", c.launch.node_rank,
+         0 <= c.launch.node_rank < max(c.launch.nnodes, 1), f"in [0, nnodes={c.launch.nnodes})"),
+    ]
+    p += [f"{name}: must be {rule}, got {value!r}" for name, value, ok, rule in checks if not ok]
+    if c.optim.optimizer == "adam" and c.optim.momentum:
+        p.append("optim.momentum: only sgd uses momentum; adam has its own betas")
+    if c.launch.nnodes > 1 and not c.launch.rdzv_endpoint:
+        p.append("launch.rdzv_endpoint: a multi-node run needs --rdzv-endpoint HOST:PORT")
+    return p
+
+
+@dataclass(kw_only=True, frozen=True)
+class Plan:
+    """What a config means at a given world size: batches, updates and the learning rate."""
+
+    mode: str
+    world_size: int
+    n_train: int
+    global_batch: int
+    updates_per_epoch: int
+    base_lr: float  # the configured lr
+    lr: float  # after the scaling rule
+    warmup_steps: int
+
+    @property
+    def per_rank_batch(self) -> float:
+        """Samples per rank per update (the seed study's B_para); fractional when uneven."""
+        return self.global_batch / self.world_size
+
+    def lr_at(self, step: int) -> float:
+        """The lr for update `step` (0-based over the whole run): linear warmup, then constant."""
+        if step >= self.warmup_steps:
+            return self.lr
+        return self.base_lr + (self.lr - self.base_lr) * step / self.warmup_steps
+
+
+def resolve_lr(optim: OptimConfig, global_batch: int, world_size: int) -> float:
+    """The learning rate after `optim.lr_scaling`.
+
+    linear (Goyal et al. 2017): lr * global_batch / ref_batch_size.
+    seed (the seed study): lr_para = lr_seq * B_para / B_seq, with B_para the per-rank batch
+    and B_seq = ref_batch_size, the batch the sequential lr was tuned for.
+    """
+    if optim.lr_scaling == "linear":
+        return optim.lr * global_batch / optim.ref_batch_size
+    if optim.lr_scaling == "seed":
+        return optim.lr * (global_batch / world_size) / optim.ref_batch_size
+    return optim.lr
+
+
+def resolve(config: Config, *, mode: str, world_size: int, n_train: int) -> Plan:
+    """Check the config against the world size and data, and fix batches and lr."""
+    if mode not in MODES:
+        raise ConfigError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "seq" and world_size != 1:
+        raise ConfigError(f"seq runs in one process, but the world size is {world_size}")
+    train = config.train
+    global_batch = n_train if train.full_batch else train.batch_size
+    problems = []
+    if global_batch > n_train:
+        problems.append(f"train.batch_size: {global_batch} exceeds the {n_train} training "
+                        "samples; use --full-batch for one update per epoch")
+    if global_batch < world_size:
+        problems.append(f"train.batch_size: the global batch {global_batch} is smaller than "
+                        f"the world size {world_size}; every rank needs at least one sample")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    updates_per_epoch = math.ceil(n_train / global_batch)
+    return Plan(mode=mode, world_size=world_size, n_train=n_train, global_batch=global_batch,
+                updates_per_epoch=updates_per_epoch, base_lr=config.optim.lr,
+                lr=resolve_lr(config.optim, global_batch, world_size),
+                warmup_steps=config.optim.warmup_epochs * updates_per_epoch)
+
+
+def with_overrides(config: Config, **flags: Any) -> Config:
+    """A copy of `config` with some flat keys replaced (validated again)."""
+    sections = {name: getattr(config, name) for name in _section_types()}
+    for key, value in flags.items():
+        section = section_of(key)
+        sections[section] = replace(sections[section], **{key: value})
+    new = Config(**sections)
+    problems = validate(new)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return new
+
+
+def to_toml(config: Config, resolved: dict[str, Any] | None = None) -> str:
+    """The config as TOML that `read_toml` + `build_config` read back to the same Config."""
+    lines = []
+    tree = asdict(config)
+    if resolved is not None:
+        tree[RESOLVED_SECTION] = resolved
+    for section, values in tree.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string

@@ -1,0 +1,255 @@
+"""MNIST: IDX files -> uint8 arrays (decoded once, cached, memory-mapped) -> the 60/20/20 split.
+
+Where the four files come from, first match wins: --data-dir, then $DPTRAIN_DATA_DIR, then the
+cache directory, which is filled from the public mirrors when it lacks them. numpy only: the
+CLI prepares the data before any worker starts, without importing torch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dptrain.errors import UserError
+
+# The MD5 of each file's *uncompressed* bytes, so that .gz and raw copies are checked alike.
+FILES = {
+    "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb", (60000, 28, 28)),
+    "train_labels": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624", (60000,)),
+    "test_images": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea", (10000, 28, 28)),
+    "test_labels": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637", (10000,)),
+}
+# The mirrors torchvision uses, tried in order. $DPTRAIN_MNIST_MIRRORS (space-separated) replaces them.
+MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+N_PIXELS = 28 * 28
+_IDX_UBYTE = 0x08
+
+
+class DataError(UserError):
+    """A missing, truncated or corrupt MNIST file, or a failed download."""
+
+
+def cache_dir() -> Path:
+    """$DPTRAIN_CACHE_DIR, else $XDG_CACHE_HOME/dptrain, else ~/.cache/dptrain."""
+    if os.environ.get("DPTRAIN_CACHE_DIR"):
+        return Path(os.environ["DPTRAIN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "dptrain"
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file of unsigned bytes, gzip-compressed or not, into a uint8 array."""
+    return _parse_idx(_read_bytes(path), path)
+
+
+def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
+    if len(raw) < 4:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX file (truncated?)")
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != _IDX_UBYTE or not 1 <= ndim <= 3:
+        raise DataError(f"{path}: wrong magic number 0x{raw[:4].hex()}, expected 0x00000801 "
+                        "(labels) or 0x00000803 (images): not an MNIST IDX file")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: the header is cut short (truncated file)")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataError(f"{path}: {len(raw)} bytes, but its header {list(shape)} needs "
+                        f"{expected} (truncated or corrupt file)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: broken gzip data ({e}); the file is truncated or corrupt") from None
+
+
+def _find_file(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def locate(data_dir: str = "") -> tuple[Path, str]:
+    """The directory to read MNIST from and where that choice came from.
+
+    A directory named by the flag or the environment must hold the files; only the cache
+    directory is ever filled by downloading.
+    """
+    for directory, origin in ((data_dir, "--data-dir"),
+                              (os.environ.get("DPTRAIN_DATA_DIR", ""), "$DPTRAIN_DATA_DIR")):
+        if directory:
+            path = Path(directory).expanduser()
+            if not path.is_dir():
+                raise DataError(f"MNIST directory {path} (from {origin}) does not exist; point "
+                                f"{origin} at a folder with the four MNIST files, or unset it "
+                                f"to download them into {cache_dir() / 'mnist'}")
+            return path, origin
+    return cache_dir() / "mnist", "cache"
+
+
+def source_files(directory: Path, origin: str) -> dict[str, Path]:
+    """The four files in `directory`, downloading into it first when it is the cache."""
+    found = {key: _find_file(directory, stem) for key, (stem, _, _) in FILES.items()}
+    missing = [FILES[key][0] for key, path in found.items() if path is None]
+    if missing and origin == "cache":
+        download(directory, missing)
+        return source_files(directory, "downloaded")
+    if missing:
+        raise DataError(f"MNIST file {missing[0]}(.gz) is missing from {directory} (from "
+                        f"{origin}); it needs all four of {', '.join(s for s, _, _ in FILES.values())} "
+                        ", gzip-compressed or not")
+    return found
+
+
+def download(directory: Path, stems: list[str], mirrors: tuple[str, ...] | None = None) -> None:
+    """Fetch `stems` (.gz) from the first mirror that has each, checking MD5s, into `directory`."""
+    mirrors = mirrors or tuple(os.environ.get("DPTRAIN_MNIST_MIRRORS", "").split()) or MIRRORS
+    md5_of = {stem: md5 for stem, md5, _ in FILES.values()}
+    directory.mkdir(parents=True, exist_ok=True)
+    for stem in stems:
+        errors = []
+        for mirror in mirrors:
+            url = mirror.rstrip("/") + f"/{stem}.gz"
+            try:
+                _fetch_verified(url, directory / f"{stem}.gz", md5_of[stem])
+                break
+            except (OSError, urllib.error.URLError, DataError) as e:
+                errors.append(f"{url}: {getattr(e, 'reason', e)}")
+        else:
+            raise DataError(f"could not download {stem}.gz ({'; '.join(errors)}); without "
+                            f"internet, put the four MNIST files in a folder and pass "
+                            f"--data-dir DIR or set DPTRAIN_DATA_DIR")
+
+
+def _fetch_verified(url: str, target: Path, md5: str) -> None:
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.",
+                                     delete=False) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                shutil.copyfileobj(response, tmp)
+            tmp.close()
+            _check_md5(_read_bytes(Path(tmp.name)), md5, shown_as=url)
+            os.replace(tmp.name, target)
+        finally:
+            if os.path.exists(tmp.name):
+                os.unlink(tmp.name)
+
+
+def _check_md5(raw: bytes, md5: str, shown_as: str | Path) -> None:
+    got = hashlib.md5(raw).hexdigest()
+    if got != md5:
+        raise DataError(f"{shown_as}: checksum mismatch (md5 of the uncompressed data is {got}, "
+                        f"expected {md5}); the file is corrupt or not the original MNIST: "
+                        "replace it with a fresh copy")
+
+
+@dataclass(frozen=True)
+class Mnist:
+    """All 70,000 images (uint8, N x 784, usually memory-mapped) and labels, train file first."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def load_mnist(data_dir: str = "") -> Mnist:
+    """Locate, verify and decode MNIST, reusing a decoded cache keyed by the source files."""
+    directory, origin = locate(data_dir)
+    sources = source_files(directory, origin)
+    key = _cache_key(sources)
+    decoded = cache_dir() / "decoded"
+    paths = decoded / f"images-{key}.npy", decoded / f"labels-{key}.npy"
+    if all(p.is_file() for p in paths):
+        try:
+            # copy-on-write: writable for torch.from_numpy, shared page cache until written
+            return Mnist(*(np.load(p, mmap_mode="c") for p in paths))
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is rebuilt below
+    mnist = decode(sources)
+    _save_cache(paths, mnist)
+    return mnist
+
+
+def decode(sources: dict[str, Path]) -> Mnist:
+    """Verify each file's checksum and concatenate train and test into one set."""
+    arrays = {}
+    for key, path in sources.items():
+        stem, md5, shape = FILES[key]
+        raw = _read_bytes(path)
+        arrays[key] = _parse_idx(raw, path)  # first, for its precise truncated/magic errors
+        _check_md5(raw, md5, shown_as=path)
+        if arrays[key].shape != shape:  # unreachable with a matching MD5, kept as a guard
+            raise DataError(f"{path}: shape {arrays[key].shape}, expected {shape}")
+    images = np.concatenate([arrays["train_images"], arrays["test_images"]]).reshape(-1, N_PIXELS)
+    labels = np.concatenate([arrays["train_labels"], arrays["test_labels"]])
+    return Mnist(images, labels)
+
+
+def _cache_key(sources: dict[str, Path]) -> str:
+    """Changes whenever a source file is replaced, so a stale decode is never used."""
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources.values()]
+    return hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+def _save_cache(paths: tuple[Path, Path], mnist: Mnist) -> None:
+    """Best effort: an unwritable cache costs a decode per run, nothing more."""
+    try:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        for path, array in zip(paths, (mnist.images, mnist.labels)):
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as tmp:
+                np.save(tmp, array)
+            os.replace(tmp.name, path)  # atomic: ranks racing here all see whole files
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class Split:
+    """Row indices into Mnist for train, val and test (42,000 / 14,000 / 14,000)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def split_indices(n: int, seed: int) -> Split:
+    """A fixed, seeded 60/20/20 split of n samples, the same in every mode and world size."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_train = int(n * SPLIT_FRACTIONS[0])
+    n_val = int(n * SPLIT_FRACTIONS[1])
+    return Split(order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi) of rank's contiguous share of n items; shares differ by at most one."""
+    base, extra = divmod(n, world_size)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def epoch_order(train: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The train rows in this epoch's shuffled order; identical on every rank."""
+    return train[np.random.default_rng([seed, epoch]).permutation(len(train))]

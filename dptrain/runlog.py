@@ -1,0 +1,164 @@
+"""The run folder (config.toml, metrics.jsonl, summary.json, model.pt) and rank-0 console output.
+
+Every method is a no-op unless the log is active, which it is on global rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dptrain.errors import UserError
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+CONFIG = "config.toml"
+MODEL = "model.pt"
+
+# Set by the CLI for its workers, so that wall_seconds covers the whole command (epoch seconds).
+LAUNCH_TIME_ENV = "DPTRAIN_LAUNCH_TIME"
+
+
+def command_start_time() -> float:
+    """When the command began (epoch seconds): the CLI's start, else this process's start."""
+    if os.environ.get(LAUNCH_TIME_ENV):
+        return float(os.environ[LAUNCH_TIME_ENV])
+    try:  # field 22 of /proc/self/stat: start time in clock ticks after boot
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def default_out_dir(mode: str) -> Path:
+    """runs/<mode>-<timestamp>, with a suffix if a run started in the same second."""
+    base = Path("runs") / f"{mode}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse to write over a finished run unless forced; a folder without summary.json is reused."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if (out / SUMMARY).exists() and not force:
+        raise UserError(f"--out {out} already holds a finished run ({SUMMARY}); choose another "
+                        "folder, or pass --force to replace it")
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half file."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        try:
+            write(tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, path)
+
+
+class RunLog:
+    """Files and console of one run. Create on every rank; only the active one acts."""
+
+    def __init__(self, out: Path, active: bool):
+        self.out = Path(out)
+        self.active = active
+        self.console = Console(stderr=False, highlight=False)
+        self._metrics = None
+        self._progress: Progress | None = None
+        self._task = None
+
+    def start(self, config_toml: str, header: dict[str, Any]) -> None:
+        """Create the folder, write config.toml, truncate metrics.jsonl, and print the plan."""
+        if not self.active:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in (SUMMARY, MODEL):  # a forced rerun must not leave the old results behind
+            (self.out / stale).unlink(missing_ok=True)
+        write_atomic(self.out / CONFIG, lambda f: f.write(config_toml.encode()))
+        self._metrics = open(self.out / METRICS, "w", buffering=1)
+        self.console.print("[bold]dptrain[/] " + "  ".join(f"{k}={v}" for k, v in header.items()))
+        if self.console.is_terminal:
+            self._progress = Progress(TextColumn("[bold]epoch"), BarColumn(), MofNCompleteColumn(),
+                                      TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
+                                      console=self.console, transient=False)
+            self._task = self._progress.add_task("train", total=header["epochs"], metrics="")
+            self._progress.start()
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        """Append one epoch's metrics (flushed at once) and show them."""
+        if not self.active:
+            return
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        text = (f"train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
+                f"val_acc {record['val_accuracy']:.4f}  lr {record['lr']:.4g}  "
+                f"{record['epoch_seconds']:.2f}s")
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, metrics=text)
+        else:
+            self.console.print(f"epoch {record['epoch']:>4}  {text}")
+
+    def finish(self, summary: dict[str, Any], state_dict: dict) -> None:
+        """Write model.pt, then summary.json (its presence marks the run finished)."""
+        if not self.active:
+            return
+        import torch
+
+        self.close()
+        write_atomic(self.out / MODEL, lambda f: torch.save(state_dict, f))
+        write_summary(self.out, summary)
+        self.console.print(summary_table(summary))
+        self.console.print(f"results in [bold]{self.out}[/]")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    write_atomic(out / SUMMARY, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"{summary['mode']} x {summary['world_size']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [("test accuracy", f"{summary['test_accuracy']:.4f}"),
+            ("test loss", f"{summary['test_loss']:.4f}"),
+            ("val accuracy", f"{summary['val_accuracy']:.4f}"),
+            ("epochs", str(summary["epochs"])),
+            ("global batch", str(summary["global_batch"])),
+            ("updates / epoch", str(summary["updates_per_epoch"])),
+            ("lr", f"{summary['lr']:.6g}"),
+            ("train seconds", f"{summary['train_seconds']:.2f}"),
+            ("wall seconds", f"{summary['wall_seconds']:.2f}")]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def err(message: str) -> None:
+    """One line on stderr, for user errors."""
+    print(f"dptrain: error: {message}", file=sys.stderr, flush=True)

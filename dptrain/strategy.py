@@ -1,0 +1,196 @@
+"""seq / ddp / fsdp: how a model is prepared, how ranks agree, and how a full state is gathered.
+
+The training loop calls these few methods and never asks which mode it runs in. Gradients are
+*summed* over ranks (each rank's loss is already divided by the global batch), which is what
+makes ddp and fsdp compute the sequential gradient exactly, uneven batches included.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dptrain.config import SystemConfig
+from dptrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """The torchrun environment, read once. Global rank decides who writes; local rank the GPU."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        env = os.environ
+        return cls(rank=int(env.get("RANK", 0)), local_rank=int(env.get("LOCAL_RANK", 0)),
+                   world_size=int(env.get("WORLD_SIZE", 1)),
+                   local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(requested: str, env: DistEnv) -> torch.device:
+    """auto = this rank's GPU when CUDA is available, else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda, but CUDA is not available on this machine; "
+                        "use --device cpu (or auto)")
+    if env.local_rank >= torch.cuda.device_count():
+        raise UserError(f"local rank {env.local_rank} has no GPU: this node has "
+                        f"{torch.cuda.device_count()}; use --nproc <= {torch.cuda.device_count()}")
+    torch.cuda.set_device(env.local_rank)
+    return torch.device("cuda", env.local_rank)
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """auto = nccl for CUDA devices, gloo for the CPU."""
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        reason = "CUDA is not available" if not torch.cuda.is_available() else "the device is cpu"
+        raise UserError(f"--backend nccl needs CUDA devices, but {reason}; use --backend gloo")
+    return requested
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, which a cluster scheduler may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_threads(env: DistEnv) -> int:
+    """One share of the node's cores per local rank."""
+    return max(1, cpu_cores() // env.local_world_size)
+
+
+class Strategy:
+    """One process, no process group: every collective is the identity."""
+
+    mode = "seq"
+    backend = "none"
+
+    def __init__(self, env: DistEnv, device: torch.device):
+        self.env = env
+        self.device = device
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place; returns the tensor."""
+        return tensor
+
+    def all_agree(self, ok: bool) -> bool:
+        """True when `ok` holds on every rank. Every rank must call it."""
+        return ok
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The unsharded state on CPU, complete on rank 0. Every rank must call it."""
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    def close(self) -> None:
+        pass
+
+
+class _ProcessGroupStrategy(Strategy):
+    def __init__(self, env: DistEnv, device: torch.device, backend: str, timeout_s: float):
+        super().__init__(env, device)
+        self.backend = backend
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_agree(self, ok: bool) -> bool:
+        flag = torch.tensor([1 if ok else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _sum_gradients(_state, bucket):
+    """DDP comm hook: all-reduce SUM (the default hook would divide by the world size).
+
+    Not annotated: DDP checks the annotation against dist.GradBucket, and postponed annotations
+    are strings.
+    """
+    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+class DDPStrategy(_ProcessGroupStrategy):
+    """DistributedDataParallel: a full replica per rank, gradients all-reduced."""
+
+    mode = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model.to(self.device), device_ids=device_ids,
+                                      gradient_as_bucket_view=True)
+        ddp.register_comm_hook(None, _sum_gradients)
+        return ddp
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return super().full_state_dict(model.module)
+
+
+class FSDPStrategy(_ProcessGroupStrategy):
+    """FSDP2: each Linear's parameters sharded over ranks, gathered just for its compute."""
+
+    mode = "fsdp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.env.world_size,))
+        model.to(self.device)
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                # Sum, as DDP's hook above; the plain SUM op also works on gloo (no PREMUL_SUM).
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
+        return model
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options)
+
+
+STRATEGIES = {"seq": Strategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy}
+
+
+def make_strategy(mode: str, env: DistEnv, system: SystemConfig) -> Strategy:
+    """Pick the device and backend, join the process group (ddp/fsdp), and return the strategy."""
+    device = resolve_device(system.device, env)
+    if mode == "seq":
+        if env.world_size != 1:
+            raise UserError(f"seq runs in one process, but WORLD_SIZE is {env.world_size}")
+        return Strategy(env, device)
+    backend = resolve_backend(system.backend, device)
+    return STRATEGIES[mode](env, device, backend, system.timeout)
