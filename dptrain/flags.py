@@ -34,6 +34,9 @@ def training_flags(
     full_batch: Annotated[Optional[bool], _opt(
         "The whole train split (42,000) as one batch: one update per epoch, as in the seed study.",
         None, TRAIN, "--full-batch")] = None,
+    drop_last: Annotated[Optional[bool], _opt(
+        "Skip each epoch's short tail batch (--keep-last trains on it).", "drop", TRAIN,
+        "--drop-last/--keep-last")] = None,
     lr: Annotated[Optional[float], _opt("Base learning rate.", _DEFAULTS.optim.lr)] = None,
     lr_scaling: Annotated[Optional[str], _opt(
         f"LR rule: {'|'.join(LR_SCALINGS)}. linear: lr*global_batch/ref; "

@@ -99,8 +99,8 @@ class Strategy:
         """The unsharded state on CPU, complete on rank 0. Every rank must call it."""
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
-    def close(self) -> None:
-        pass
+    def close(self, *, ok: bool = True) -> None:
+        """Leave the process group: after a success, only once every rank is done with it."""
 
 
 class _ProcessGroupStrategy(Strategy):
@@ -120,9 +120,14 @@ class _ProcessGroupStrategy(Strategy):
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def close(self, *, ok: bool = True) -> None:
+        if not dist.is_initialized():
+            return
+        if ok:
+            # A rank that tears gloo down while its peer is still in the final gather has been
+            # seen to abort ("terminate called without an active exception").
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _sum_gradients(_state, bucket):

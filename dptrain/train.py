@@ -76,7 +76,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, samples: Sam
                 first_step: int) -> float:
     """One pass over the train split; returns the mean train loss over all ranks."""
     total = torch.zeros((), dtype=torch.float64, device=samples.device)
-    for step, rows in enumerate(global_batches(order, plan.global_batch), start=first_step):
+    batches = global_batches(order[:plan.samples_per_epoch], plan.global_batch)
+    for step, rows in enumerate(batches, start=first_step):
         for group in optimizer.param_groups:
             group["lr"] = plan.lr_at(step)
         x, y = samples.batch(rank_slice(rows, strategy))
@@ -85,7 +86,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, samples: Sam
         (loss / len(rows)).backward()
         optimizer.step()
         total += loss.detach()
-    return strategy.all_reduce_sum(total).item() / plan.n_train
+    return strategy.all_reduce_sum(total).item() / plan.samples_per_epoch
 
 
 def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: Split,
@@ -110,7 +111,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         log.epoch({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                    "val_accuracy": val_accuracy, "lr": plan.lr_at(first_step + plan.updates_per_epoch - 1),
                    "epoch_seconds": epoch_seconds, "val_seconds": time.perf_counter() - start - epoch_seconds,
-                   "samples_per_second": plan.n_train / epoch_seconds})
+                   "samples_per_second": plan.samples_per_epoch / epoch_seconds})
     train_seconds = time.perf_counter() - loop_start
 
     test_loss, test_accuracy = evaluate(model, samples, split.test, strategy, loss_sum, eval_batch)

@@ -41,6 +41,7 @@ def run(mode: str, config: Config, *, force: bool = False) -> dict:
     out = Path(config.run.out) if config.run.out else default_out_dir(mode)
 
     strategy = make_strategy(mode, env, config.system)
+    ok = False
     try:
         _check_out_dir_together(strategy, out, force)
         log = RunLog(out, active=env.is_main)
@@ -64,14 +65,15 @@ def run(mode: str, config: Config, *, force: bool = False) -> dict:
                    "torch": torch.__version__, "host": socket.gethostname(),
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         log.finish(summary, results["state_dict"])
+        ok = True
         return summary
     finally:
-        strategy.close()
+        strategy.close(ok=ok)
 
 
 def _plan_fields(plan: Plan) -> dict:
     return {"global_batch": plan.global_batch, "per_rank_batch": plan.per_rank_batch,
-            "updates_per_epoch": plan.updates_per_epoch, "base_lr": plan.base_lr,
+            "updates_per_epoch": plan.updates_per_epoch, "samples_per_epoch": plan.samples_per_epoch, "base_lr": plan.base_lr,
             "lr": plan.lr, "warmup_steps": plan.warmup_steps}
 
 

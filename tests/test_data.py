@@ -1,0 +1,161 @@
+import functools
+import gzip
+import http.server
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import MNIST_DIR, write_idx
+from dptrain import data
+from dptrain.data import DataError, epoch_order, load_mnist, read_idx, shard_bounds, split_indices
+
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.mark.parametrize("name", ["x-idx3-ubyte.gz", "x-idx3-ubyte"])
+def test_read_idx_round_trip(tmp_path, name):
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    assert np.array_equal(read_idx(write_idx(tmp_path / name, images)), images)
+    labels = np.arange(7, dtype=np.uint8)
+    assert np.array_equal(read_idx(write_idx(tmp_path / "l-idx1-ubyte", labels)), labels)
+
+
+def test_wrong_magic(tmp_path):
+    path = tmp_path / "bad"
+    path.write_bytes(b"\x00\x00\x0d\x03" + bytes(100))  # dtype 0x0d (float) is not MNIST's
+    with pytest.raises(DataError, match="wrong magic number 0x00000d03"):
+        read_idx(path)
+
+
+def test_truncated_file(tmp_path):
+    path = write_idx(tmp_path / "t-idx3-ubyte", np.zeros((10, 28, 28), np.uint8))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"needs 7856 \(truncated or corrupt file\)"):
+        read_idx(path)
+
+
+def test_truncated_gzip(tmp_path):
+    path = write_idx(tmp_path / "t-idx3-ubyte.gz", np.ones((10, 28, 28), np.uint8))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(DataError, match="broken gzip data"):
+        read_idx(path)
+
+
+def fake_mnist(directory, *, n=4):
+    """The four files with MNIST's names and magic but made-up (so mis-checksummed) content."""
+    directory.mkdir(exist_ok=True)
+    for stem, _, shape in data.FILES.values():
+        write_idx(directory / f"{stem}.gz", np.zeros((n, *shape[1:]), np.uint8))
+    return directory
+
+
+def test_checksum_mismatch_names_the_file(tmp_path):
+    directory = fake_mnist(tmp_path / "fake")
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: checksum mismatch"):
+        load_mnist(str(directory))
+
+
+def test_missing_file_names_it_and_the_fix(tmp_path):
+    directory = fake_mnist(tmp_path / "fake")
+    (directory / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\(.gz\) is missing from .* --data-dir"):
+        load_mnist(str(directory))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_mnist(str(tmp_path / "nowhere"))
+
+
+def test_lookup_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPTRAIN_DATA_DIR", str(tmp_path))
+    (tmp_path / "flag").mkdir()
+    assert data.locate(str(tmp_path / "flag")) == (tmp_path / "flag", "--data-dir")
+    assert data.locate("") == (tmp_path, "$DPTRAIN_DATA_DIR")
+    monkeypatch.delenv("DPTRAIN_DATA_DIR")
+    monkeypatch.setenv("DPTRAIN_CACHE_DIR", str(tmp_path / "c"))
+    assert data.locate("") == (tmp_path / "c" / "mnist", "cache")
+
+
+def test_real_mnist_facts_and_decode_cache():
+    mnist = load_mnist()
+    assert mnist.images.shape == (70000, 784) and mnist.images.dtype == np.uint8
+    assert np.bincount(mnist.labels[:60000]).tolist() == TRAIN_COUNTS
+    assert np.bincount(mnist.labels[60000:]).tolist() == TEST_COUNTS
+    assert float(mnist.images[:60000].mean()) == pytest.approx(33.32, abs=0.01)
+    again = load_mnist()  # from the decode cache: memory-mapped, not decoded again
+    assert isinstance(again.images, np.memmap)
+    assert np.array_equal(again.labels, mnist.labels)
+
+
+def test_uncompressed_copy_loads_too(tmp_path):
+    for stem, _, _ in data.FILES.values():
+        (tmp_path / stem).write_bytes(gzip.decompress((MNIST_DIR / f"{stem}.gz").read_bytes()))
+    assert load_mnist(str(tmp_path)).labels[:5].tolist() == load_mnist().labels[:5].tolist()
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A local HTTP stand-in for an MNIST mirror, serving a folder of ours."""
+    root = tmp_path / "www"
+    (root / "good").mkdir(parents=True)
+    for stem, _, _ in data.FILES.values():
+        shutil.copy(MNIST_DIR / f"{stem}.gz", root / "good")
+    fake_mnist(root / "corrupt")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_download_into_cache_falls_back_to_the_next_mirror(tmp_path, monkeypatch, mirror):
+    monkeypatch.delenv("DPTRAIN_DATA_DIR")
+    monkeypatch.setenv("DPTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DPTRAIN_MNIST_MIRRORS", f"{mirror}/missing/ {mirror}/good/")
+    mnist = load_mnist()
+    assert np.bincount(mnist.labels[60000:]).tolist() == TEST_COUNTS
+    assert sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir()) == sorted(
+        f"{stem}.gz" for stem, _, _ in data.FILES.values())
+
+
+def test_corrupt_download_is_rejected_and_not_kept(tmp_path, monkeypatch, mirror):
+    monkeypatch.delenv("DPTRAIN_DATA_DIR")
+    monkeypatch.setenv("DPTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DPTRAIN_MNIST_MIRRORS", f"{mirror}/corrupt/")
+    with pytest.raises(DataError, match="could not download train-images.*checksum mismatch.*--data-dir"):
+        load_mnist()
+    assert list((tmp_path / "cache" / "mnist").iterdir()) == []
+
+
+def test_split_is_fixed_disjoint_and_60_20_20():
+    a, b = split_indices(70000, 0), split_indices(70000, 0)
+    assert (len(a.train), len(a.val), len(a.test)) == (42000, 14000, 14000)
+    assert all(np.array_equal(x, y) for x, y in zip((a.train, a.val, a.test), (b.train, b.val, b.test)))
+    everything = np.concatenate([a.train, a.val, a.test])
+    assert np.array_equal(np.sort(everything), np.arange(70000))
+    assert not np.array_equal(split_indices(70000, 1).train, a.train)
+
+
+def test_shards_cover_a_batch_exactly_once():
+    for n, world in [(1024, 2), (1023, 2), (16, 3), (5, 8)]:
+        bounds = [shard_bounds(n, r, world) for r in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(hi == lo for (_, hi), (lo, _) in zip(bounds, bounds[1:]))
+        sizes = [hi - lo for lo, hi in bounds]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_epoch_order_is_shared_and_changes_each_epoch():
+    train = split_indices(70000, 0).train
+    assert np.array_equal(epoch_order(train, 0, 1), epoch_order(train, 0, 1))
+    assert not np.array_equal(epoch_order(train, 0, 1), epoch_order(train, 0, 2))
+    assert np.array_equal(np.sort(epoch_order(train, 0, 3)), np.sort(train))

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from dptrain.model import LOSS_SUMS, MLP, cross_entropy_sum, mse_sum
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_default_shapes(activation):
+    model = MLP(activation=activation)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(16, 784), (16,), (16, 16), (16,), (10, 16), (10,)]
+    assert model(torch.rand(5, 784)).shape == (5, 10)
+    assert sum(p.numel() for p in model.parameters()) == 13_002  # 784*16+16 + 16*16+16 + 16*10+10
+
+
+def test_configurable_hidden_sizes():
+    model = MLP(hidden=(32, 8, 4))
+    assert [layer.out_features for layer in model.layers] == [32, 8, 4, 10]
+    assert model(torch.zeros(0, 784)).shape == (0, 10)  # an empty rank slice still runs
+
+
+def test_activation_is_applied_between_layers_only():
+    model = MLP(hidden=(3,), activation="relu")
+    with torch.no_grad():
+        model.layers[0].weight.fill_(-1.0)
+        model.layers[0].bias.zero_()
+        model.layers[1].weight.fill_(1.0)
+        model.layers[1].bias.fill_(-2.0)
+    # relu zeroes the negative hidden units; the output layer is left linear (logits).
+    assert torch.equal(model(torch.ones(1, 784)), torch.full((1, 10), -2.0))
+
+
+def test_mse_matches_hand_computation():
+    # L = 1/(2M) sum_i ||sigmoid(z_i) - y_i||^2 with M = 2 samples of 10 classes.
+    logits = torch.zeros(2, 10)
+    logits[0, 3] = 2.0
+    targets = torch.tensor([3, 7])
+    s = 1 / (1 + torch.exp(torch.tensor(-2.0)))  # sigmoid(2)
+    sample0 = (s - 1) ** 2 + 9 * 0.25  # class 3 hits 1 at sigmoid(2), the rest sit at 0.5
+    sample1 = (0.5 - 1) ** 2 + 9 * 0.25
+    expected = (sample0 + sample1) / (2 * 2)
+    assert mse_sum(logits, targets) / 2 == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_losses_are_sums_so_that_shares_add_up():
+    logits, targets = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    for loss in LOSS_SUMS.values():
+        whole = loss(logits, targets)
+        parts = loss(logits[:4], targets[:4]) + loss(logits[4:], targets[4:])
+        torch.testing.assert_close(whole, parts)
+    expected = torch.nn.functional.cross_entropy(logits, targets) * 6
+    torch.testing.assert_close(cross_entropy_sum(logits, targets), expected)
+
+
+def test_model_imports_nothing_distributed():
+    import ast
+    import dptrain.model
+
+    tree = ast.parse(open(dptrain.model.__file__).read())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [n for n in names if "distributed" in n or "parallel" in n]
