@@ -5,6 +5,7 @@ torch is imported only once a command needs it, so `--help` and config errors ar
 """
 
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -119,4 +120,23 @@ def _torchrun(argv: list[str]) -> None:
 
 
 def main() -> None:
-    app()
+    """Entry point: a bad flag is one line on stderr and exit status 2, like any user error."""
+    try:  # recent typer vendors click
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+    no_args = getattr(click_errors, "NoArgsIsHelpError", ())
+
+    try:
+        status = app(standalone_mode=False)
+    except no_args as e:
+        print(e.format_message())
+        status = 0
+    except click_errors.UsageError as e:
+        command = f" {e.ctx.info_name}" if e.ctx and e.ctx.parent else ""
+        err(f"{e.format_message()} (see dptrain{command} --help)")
+        status = USER_ERROR_EXIT
+    except typer.Abort:
+        err("interrupted")
+        status = 130
+    sys.exit(status or 0)

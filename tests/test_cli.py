@@ -1,0 +1,104 @@
+"""The CLI as a user meets it: help, one-line errors with exit status 2, run folders."""
+
+import json
+
+import pytest
+
+from conftest import run_cli, train
+from test_data import fake_mnist
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dptrain: error: "), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_help_lists_the_three_modes():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for mode in ("seq", "ddp", "fsdp"):
+        assert mode in result.stdout
+    result = run_cli("ddp", "--help")
+    for flag in ("--nproc", "--rdzv-endpoint", "--backend", "--full-batch", "--lr-scaling"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["seq", "--epochs", "abc"], ["--epochs"]),
+    (["seq", "--bogus"], ["--bogus"]),
+    (["seq", "--epochs", "0", "--lr", "-1"], ["train.epochs: must be >= 1", "optim.lr: must be > 0"]),
+    (["seq", "--activation", "gelu"], ["model.activation"]),
+    (["seq", "--data-dir", "/no/such/dir"], ["/no/such/dir", "does not exist"]),
+    (["seq", "--config", "/no/such.toml"], ["does not exist"]),
+    (["ddp", "--batch-size", "1"], ["smaller than the world size 2"]),
+    (["seq", "--batch-size", "50000"], ["--full-batch"]),
+])
+def test_user_errors_are_one_line(args, fragments):
+    assert_one_line_error(run_cli(*args), *fragments)
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepochz = 3\n")
+    assert_one_line_error(run_cli("seq", "--config", str(bad)), "unknown key 'train.epochz'")
+    bad.write_text("[train\n")
+    assert_one_line_error(run_cli("seq", "--config", str(bad)), "not valid TOML")
+
+
+def test_corrupt_data_is_named(tmp_path):
+    directory = fake_mnist(tmp_path / "fake")
+    assert_one_line_error(run_cli("ddp", "--data-dir", str(directory)),
+                          "train-images-idx3-ubyte.gz: checksum mismatch")
+
+
+@pytest.mark.slow
+def test_worker_side_error_reaches_the_user_as_one_line(tmp_path):
+    # Only a worker can tell (it imports torch); the message comes back through torchrun.
+    result = run_cli("ddp", "--backend", "nccl", "--device", "cpu", "--out", str(tmp_path / "r"))
+    assert_one_line_error(result, "--backend nccl needs CUDA devices")
+
+
+@pytest.mark.slow
+def test_finished_run_is_never_overwritten_silently(tmp_path):
+    out = tmp_path / "run"
+    first = train("seq", out, "--epochs", "1", "--batch-size", "4096")
+    assert_one_line_error(run_cli("seq", "--epochs", "1", "--out", str(out)), "--force")
+    assert json.loads((out / "summary.json").read_text()) == first
+    second = train("seq", out, "--epochs", "2", "--batch-size", "4096", "--force")
+    assert second["epochs"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_direct_worker_with_a_finished_run_fails_cleanly(tmp_path, free_port):
+    """torchrun -m dptrain.worker: rank 0 refuses the folder and the other rank is told."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+         "-m", "dptrain.worker", "--mode", "ddp", "--epochs", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "dptrain: error: --out" in result.stderr and "--force" in result.stderr
+
+
+def test_torchrun_args_single_and_multi_node():
+    from dptrain.cli import torchrun_args
+    from dptrain.config import build_config
+
+    single = torchrun_args(build_config({}, {"nproc": 3}))
+    assert "--standalone" in single and "--nproc-per-node=3" in single
+    multi = torchrun_args(build_config({}, {"nproc": 4, "nnodes": 2, "node_rank": 1,
+                                            "rdzv_endpoint": "head:29400", "rdzv_id": "job7"}))
+    assert "--standalone" not in multi
+    for arg in ("--nnodes=2", "--rdzv-endpoint=head:29400", "--rdzv-id=job7", "--node-rank=1",
+                "--rdzv-backend=c10d"):
+        assert arg in multi
