@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Multi-node dptrain with plain torchrun. Start this same script on every node of the job.
+#
+#   NNODES=2 NPROC=4 RDZV=head-node:29400 JOB_ID=mnist-1 scripts/multinode.sh --mode ddp --epochs 25
+#
+# NNODES   nodes in the job (every node must say the same)
+# NPROC    worker processes on this node: one per GPU, or a share of the cores for gloo on CPUs
+# RDZV     HOST:PORT of the rendezvous: any node's address (usually the first) and a free port
+# JOB_ID   one id per job, the same on every node, so that two jobs never join each other
+#
+# Everything after the script name goes to the worker: --mode seq|ddp|fsdp and the training
+# flags of `dptrain ddp --help` (--config, --epochs, --batch-size, --lr, --out, ...).
+# Ranks are assigned at the rendezvous; global rank 0 writes the run folder, so give --out a
+# path on a file system that node can write (shared storage if you want to read it elsewhere).
+set -euo pipefail
+
+: "${NNODES:?set NNODES, the number of nodes}"
+: "${NPROC:?set NPROC, the worker processes per node}"
+: "${RDZV:?set RDZV=HOST:PORT of the rendezvous}"
+: "${JOB_ID:?set JOB_ID, the same on every node}"
+
+exec python -m torch.distributed.run \
+    --nnodes="$NNODES" \
+    --nproc-per-node="$NPROC" \
+    --rdzv-backend=c10d \
+    --rdzv-endpoint="$RDZV" \
+    --rdzv-id="$JOB_ID" \
+    -m dptrain.worker "$@"
