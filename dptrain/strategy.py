@@ -49,7 +49,8 @@ def resolve_device(requested: str, env: DistEnv) -> torch.device:
                         "use --device cpu (or auto)")
     if env.local_rank >= torch.cuda.device_count():
         raise UserError(f"local rank {env.local_rank} has no GPU: this node has "
-                        f"{torch.cuda.device_count()}; use --nproc <= {torch.cuda.device_count()}")
+                        f"{torch.cuda.device_count()}; use --nproc <= {torch.cuda.device_count()}, "
+                        "or --device cpu")
     torch.cuda.set_device(env.local_rank)
     return torch.device("cuda", env.local_rank)
 

@@ -60,7 +60,8 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
 def train(mode: str, out: Path, *args: str, nproc: int = 2) -> dict:
     """Run one training and return its summary; fails the test with the output on error."""
     launch = ["--nproc", str(nproc)] if mode != "seq" else []
-    result = run_cli(mode, *launch, "--out", str(out), *args)
+    # The suite tests the CPU/gloo path, also on a machine with fewer GPUs than workers.
+    result = run_cli(mode, *launch, "--device", "cpu", "--out", str(out), *args)
     assert result.returncode == 0, f"{mode} failed:\n{result.stdout}\n{result.stderr}"
     return json.loads((out / "summary.json").read_text())
 
@@ -71,10 +72,10 @@ def load_state(run_dir: Path) -> dict:
     return torch.load(run_dir / "model.pt", weights_only=True)
 
 
-def assert_same_parameters(a: dict, b: dict) -> None:
+def assert_same_parameters(a: dict, b: dict, *, atol: float = 1e-5) -> None:
     """Equal up to float32 round-off (the ranks sum partial gradients in another order)."""
     import torch
 
     assert list(a) == list(b)
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol, msg=lambda m: f"{key}: {m}")

@@ -34,7 +34,7 @@ def test_help_lists_the_three_modes():
     (["seq", "--activation", "gelu"], ["model.activation"]),
     (["seq", "--data-dir", "/no/such/dir"], ["/no/such/dir", "does not exist"]),
     (["seq", "--config", "/no/such.toml"], ["does not exist"]),
-    (["ddp", "--batch-size", "1"], ["smaller than the world size 2"]),
+    (["ddp", "--batch-size", "1", "--device", "cpu"], ["smaller than the world size 2"]),
     (["seq", "--batch-size", "50000"], ["--full-batch"]),
 ])
 def test_user_errors_are_one_line(args, fragments):
@@ -51,7 +51,7 @@ def test_config_file_errors(tmp_path):
 
 def test_corrupt_data_is_named(tmp_path):
     directory = fake_mnist(tmp_path / "fake")
-    assert_one_line_error(run_cli("ddp", "--data-dir", str(directory)),
+    assert_one_line_error(run_cli("ddp", "--device", "cpu", "--data-dir", str(directory)),
                           "train-images-idx3-ubyte.gz: checksum mismatch")
 
 
@@ -84,7 +84,8 @@ def test_direct_worker_with_a_finished_run_fails_cleanly(tmp_path, free_port):
     (out / "summary.json").write_text("{}")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
-         "-m", "dptrain.worker", "--mode", "ddp", "--epochs", "1", "--out", str(out)],
+         "-m", "dptrain.worker", "--mode", "ddp", "--device", "cpu", "--epochs", "1",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "dptrain: error: --out" in result.stderr and "--force" in result.stderr

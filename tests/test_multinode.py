@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO, assert_same_parameters, load_state, train
 
-FLAGS = ["--epochs", "1", "--batch-size", "2048"]
+FLAGS = ["--epochs", "1", "--batch-size", "2048", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,7 @@ def test_slurm_script_with_stub_scheduler(tmp_path, seq_run):
         stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n1",
            "SLURM_NNODES": "1", "SLURM_JOB_ID": "42", "NPROC": "2", "PORT": "0"}
-    result = subprocess.run(["bash", str(REPO / "scripts" / "slurm.sbatch"), "--device", "cpu",
-                             *FLAGS], env=env, cwd=tmp_path, capture_output=True, text=True,
+    result = subprocess.run(["bash", str(REPO / "scripts" / "slurm.sbatch"), *FLAGS], env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "runs" / "ddp-slurm-42"
