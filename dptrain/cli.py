@@ -4,6 +4,7 @@ launch workers through torchrun (ddp, fsdp).
 torch is imported only once a command needs it, so `--help` and config errors are instant.
 """
 
+import json
 import os
 import sys
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from dptrain.config import Config, resolve, to_toml
+from dptrain.config import Config, resolve, resolve_threads, to_toml
 from dptrain.errors import USER_ERROR_EXIT, UserError
 from dptrain.flags import config_from_flags, launch_flags, training_flags, with_flags
 from dptrain.runlog import (LAUNCH_TIME_ENV, SUMMARY, check_out_dir, default_out_dir, err,
@@ -77,7 +78,7 @@ def launch(mode: str, config: Config, *, force: bool, started: float) -> None:
     check_out_dir(out, force)
     config = _with_out(config, out)
 
-    threads = config.system.threads or max(1, (os.cpu_count() or 1) // config.launch.nproc)
+    threads = resolve_threads(config.system, config.launch.nproc)
     os.environ.update({LAUNCH_TIME_ENV: repr(started), LAUNCHED_ENV: "1",
                        "OMP_NUM_THREADS": str(threads)})
     with tempfile.TemporaryDirectory(prefix="dptrain-") as tmp:
@@ -86,8 +87,6 @@ def launch(mode: str, config: Config, *, force: bool, started: float) -> None:
         worker = ["-m", "dptrain.worker", f"--mode={mode}", f"--config={resolved}"]
         _torchrun(torchrun_args(config) + worker + (["--force"] if force else []))
     if (out / SUMMARY).exists():  # on the node that held rank 0: time the whole command
-        import json
-
         summary = json.loads((out / SUMMARY).read_text())
         summary["wall_seconds"] = time.time() - started
         write_summary(out, summary)
@@ -103,10 +102,15 @@ def _torchrun(argv: list[str]) -> None:
     """torch.distributed.run in-process; a worker's failure becomes one line, not a report."""
     import logging
 
+    # torchrun's loggers set their own levels from $LOGLEVEL when their modules load.
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(parse_args(argv))
     except ChildFailedError as e:
@@ -117,6 +121,9 @@ def _torchrun(argv: list[str]) -> None:
             f"{failure.message.splitlines()[0] if failure.message else 'no message'}; "
             "its traceback is above")
         raise typer.Exit(1) from None
+    except SignalException as e:  # torchrun has already stopped the workers
+        err(f"stopped by signal {e.sigval.name}; the workers were terminated")
+        raise typer.Exit(128 + int(e.sigval)) from None
 
 
 def main() -> None:

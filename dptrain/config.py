@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -296,17 +297,14 @@ def resolve(config: Config, *, mode: str, world_size: int, n_train: int) -> Plan
                 warmup_steps=config.optim.warmup_epochs * updates_per_epoch)
 
 
-def with_overrides(config: Config, **flags: Any) -> Config:
-    """A copy of `config` with some flat keys replaced (validated again)."""
-    sections = {name: getattr(config, name) for name in _section_types()}
-    for key, value in flags.items():
-        section = section_of(key)
-        sections[section] = replace(sections[section], **{key: value})
-    new = Config(**sections)
-    problems = validate(new)
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return new
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, which a cluster scheduler may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def resolve_threads(system: SystemConfig, local_world_size: int) -> int:
+    """Intra-op threads per rank: as configured, else one share of the node's cores."""
+    return system.threads or max(1, cpu_cores() // local_world_size)
 
 
 def to_toml(config: Config, resolved: dict[str, Any] | None = None) -> str:

@@ -65,16 +65,6 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask, which a cluster scheduler may narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def default_threads(env: DistEnv) -> int:
-    """One share of the node's cores per local rank."""
-    return max(1, cpu_cores() // env.local_world_size)
-
-
 class Strategy:
     """One process, no process group: every collective is the identity."""
 

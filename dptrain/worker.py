@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from dptrain.config import MODES, Config, Plan, resolve, to_toml
+from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_threads, to_toml
 from dptrain.errors import USER_ERROR_EXIT, UserError
 from dptrain.flags import config_from_flags, training_flags, with_flags
 from dptrain.runlog import RunLog, check_out_dir, command_start_time, default_out_dir, err
@@ -29,11 +29,11 @@ def run(mode: str, config: Config, *, force: bool = False) -> dict:
     import torch
 
     from dptrain.data import load_mnist, split_indices
-    from dptrain.strategy import DistEnv, cpu_cores, default_threads, make_strategy
+    from dptrain.strategy import DistEnv, make_strategy
     from dptrain.train import train
 
     env = DistEnv.from_environ()
-    threads = config.system.threads or default_threads(env)
+    threads = resolve_threads(config.system, env.local_world_size)
     torch.set_num_threads(threads)
     mnist = load_mnist(config.data.data_dir)
     split = split_indices(len(mnist.labels), config.data.split_seed)
