@@ -103,3 +103,19 @@ def test_torchrun_args_single_and_multi_node():
     for arg in ("--nnodes=2", "--rdzv-endpoint=head:29400", "--rdzv-id=job7", "--node-rank=1",
                 "--rdzv-backend=c10d"):
         assert arg in multi
+
+
+@pytest.mark.slow
+def test_full_batch_linear_lr_and_the_oversubscription_warning(tmp_path):
+    import os
+
+    out, threads = tmp_path / "run", len(os.sched_getaffinity(0)) + 1
+    result = run_cli("seq", "--full-batch", "--lr-scaling", "linear", "--epochs", "2",
+                     "--threads", str(threads), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stdout and f"{threads} thread(s)" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["global_batch"], summary["updates_per_epoch"]) == (42000, 1)
+    assert summary["lr"] == pytest.approx(0.01 * 42000 / 1024)
+    assert "lr=0.410156" in result.stdout  # the resolved lr is printed at the start
+    assert "lr = 0.41015625" in (out / "config.toml").read_text()
