@@ -4,8 +4,10 @@ launch workers through torchrun (ddp, fsdp).
 torch is imported only once a command needs it, so `--help` and config errors are instant.
 """
 
+import errno
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -77,6 +79,9 @@ def launch(mode: str, config: Config, *, force: bool, started: float) -> None:
     out = Path(config.run.out) if config.run.out else default_out_dir(mode)
     check_out_dir(out, force)
     config = _with_out(config, out)
+    if config.launch.rdzv_endpoint and (config.launch.rdzv_backend == "c10d"
+                                        or config.launch.node_rank == 0):
+        check_rendezvous_port(config.launch.rdzv_endpoint)
 
     threads = resolve_threads(config.system, config.launch.nproc)
     os.environ.update({LAUNCH_TIME_ENV: repr(started), LAUNCHED_ENV: "1",
@@ -90,6 +95,29 @@ def launch(mode: str, config: Config, *, force: bool, started: float) -> None:
         summary = json.loads((out / SUMMARY).read_text())
         summary["wall_seconds"] = time.time() - started
         write_summary(out, summary)
+
+
+def check_rendezvous_port(endpoint: str) -> None:
+    """This node hosts the rendezvous when HOST is one of its addresses: the port must be free.
+
+    torchrun would otherwise connect to whatever holds the port as a client of its store, and
+    wait on it without a timeout. A HOST of another machine is left to torchrun.
+    """
+    host, _, port = endpoint.rpartition(":")
+    try:
+        address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--rdzv-endpoint {endpoint}: cannot resolve {host} ({e.strerror})") from None
+    with socket.socket(address[0], socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT leftovers
+        try:
+            probe.bind(address[4])
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"--rdzv-endpoint {endpoint}: port {port} is already in use on "
+                                "this machine; choose a free port (one machine needs no "
+                                "endpoint: use --nproc)") from None
+            # EADDRNOTAVAIL: another machine's address, which hosts the store itself
 
 
 def _with_out(config: Config, out: Path) -> Config:

@@ -222,6 +222,9 @@ def validate(c: Config) -> list[str]:
     p += [f"{name}: must be {rule}, got {value!r}" for name, value, ok, rule in checks if not ok]
     if c.optim.optimizer == "adam" and c.optim.momentum:
         p.append("optim.momentum: only sgd uses momentum; adam has its own betas")
+    host, _, port = c.launch.rdzv_endpoint.rpartition(":")
+    if c.launch.rdzv_endpoint and not (host and port.isdigit() and 0 < int(port) < 65536):
+        p.append(f"launch.rdzv_endpoint: expected HOST:PORT, got {c.launch.rdzv_endpoint!r}")
     if c.launch.nnodes > 1 and not c.launch.rdzv_endpoint:
         p.append("launch.rdzv_endpoint: a multi-node run needs --rdzv-endpoint HOST:PORT")
     return p

@@ -41,6 +41,18 @@ def test_user_errors_are_one_line(args, fragments):
     assert_one_line_error(run_cli(*args), *fragments)
 
 
+def test_rendezvous_port_in_use_is_refused_at_once():
+    import socket
+
+    with socket.socket() as other_program:
+        other_program.bind(("127.0.0.1", 0))
+        other_program.listen()
+        port = other_program.getsockname()[1]
+        result = run_cli("ddp", "--device", "cpu", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                         timeout=60)
+    assert_one_line_error(result, f"port {port} is already in use")
+
+
 def test_config_file_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nepochz = 3\n")

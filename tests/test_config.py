@@ -45,6 +45,8 @@ def test_unknown_key_and_section_are_named(tmp_path):
     ("[model]\nhidden = [16, 0]\n", "model.hidden"),
     ("[launch]\nnproc = 0\n", "launch.nproc: must be >= 1"),
     ('[optim]\nlr_scaling = "sqrt"\n', "optim.lr_scaling"),
+    ('[launch]\nrdzv_endpoint = "head"\n', "launch.rdzv_endpoint: expected HOST:PORT"),
+    ("[launch]\nnnodes = 2\n", "a multi-node run needs --rdzv-endpoint"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key):
