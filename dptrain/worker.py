@@ -45,35 +45,45 @@ def run(mode: str, config: Config, *, force: bool = False) -> dict:
     try:
         _check_out_dir_together(strategy, out, force)
         log = RunLog(out, active=env.is_main)
-        if strategy.device.type == "cpu" and threads * env.local_world_size > cpu_cores():
-            log.console.print(f"[yellow]warning:[/] {env.local_world_size} process(es) x {threads} "
-                              f"thread(s) exceed the {cpu_cores()} CPU cores; expect slowdowns")
         setting = {"mode": mode, "world_size": env.world_size, "backend": strategy.backend,
                    "device": str(strategy.device), "threads": threads}
-        log.start(to_toml(config, {**setting, **_plan_fields(plan)}),
-                  {**setting, "global_batch": plan.global_batch,
-                   "updates_per_epoch": plan.updates_per_epoch, "lr": f"{plan.lr:.6g}",
-                   "lr_scaling": config.optim.lr_scaling, "epochs": config.train.epochs,
-                   "out": str(out)})
+        oversubscribed = (strategy.device.type == "cpu"
+                          and threads * env.local_world_size > cpu_cores())
+        _announce(log, config, plan, setting, out, warning=(
+            f"{env.local_world_size} process(es) on this node x {threads} thread(s) exceed its "
+            f"{cpu_cores()} CPU cores; expect slowdowns") if oversubscribed else "")
         try:
             results = train(config, plan, strategy, mnist, split, log)
         finally:
             log.close()
-        summary = {**setting, **_plan_fields(plan), "epochs": config.train.epochs,
-                   **{k: v for k, v in results.items() if k != "state_dict"},
+        state_dict = results.pop("state_dict")
+        summary = {**setting, **_plan_fields(plan), "epochs": config.train.epochs, **results,
                    "wall_seconds": time.time() - command_start_time(),
                    "torch": torch.__version__, "host": socket.gethostname(),
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        log.finish(summary, results["state_dict"])
+        log.finish(summary, state_dict)
         ok = True
         return summary
     finally:
         strategy.close(ok=ok)
 
 
+def _announce(log: RunLog, config: Config, plan: Plan, setting: dict, out: Path, *,
+              warning: str) -> None:
+    """Write config.toml and print the plan, with the resolved lr (rank 0)."""
+    if warning:
+        log.console.print(f"[yellow]warning:[/] {warning}")
+    log.start(to_toml(config, {**setting, **_plan_fields(plan)}),
+              {**setting, "global_batch": plan.global_batch,
+               "updates_per_epoch": plan.updates_per_epoch, "lr": f"{plan.lr:.6g}",
+               "lr_scaling": config.optim.lr_scaling, "epochs": config.train.epochs,
+               "out": str(out)})
+
+
 def _plan_fields(plan: Plan) -> dict:
     return {"global_batch": plan.global_batch, "per_rank_batch": plan.per_rank_batch,
-            "updates_per_epoch": plan.updates_per_epoch, "samples_per_epoch": plan.samples_per_epoch, "base_lr": plan.base_lr,
+            "updates_per_epoch": plan.updates_per_epoch,
+            "samples_per_epoch": plan.samples_per_epoch, "base_lr": plan.base_lr,
             "lr": plan.lr, "warmup_steps": plan.warmup_steps}
 
 
