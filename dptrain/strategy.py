@@ -184,9 +184,7 @@ STRATEGIES = {"seq": Strategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy}
 def make_strategy(mode: str, env: DistEnv, system: SystemConfig) -> Strategy:
     """Pick the device and backend, join the process group (ddp/fsdp), and return the strategy."""
     device = resolve_device(system.device, env)
-    if mode == "seq":
-        if env.world_size != 1:
-            raise UserError(f"seq runs in one process, but WORLD_SIZE is {env.world_size}")
+    if mode == "seq":  # config.resolve has already required a world size of 1
         return Strategy(env, device)
     backend = resolve_backend(system.backend, device)
     return STRATEGIES[mode](env, device, backend, system.timeout)

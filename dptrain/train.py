@@ -109,8 +109,10 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         epoch_seconds = time.perf_counter() - start
         val_loss, val_accuracy = evaluate(model, samples, split.val, strategy, loss_sum, eval_batch)
         log.epoch({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                   "val_accuracy": val_accuracy, "lr": plan.lr_at(first_step + plan.updates_per_epoch - 1),
-                   "epoch_seconds": epoch_seconds, "val_seconds": time.perf_counter() - start - epoch_seconds,
+                   "val_accuracy": val_accuracy,
+                   "lr": plan.lr_at(first_step + plan.updates_per_epoch - 1),  # the epoch's last
+                   "epoch_seconds": epoch_seconds,
+                   "val_seconds": time.perf_counter() - start - epoch_seconds,
                    "samples_per_second": plan.samples_per_epoch / epoch_seconds})
     train_seconds = time.perf_counter() - loop_start
 
