@@ -23,6 +23,7 @@ LR_SCALINGS = ("none", "linear", "seed")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 RDZV_BACKENDS = ("c10d", "static")
+GRAD_SYNCS = ("auto", "collective", "shm")
 
 # Output-only section of a run's config.toml; ignored when that file is read back as --config.
 RESOLVED_SECTION = "resolved"
@@ -74,6 +75,9 @@ class SystemConfig:
     device: str = "auto"
     threads: int = 0  # intra-op threads per rank; 0 = cores // local world size
     timeout: float = 300.0  # seconds a collective may wait for a peer
+    # How ddp sums gradients: the process group's all_reduce, or shared memory between the
+    # ranks of one node (auto: shm for CPU ranks that all share one x86-64 node).
+    grad_sync: str = "auto"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -202,6 +206,7 @@ def validate(c: Config) -> list[str]:
     p += _choice("train.loss", c.train.loss, LOSSES)
     p += _choice("system.backend", c.system.backend, BACKENDS)
     p += _choice("system.device", c.system.device, DEVICES)
+    p += _choice("system.grad_sync", c.system.grad_sync, GRAD_SYNCS)
     p += _choice("launch.rdzv_backend", c.launch.rdzv_backend, RDZV_BACKENDS)
     checks = [
         ("optim.lr", c.optim.lr, c.optim.lr > 0 and math.isfinite(c.optim.lr), "> 0"),

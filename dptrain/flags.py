@@ -10,8 +10,8 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from dptrain.config import (ACTIVATIONS, BACKENDS, DEVICES, LOSSES, LR_SCALINGS, OPTIMIZERS,
-                            Config, ConfigError)
+from dptrain.config import (ACTIVATIONS, BACKENDS, DEVICES, GRAD_SYNCS, LOSSES, LR_SCALINGS,
+                            OPTIMIZERS, Config, ConfigError)
 
 _DEFAULTS = Config()
 TRAIN = "Training"
@@ -77,6 +77,10 @@ def training_flags(
     timeout: Annotated[Optional[float], _opt(
         "Seconds a collective waits for a peer before the job fails.", _DEFAULTS.system.timeout,
         SYSTEM)] = None,
+    grad_sync: Annotated[Optional[str], _opt(
+        f"{'|'.join(GRAD_SYNCS)}: how ddp sums gradients. shm = through shared memory (CPU ranks "
+        "of one x86-64 node, ~50x faster than a gloo all_reduce); auto = shm where it applies.",
+        _DEFAULTS.system.grad_sync, SYSTEM)] = None,
 ) -> None:
     """Declares the shared options; never called."""
 

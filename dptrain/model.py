@@ -14,9 +14,23 @@ N_CLASSES = 10
 _ACTIVATIONS = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
 
+class PixelLinear(nn.Linear):
+    """The first layer. It also takes raw uint8 pixels, read as pixel / 255.
+
+    Scaling the 16 x 784 weights instead of the batch x 784 input saves a pass over the batch,
+    the largest tensor of a step (a third of a CPU step was spent converting pixels).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            return F.linear(x.to(self.weight.dtype), self.weight * (1 / 255), self.bias)
+        return super().forward(x)
+
+
 class MLP(nn.Module):
     """784 -> hidden... -> 10, one activation between layers; forward returns logits.
 
+    Input: images as (N, 784) uint8 pixels, or floats already scaled to [0, 1].
     The output non-linearity belongs to the loss (sigmoid for MSE, softmax for cross-entropy),
     so the argmax of the logits is the prediction either way.
     """
@@ -24,7 +38,8 @@ class MLP(nn.Module):
     def __init__(self, hidden: Sequence[int] = (16, 16), activation: str = "relu"):
         super().__init__()
         sizes = [N_INPUTS, *hidden, N_CLASSES]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        pairs = list(zip(sizes, sizes[1:]))
+        self.layers = nn.ModuleList([PixelLinear(*pairs[0]), *(nn.Linear(*p) for p in pairs[1:])])
         self.activation = activation
         self._act = _ACTIVATIONS[activation]
 
@@ -46,7 +61,10 @@ def mse_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """sum_i -log softmax(z_i)[y_i]."""
-    return F.cross_entropy(logits, targets, reduction="sum")
+    # Over a row of 10 classes, log_softmax is ~7x slower on the CPU than over the columns of
+    # the transposed (10, N) logits, where it vectorizes along the batch.
+    log_probs = torch.log_softmax(logits.t().contiguous(), dim=0)
+    return -log_probs.gather(0, targets.unsqueeze(0)).sum()
 
 
 # Losses return the *sum* over the samples they see: a rank divides by the global batch size,

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dptrain.config import SystemConfig
+from dptrain.config import SystemConfig, cpu_cores
 from dptrain.errors import UserError
 
 
@@ -70,6 +70,7 @@ class Strategy:
 
     mode = "seq"
     backend = "none"
+    grad_sync = "none"  # how gradients are summed over ranks
 
     def __init__(self, env: DistEnv, device: torch.device):
         self.env = env
@@ -86,6 +87,26 @@ class Strategy:
         """True when `ok` holds on every rank. Every rank must call it."""
         return ok
 
+    def gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order. Every rank must call it."""
+        return [obj]
+
+    def memory_report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, list]:
+        """Per rank: peak resident memory and the bytes of parameters, gradients and optimizer
+        state this rank holds (its shard under fsdp). Every rank must call it."""
+        import resource
+
+        local = {
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "param_bytes": sum(_local_bytes(p) for p in model.parameters()),
+            "grad_bytes": sum(_local_bytes(p.grad) for p in model.parameters()
+                              if p.grad is not None),
+            "optimizer_bytes": sum(_local_bytes(v) for state in optimizer.state.values()
+                                   for v in state.values() if isinstance(v, torch.Tensor)),
+        }
+        ranks = self.gather_object(local)
+        return {key: [r[key] for r in ranks] for key in local}
+
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The unsharded state on CPU, complete on rank 0. Every rank must call it."""
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -95,16 +116,22 @@ class Strategy:
 
 
 class _ProcessGroupStrategy(Strategy):
-    def __init__(self, env: DistEnv, device: torch.device, backend: str, timeout_s: float):
+    def __init__(self, env: DistEnv, device: torch.device, backend: str, system: SystemConfig):
         super().__init__(env, device)
         self.backend = backend
+        self.system = system
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+            dist.init_process_group(backend, timeout=timedelta(seconds=system.timeout),
                                     device_id=device if device.type == "cuda" else None)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def gather_object(self, obj) -> list:
+        gathered = [None] * self.env.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
     def all_agree(self, ok: bool) -> bool:
         flag = torch.tensor([1 if ok else 0], device=self.device)
@@ -121,6 +148,15 @@ class _ProcessGroupStrategy(Strategy):
         dist.destroy_process_group()
 
 
+def _local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this rank stores for `tensor`: its own shard of a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.to_local()
+    return tensor.numel() * tensor.element_size()
+
+
 def _sum_gradients(_state, bucket):
     """DDP comm hook: all-reduce SUM (the default hook would divide by the world size).
 
@@ -131,10 +167,21 @@ def _sum_gradients(_state, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
+def _sum_gradients_in_shared_memory(summer, bucket):
+    """DDP comm hook: the same sum through a SharedMemorySum; done when it returns."""
+    done = torch.futures.Future()
+    done.set_result(summer.sum_(bucket.buffer()))
+    return done
+
+
 class DDPStrategy(_ProcessGroupStrategy):
     """DistributedDataParallel: a full replica per rank, gradients all-reduced."""
 
     mode = "ddp"
+
+    def __init__(self, env: DistEnv, device: torch.device, backend: str, system: SystemConfig):
+        super().__init__(env, device, backend, system)
+        self.grad_sync = self._grad_sync()
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
@@ -142,8 +189,29 @@ class DDPStrategy(_ProcessGroupStrategy):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model.to(self.device), device_ids=device_ids,
                                       gradient_as_bucket_view=True)
-        ddp.register_comm_hook(None, _sum_gradients)
+        if self.grad_sync == "shm":
+            from dptrain.shm_sum import SharedMemorySum
+
+            summer = SharedMemorySum(sum(p.numel() for p in model.parameters()), self.env.rank,
+                                     self.env.world_size, self.system.timeout)
+            ddp.register_comm_hook(summer, _sum_gradients_in_shared_memory)
+        else:
+            ddp.register_comm_hook(None, _sum_gradients)
         return ddp
+
+    def _grad_sync(self) -> str:
+        """shm where every rank shares this node's CPUs without oversubscribing them."""
+        from dptrain.shm_sum import supported
+
+        one_node = self.env.local_world_size == self.env.world_size
+        possible = self.device.type == "cpu" and one_node and supported()
+        if self.system.grad_sync == "shm" and not possible:
+            raise UserError("--grad-sync shm needs CPU ranks that all run on one x86-64 node; "
+                            "use --grad-sync collective")
+        if self.system.grad_sync == "auto":
+            fits = self.env.local_world_size <= cpu_cores()
+            return "shm" if possible and fits else "collective"
+        return self.system.grad_sync
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return super().full_state_dict(model.module)
@@ -153,6 +221,7 @@ class FSDPStrategy(_ProcessGroupStrategy):
     """FSDP2: each Linear's parameters sharded over ranks, gathered just for its compute."""
 
     mode = "fsdp"
+    grad_sync = "collective"  # reduce-scatter, through the process group
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -187,4 +256,4 @@ def make_strategy(mode: str, env: DistEnv, system: SystemConfig) -> Strategy:
     if mode == "seq":  # config.resolve has already required a world size of 1
         return Strategy(env, device)
     backend = resolve_backend(system.backend, device)
-    return STRATEGIES[mode](env, device, backend, system.timeout)
+    return STRATEGIES[mode](env, device, backend, system)

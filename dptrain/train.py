@@ -24,7 +24,7 @@ LossSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Samples:
-    """MNIST as tensors on the training device: uint8 pixels, scaled to [0, 1] per batch."""
+    """MNIST as tensors on the training device: uint8 pixels, which the model reads as pixel / 255."""
 
     def __init__(self, mnist: Mnist, device: torch.device):
         self.device = device
@@ -34,8 +34,7 @@ class Samples:
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.from_numpy(rows).to(self.device)
-        x = self.images.index_select(0, index).to(torch.float32).div_(255.0)
-        return x, self.labels.index_select(0, index)
+        return self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
 def global_batches(order: np.ndarray, batch: int) -> Iterator[np.ndarray]:
@@ -50,7 +49,10 @@ def rank_slice(rows: np.ndarray, strategy: Strategy) -> np.ndarray:
 
 def make_optimizer(optim: OptimConfig, params, lr: float) -> torch.optim.Optimizer:
     if optim.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=optim.weight_decay)
+        # The fused kernel: one call per step instead of a Python loop over the parameters
+        # (~105 instead of ~375 us on one CPU thread). It also takes FSDP's sharded parameters;
+        # fused SGD does not (no DTensor rule), and plain SGD is cheap anyway.
+        return torch.optim.Adam(params, lr=lr, weight_decay=optim.weight_decay, fused=True)
     return torch.optim.SGD(params, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
@@ -117,7 +119,8 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
     train_seconds = time.perf_counter() - loop_start
 
     test_loss, test_accuracy = evaluate(model, samples, split.test, strategy, loss_sum, eval_batch)
+    memory = strategy.memory_report(model, optimizer)
     state = strategy.full_state_dict(model)
     return {"train_seconds": train_seconds, "train_loss": train_loss, "val_loss": val_loss,
             "val_accuracy": val_accuracy, "test_loss": test_loss, "test_accuracy": test_accuracy,
-            "state_dict": state}
+            "memory": memory, "state_dict": state}

@@ -46,7 +46,8 @@ def run(mode: str, config: Config, *, force: bool = False) -> dict:
         _check_out_dir_together(strategy, out, force)
         log = RunLog(out, active=env.is_main)
         setting = {"mode": mode, "world_size": env.world_size, "backend": strategy.backend,
-                   "device": str(strategy.device), "threads": threads}
+                   "grad_sync": strategy.grad_sync, "device": str(strategy.device),
+                   "threads": threads}
         oversubscribed = (strategy.device.type == "cpu"
                           and threads * env.local_world_size > cpu_cores())
         _announce(log, config, plan, setting, out, warning=(

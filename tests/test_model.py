@@ -60,3 +60,19 @@ def test_model_imports_nothing_distributed():
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [n for n in names if "distributed" in n or "parallel" in n]
+
+
+def test_uint8_pixels_read_as_pixel_over_255():
+    model = MLP()
+    pixels = torch.randint(0, 256, (8, 784), dtype=torch.uint8)
+    torch.testing.assert_close(model(pixels), model(pixels.float() / 255), rtol=1e-5, atol=1e-6)
+
+
+def test_cross_entropy_gradient_matches_torch():
+    logits = torch.randn(32, 10, requires_grad=True)
+    targets = torch.randint(0, 10, (32,))
+    cross_entropy_sum(logits, targets).backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
+    torch.testing.assert_close(ours, logits.grad)

@@ -6,7 +6,10 @@ import pytest
 
 from conftest import assert_same_parameters, load_state, train
 
-MODES = ["seq", "ddp", "fsdp"]
+# Run name -> mode and flags. ddp sums gradients through shared memory on one CPU node by
+# default; ddp-gloo checks the process-group path that other setups use.
+RUNS = {"seq": ("seq", []), "ddp": ("ddp", []),
+        "ddp-gloo": ("ddp", ["--grad-sync", "collective"]), "fsdp": ("fsdp", [])}
 # Adam at the default batch; and plain SGD, which (unlike Adam) shows any error in how the rank
 # gradients are scaled, on batches that split unevenly over 2 ranks (3001 = 1501 + 1500) with an
 # uneven tail (42000 - 13*3001 = 2987 = 1494 + 1493) that is trained on.
@@ -27,23 +30,35 @@ CASES = {
 def runs(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     flags, least_accuracy, atol = CASES[request.param]
-    runs = {mode: (root / mode, train(mode, root / mode, *flags)) for mode in MODES}
+    runs = {name: (root / name, train(mode, root / name, *flags, *extra))
+            for name, (mode, extra) in RUNS.items()}
     return runs, least_accuracy, atol
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_same_parameters_as_seq(runs, mode):
+@pytest.mark.parametrize("name", ["ddp", "ddp-gloo", "fsdp"])
+def test_same_parameters_as_seq(runs, name):
     runs, _, atol = runs
-    assert_same_parameters(load_state(runs["seq"][0]), load_state(runs[mode][0]), atol=atol)
+    assert_same_parameters(load_state(runs["seq"][0]), load_state(runs[name][0]), atol=atol)
+
+
+@pytest.mark.slow
+def test_gradient_sums(runs):
+    from dptrain.config import cpu_cores
+    from dptrain.shm_sum import supported
+
+    runs, _, _ = runs
+    shm = "shm" if supported() and cpu_cores() >= 2 else "collective"  # auto's choice
+    assert {name: summary["grad_sync"] for name, (_, summary) in runs.items()} == {
+        "seq": "none", "ddp": shm, "ddp-gloo": "collective", "fsdp": "collective"}
 
 
 @pytest.mark.slow
 def test_same_metrics_in_every_mode(runs):
     runs, _, _ = runs
     seq = runs["seq"][1]
-    for mode in ("ddp", "fsdp"):
-        summary = runs[mode][1]
+    for name in ("ddp", "ddp-gloo", "fsdp"):
+        summary = runs[name][1]
         assert summary["world_size"] == 2
         assert summary["test_accuracy"] == pytest.approx(seq["test_accuracy"], abs=2e-4)
         assert summary["test_loss"] == pytest.approx(seq["test_loss"], rel=1e-4)
@@ -61,13 +76,13 @@ def test_uneven_case_trains_the_tail(runs):
 @pytest.mark.slow
 def test_run_folder_contents(runs):
     runs, least_accuracy, _ = runs
-    for mode, (out, summary) in runs.items():
+    for name, (out, summary) in runs.items():
         assert {p.name for p in out.iterdir()} >= {"config.toml", "metrics.jsonl", "summary.json",
                                                    "model.pt"}
         for key in ("mode", "world_size", "global_batch", "updates_per_epoch", "lr", "epochs",
                     "test_accuracy", "test_loss", "train_seconds", "wall_seconds"):
             assert key in summary, key
-        assert summary["mode"] == mode
+        assert summary["mode"] == RUNS[name][0]
         assert least_accuracy < summary["test_accuracy"] <= 1.0
         assert 0 < summary["train_seconds"] < summary["wall_seconds"]
         lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
