@@ -66,7 +66,8 @@ class TrainConfig:
     drop_last: bool = True
     loss: str = "cross_entropy"
     seed: int = 0  # model init and the per-epoch shuffle
-    eval_batch_size: int = 8192
+    # Small enough to stay in cache: 8192 was no faster, and held ~25 MB more per process.
+    eval_batch_size: int = 1024
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -94,10 +94,8 @@ class Strategy:
     def memory_report(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, list]:
         """Per rank: peak resident memory and the bytes of parameters, gradients and optimizer
         state this rank holds (its shard under fsdp). Every rank must call it."""
-        import resource
-
         local = {
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": peak_rss_bytes(),
             "param_bytes": sum(_local_bytes(p) for p in model.parameters()),
             "grad_bytes": sum(_local_bytes(p.grad) for p in model.parameters()
                               if p.grad is not None),
@@ -146,6 +144,24 @@ class _ProcessGroupStrategy(Strategy):
             # seen to abort ("terminate called without an active exception").
             dist.barrier()
         dist.destroy_process_group()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory, in bytes.
+
+    VmHWM, not getrusage: a child's ru_maxrss also counts the parent it was forked from (Linux
+    carries the pre-exec peak over), and torchrun's workers are forked from a process that
+    holds torch.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _local_bytes(tensor: torch.Tensor) -> int:

@@ -1,0 +1,97 @@
+"""Where a `seq` training step spends its time, on one thread.
+
+    DPTRAIN_DATA_DIR=../shared/data/mnist python benchmarks/profile_loop.py [--epochs 5] [--ops]
+
+Runs the loop's step (the same calls as dptrain.train.train_epoch) with a timer around each
+phase, and reports per-epoch milliseconds next to the GEMM floor of bench.py. Times are this
+thread's CPU time, which other processes on a busy machine disturb less than wall time.
+--ops adds torch.profiler's table of the most expensive operators for one epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+
+from bench import gemm_floor, pixel_floor
+from dptrain.config import Config, resolve
+from dptrain.data import epoch_order, load_mnist, split_indices
+from dptrain.model import LOSS_SUMS, MLP
+from dptrain.strategy import DistEnv, Strategy
+from dptrain.train import Samples, global_batches, make_optimizer, rank_slice
+
+
+def profile_epoch(model, optimizer, samples, order, plan, strategy, loss_sum) -> dict[str, float]:
+    """One epoch of train_epoch's step, phase by phase; CPU seconds per phase."""
+    spent: dict[str, float] = defaultdict(float)
+    clock = time.thread_time
+    for rows in global_batches(order[:plan.samples_per_epoch], plan.global_batch):
+        t0 = clock()
+        x, y = samples.batch(rank_slice(rows, strategy))
+        t1 = clock()
+        logits = model(x)
+        t2 = clock()
+        loss = loss_sum(logits, y)
+        t3 = clock()
+        optimizer.zero_grad(set_to_none=True)
+        (loss / len(rows)).backward()
+        t4 = clock()
+        optimizer.step()
+        t5 = clock()
+        for phase, seconds in (("batch (gather uint8 rows)", t1 - t0), ("forward", t2 - t1),
+                               ("loss", t3 - t2), ("backward", t4 - t3), ("optimizer", t5 - t4)):
+            spent[phase] += seconds
+    return spent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--ops", action="store_true", help="also print torch.profiler's table")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    config = Config()
+    mnist = load_mnist("")
+    split = split_indices(len(mnist.labels), config.data.split_seed)
+    plan = resolve(config, mode="seq", world_size=1, n_train=len(split.train))
+    strategy = Strategy(DistEnv(), torch.device("cpu"))
+    torch.manual_seed(config.train.seed)
+    model = strategy.wrap(MLP(config.model.hidden, config.model.activation))
+    optimizer = make_optimizer(config.optim, model.parameters(), plan.lr)
+    samples = Samples(mnist, strategy.device)
+    loss_sum = LOSS_SUMS[config.train.loss]
+
+    epochs = []
+    for epoch in range(args.epochs + 1):  # the first epoch warms up, and is not counted
+        order = epoch_order(split.train, config.train.seed, epoch + 1)
+        spent = profile_epoch(model, optimizer, samples, order, plan, strategy, loss_sum)
+        if epoch:
+            epochs.append(spent)
+    phases = {name: statistics.median(e[name] for e in epochs) for name in epochs[0]}
+    total = sum(phases.values())
+    floor = gemm_floor(plan.updates_per_epoch, plan.global_batch)
+    pixels = pixel_floor(plan.updates_per_epoch, plan.global_batch, samples.images)
+    print(f"{plan.updates_per_epoch} steps of {plan.global_batch} samples; medians of "
+          f"{args.epochs} epochs, CPU ms per epoch, 1 thread")
+    for name, seconds in phases.items():
+        print(f"  {name:28s} {seconds * 1e3:7.1f}  {seconds / total:5.0%}")
+    print(f"  {'total':28s} {total * 1e3:7.1f}")
+    print(f"  GEMM floor (products only)   {floor * 1e3:7.1f}  -> loop / floor = {total / floor:.2f}")
+    print(f"  pixel gather + widen floor   {pixels * 1e3:7.1f}  -> "
+          f"(floor + pixels) / floor = {(floor + pixels) / floor:.2f}")
+    if args.ops:
+        from torch.profiler import ProfilerActivity, profile
+
+        order = epoch_order(split.train, config.train.seed, 99)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            profile_epoch(model, optimizer, samples, order, plan, strategy, loss_sum)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
