@@ -74,8 +74,9 @@ def main() -> None:
             epochs.append(spent)
     phases = {name: statistics.median(e[name] for e in epochs) for name in epochs[0]}
     total = sum(phases.values())
-    floor = gemm_floor(plan.updates_per_epoch, plan.global_batch)
-    pixels = pixel_floor(plan.updates_per_epoch, plan.global_batch, samples.images)
+    floor = gemm_floor(plan.updates_per_epoch, plan.global_batch, clock=time.thread_time)
+    pixels = pixel_floor(plan.updates_per_epoch, plan.global_batch, samples.images,
+                         clock=time.thread_time)
     print(f"{plan.updates_per_epoch} steps of {plan.global_batch} samples; medians of "
           f"{args.epochs} epochs, CPU ms per epoch, 1 thread")
     for name, seconds in phases.items():

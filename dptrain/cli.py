@@ -19,7 +19,7 @@ from dptrain.config import Config, resolve, resolve_threads, to_toml
 from dptrain.errors import USER_ERROR_EXIT, UserError
 from dptrain.flags import config_from_flags, launch_flags, training_flags, with_flags
 from dptrain.runlog import (LAUNCH_TIME_ENV, SUMMARY, check_out_dir, default_out_dir, err,
-                            write_summary)
+                            peak_rss_bytes, write_summary)
 
 app = typer.Typer(
     help="Train a 784-16-16-10 MLP on MNIST sequentially, with DDP or with FSDP, and compare.",
@@ -89,12 +89,35 @@ def launch(mode: str, config: Config, *, force: bool, started: float) -> None:
     with tempfile.TemporaryDirectory(prefix="dptrain-") as tmp:
         resolved = Path(tmp) / "config.toml"
         resolved.write_text(to_toml(config))
-        worker = ["-m", "dptrain.worker", f"--mode={mode}", f"--config={resolved}"]
-        _torchrun(torchrun_args(config) + worker + (["--force"] if force else []))
+        worker = [f"--mode={mode}", f"--config={resolved}"] + (["--force"] if force else [])
+        _torchrun(torchrun_args(config) + fork_workers(mode) + worker)
     if (out / SUMMARY).exists():  # on the node that held rank 0: time the whole command
         summary = json.loads((out / SUMMARY).read_text())
         summary["wall_seconds"] = time.time() - started
+        # The workers were forked from this process and share its pages (torch, ...).
+        summary["memory"]["launcher_peak_rss_bytes"] = peak_rss_bytes()
         write_summary(out, summary)
+
+
+def fork_workers(mode: str) -> list[str]:
+    """torchrun flags that fork the workers from this process, which imports for them first.
+
+    A worker started afresh imports torch, then torch._dynamo (DDP's constructor and FSDP's
+    DTensors import it): ~3 s, as long as the whole training on a small machine, paid again
+    by every worker at once on the same cores. Forked, they start with all of it in memory,
+    shared copy-on-write. (Cluster scripts start `python -m dptrain.worker` the usual way.)
+    """
+    import torch._dynamo  # noqa: F401
+    from torch.nn.parallel import DistributedDataParallel  # noqa: F401
+
+    import dptrain.train  # noqa: F401
+    import dptrain.worker
+
+    if mode == "fsdp":
+        import torch.distributed.fsdp  # noqa: F401
+    sys.stdout.flush()  # a child would print again whatever is still buffered
+    sys.stderr.flush()
+    return ["--start-method=fork", "--run-path", dptrain.worker.__file__]
 
 
 def check_rendezvous_port(endpoint: str) -> None:
@@ -174,4 +197,8 @@ def main() -> None:
     except typer.Abort:
         err("interrupted")
         status = 130
-    sys.exit(status or 0)
+    # Skip interpreter finalization: with torch loaded it takes about a second, and the run's
+    # files are already closed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status or 0)

@@ -137,6 +137,24 @@ class RunLog:
             self._metrics = None
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM), in bytes.
+
+    Not getrusage: after an exec, ru_maxrss still counts the process it was forked from. A
+    worker forked by the CLI counts the pages it maps itself; those it shares untouched with
+    the CLI process (torch's libraries) are counted in the CLI's own peak.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     write_atomic(out / SUMMARY, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
 

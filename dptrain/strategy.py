@@ -17,6 +17,7 @@ from torch import nn
 
 from dptrain.config import SystemConfig, cpu_cores
 from dptrain.errors import UserError
+from dptrain.runlog import peak_rss_bytes
 
 
 @dataclass(frozen=True)
@@ -144,24 +145,6 @@ class _ProcessGroupStrategy(Strategy):
             # seen to abort ("terminate called without an active exception").
             dist.barrier()
         dist.destroy_process_group()
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory, in bytes.
-
-    VmHWM, not getrusage: a child's ru_maxrss also counts the parent it was forked from (Linux
-    carries the pre-exec peak over), and torchrun's workers are forked from a process that
-    holds torch.
-    """
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _local_bytes(tensor: torch.Tensor) -> int:

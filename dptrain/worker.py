@@ -124,7 +124,11 @@ def _worker(mode: str, force: bool, **flags) -> None:
         sys.exit(USER_ERROR_EXIT)
     # The run is complete and its files are closed. Skip interpreter finalization: a gloo rank
     # was once seen to abort there ("terminate called without an active exception", SIGABRT)
-    # after a finished FSDP run, which turned a good run into a failed job.
+    # after a finished FSDP run, which turned a good run into a failed job. A worker forked by
+    # the CLI returns instead: torchrun waits for its return value, then ends the process the
+    # same way, without finalization.
+    if os.environ.get(LAUNCHED_ENV):
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
