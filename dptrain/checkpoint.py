@@ -282,11 +282,15 @@ def export(source: Path, out: Path) -> Checkpoint:
     checkpoint = find(source)
     if checkpoint.meta["format"] == "dcp":
         # No process group: DCP reads every shard into the full tensors of a fresh model.
+        import warnings
+
         import torch.distributed.checkpoint as dcp
 
         model = build_config(checkpoint.meta["config"]).model
         state = MLP(model.hidden, model.activation).state_dict()
-        dcp.load({"model": state}, checkpoint_id=checkpoint.path)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": state}, checkpoint_id=checkpoint.path)
     else:
         state = torch.load(checkpoint.path / STATE_FILE, map_location="cpu",
                            weights_only=True)["model"]

@@ -153,6 +153,10 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
     threads = resolve_threads(config.system, config.launch.nproc)
     os.environ.update({LAUNCH_TIME_ENV: repr(started), LAUNCHED_ENV: "1",
                        "OMP_NUM_THREADS": str(threads)})
+    # Restarted workers must not meet in the rendezvous store of the attempt before: with the
+    # store shared (torch's default) they read its stale addresses and cannot connect
+    # (pytorch/pytorch#135712). A store per attempt avoids that.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     with tempfile.TemporaryDirectory(prefix="dptrain-") as tmp:
         resolved = Path(tmp) / "config.toml"
         resolved.write_text(to_toml(config))

@@ -115,6 +115,11 @@ class RunLog:
                                                  completed=len(records))
             self._progress.start()
 
+    def note(self, text: str) -> None:
+        """One line on the console (rich markup)."""
+        if self.active:
+            self.console.print(text)
+
     def epoch(self, record: dict[str, Any]) -> None:
         """Append one epoch's metrics (flushed at once) and show them."""
         if not self.active:

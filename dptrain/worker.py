@@ -18,7 +18,7 @@ import typer
 
 from dptrain import checkpoint
 from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_threads, to_toml
-from dptrain.errors import USER_ERROR_EXIT, UserError
+from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
 from dptrain.flags import training_flags, with_flags
 from dptrain.runlog import RunLog, check_out_dir, command_start_time, default_out_dir, err
 
@@ -84,7 +84,7 @@ def _announce(log: RunLog, config: Config, plan: Plan, setting: dict, out: Path,
               warning: str, records: list[dict]) -> None:
     """Write config.toml and metrics.jsonl's earlier epochs, and print the plan (rank 0)."""
     if warning:
-        log.console.print(f"[yellow]warning:[/] {warning}")
+        log.note(f"[yellow]warning:[/] {warning}")
     log.start(to_toml(config, {**setting, **_plan_fields(plan)}), records,
               {**setting, "global_batch": plan.global_batch,
                "updates_per_epoch": plan.updates_per_epoch, "lr": f"{plan.lr:.6g}",
@@ -111,10 +111,10 @@ def _announce_resume(log: RunLog, found, skipped: list[str], config: Config,
                      restarts: int) -> None:
     """One line for the checkpoint resumed from, and one if newer folders were unusable."""
     if skipped:
-        log.console.print(f"[yellow]warning:[/] passed over {'; '.join(skipped)}; falling back "
+        log.note(f"[yellow]warning:[/] passed over {'; '.join(skipped)}; falling back "
                           f"to the previous complete checkpoint")
     why = f" after a worker failure (restart {restarts})" if restarts else ""
-    log.console.print(f"resuming from {found.path} (epoch {found.epoch} of "
+    log.note(f"resuming from {found.path} (epoch {found.epoch} of "
                       f"{config.train.epochs}){why}")
 
 
@@ -170,16 +170,37 @@ def _worker(mode: str, force: bool, **flags) -> None:
         config, resume = checkpoint.config_and_resume(mode, flags)
         run(mode, config, force=force, resume=resume, restarts=restarts)
     except UserError as e:
-        report_user_error(str(e))
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(USER_ERROR_EXIT)  # as below; the process group is already destroyed
+        _stop(str(e), USER_ERROR_EXIT)
+    except Exception as e:
+        if not _peer_failure(e):
+            raise  # a bug: the traceback, rank-prefixed by torchrun
+        _stop(f"rank {os.environ.get('RANK', '0')}: {_peer_failure(e)}", ONE_LINE_EXIT)
     # The run is complete and its files are closed. Skip interpreter finalization: a gloo rank
     # was once seen to abort there ("terminate called without an active exception", SIGABRT)
     # after a finished FSDP run, which turned a good run into a failed job.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _stop(message: str, status: int) -> None:
+    report_user_error(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # as after a complete run; the process group is already destroyed
+
+
+def _peer_failure(error: Exception) -> str:
+    """One line when a collective failed because a peer died or hung; "" for anything else."""
+    import torch.distributed as dist
+
+    text = str(error)
+    if not isinstance(error, dist.DistError) and "gloo" not in text.lower():
+        return ""
+    detail = text.splitlines()[0].rsplit("] ", 1)[-1][:200]  # gloo's own words, without its path
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return f"a collective timed out (--timeout): a peer is hung or dead ({detail})"
+    return f"lost a peer, which probably died ({detail})"
 
 
 def _die_with_parent() -> None:
