@@ -118,7 +118,7 @@ class RunLog:
     def note(self, text: str) -> None:
         """One line on the console (rich markup)."""
         if self.active:
-            self.console.print(text)
+            self.console.print(text, soft_wrap=True)  # one line, however long, for grep
 
     def epoch(self, record: dict[str, Any]) -> None:
         """Append one epoch's metrics (flushed at once) and show them."""
