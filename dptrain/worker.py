@@ -20,7 +20,8 @@ from dptrain import checkpoint
 from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_threads, to_toml
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
 from dptrain.flags import training_flags, with_flags
-from dptrain.runlog import RunLog, check_out_dir, command_start_time, default_out_dir, err
+from dptrain.runlog import (RunLog, check_out_dir, command_start_time, default_out_dir, err,
+                            write_atomic)
 
 # Set by the CLI: it reports a worker's user error itself, from torchelastic's error file.
 LAUNCHED_ENV = "DPTRAIN_LAUNCHED"
@@ -141,8 +142,10 @@ def report_user_error(message: str) -> None:
     """Hand a user error to the launcher (torchelastic's error file) or print it on rank 0."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
-        with open(error_file, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
+        # Whole or absent: torchrun stops this rank with SIGTERM when a peer dies, possibly
+        # mid-write, and cannot parse a half-written file (its agent then crashes).
+        text = json.dumps({"message": message, "timestamp": int(time.time())})
+        write_atomic(Path(error_file), lambda f: f.write(text.encode()))
     if not os.environ.get(LAUNCHED_ENV) and os.environ.get("RANK", "0") == "0":
         err(message)
 
