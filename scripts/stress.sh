@@ -63,16 +63,15 @@ def job(i, mode, results):
     start = time.monotonic()
     while process.poll() is None:
         seen |= descendants(process.pid)
-        if moments and time.monotonic() - start > moments[0]:
-            moments.pop(0)
-            workers = sorted(descendants(process.pid))
-            if workers:
-                victim = rng.choice(workers)
-                try:
-                    os.kill(victim, signal.SIGKILL)
-                    kills.append(round(time.monotonic() - start, 1))
-                except ProcessLookupError:
-                    pass
+        workers = sorted(descendants(process.pid))
+        if moments and workers and time.monotonic() - start > moments[0]:
+            moments.pop(0)  # a moment during start-up waits for the workers
+            victim = rng.choice(workers)
+            try:
+                os.kill(victim, signal.SIGKILL)
+                kills.append(round(time.monotonic() - start, 1))
+            except ProcessLookupError:
+                pass
         time.sleep(0.05)
     results[i] = {"mode": mode, "out": out, "rc": process.returncode, "kills": kills,
                   "seen": seen}
