@@ -249,29 +249,30 @@ def print_report(report: dict) -> None:
     from rich.table import Table
 
     m, mc = report["medians"], report["machine"]
-    console = Console()
+    console = Console(width=max(Console().width, 120))
     console.print(f"[bold]dptrain benchmark[/]: {mc['cpu']}, {mc['cores']} cores, torch "
                   f"{mc['torch']}, 1 thread per process; medians of {report['repeats']} "
                   f"interleaved rounds ({report['seconds']:.0f} s)")
-    table = Table(title="measured")
-    for column in ("case", "per epoch s", "train s", "wall s", "wall - train s", "peak RSS MB",
-                   "test acc"):
-        table.add_column(column, justify="right" if column != "case" else "left")
-    table.add_row("a  GEMM floor (products only)", f"{m['gemm_floor_epoch_s']:.4f}", "", "", "",
-                  "", "")
-    table.add_row("   pixel gather + widen floor", f"{m['pixel_floor_epoch_s']:.4f}", "", "", "",
-                  "", "")
-    table.add_row("c  tutorial baseline", f"{m['tutorial_epoch_s']:.3f}", "", "", "", "", "")
-    for name, label in (("seq", "b  dptrain seq"), ("ddp", "d  dptrain ddp -n2 (shm sum)"),
-                        ("ddp_gloo", "   dptrain ddp -n2 (gloo sum)"),
-                        ("fsdp", "g  dptrain fsdp -n2 (1 epoch)")):
+    table = Table(title="measured (seconds; MB)")
+    columns = ("case", "epoch", "train", "wall", "wall-train", "process", "worker RSS",
+               "launcher RSS", "test acc")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "case" else "right")
+    blank = [""] * (len(columns) - 2)
+    table.add_row("a GEMM floor", f"{m['gemm_floor_epoch_s']:.4f}", *blank)
+    table.add_row("  pixel gather+widen", f"{m['pixel_floor_epoch_s']:.4f}", *blank)
+    table.add_row("c tutorial baseline", f"{m['tutorial_epoch_s']:.3f}", *blank)
+    for name, label in (("seq", "b seq"), ("ddp", "d ddp -n2 (shm)"),
+                        ("ddp_gloo", "  ddp -n2 (gloo)"), ("fsdp", "g fsdp -n2, 1 epoch")):
+        launcher = m[f"{name}_launcher_rss_mb"]
         table.add_row(label, f"{m[f'{name}_epoch_s']:.4f}", f"{m[f'{name}_train_s']:.2f}",
                       f"{m[f'{name}_wall_s']:.2f}", f"{m[f'{name}_startup_s']:.2f}",
-                      f"{m[f'{name}_peak_rss_mb']:.0f}", f"{m[f'{name}_test_accuracy']:.4f}")
-    table.add_row("e  python -c 'import torch'", "", "", f"{m['import_torch_s']:.2f}", "",
-                  f"{m['import_torch_rss_mb']:.0f}", "")
-    table.add_row("   ... and import torch._dynamo", "", "", "", "",
-                  f"{m['import_dynamo_rss_mb']:.0f}", "")
+                      f"{m[f'{name}_process_s']:.2f}", f"{m[f'{name}_peak_rss_mb']:.0f}",
+                      f"{launcher:.0f}" if launcher else "-", f"{m[f'{name}_test_accuracy']:.4f}")
+    table.add_row("e import torch", "", "", f"{m['import_torch_s']:.2f}", "", "",
+                  f"{m['import_torch_rss_mb']:.0f}", "", "")
+    table.add_row("  + torch._dynamo", "", "", "", "", "", f"{m['import_dynamo_rss_mb']:.0f}",
+                  "", "")
     console.print(table)
     targets = Table(title="targets")
     for column in ("target", "measured", "limit", "met"):

@@ -7,19 +7,29 @@ torch is imported only once a command needs it, so `--help` and config errors ar
 import errno
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from dptrain.config import Config, resolve, resolve_threads, to_toml
-from dptrain.errors import USER_ERROR_EXIT, UserError
-from dptrain.flags import config_from_flags, launch_flags, training_flags, with_flags
+from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
+from dptrain.flags import launch_flags, training_flags, with_flags
 from dptrain.runlog import (LAUNCH_TIME_ENV, SUMMARY, check_out_dir, default_out_dir, err,
                             peak_rss_bytes, write_summary)
+
+
+class Stopped(Exception):
+    """SIGTERM (or SIGINT) reached this process outside torchrun."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 app = typer.Typer(
     help="Train a 784-16-16-10 MLP on MNIST sequentially, with DDP or with FSDP, and compare.",
@@ -29,19 +39,53 @@ app = typer.Typer(
 def _train_command(mode: str):
     def command(**flags) -> None:
         started = time.time()
+        out = None
+        signal.signal(signal.SIGTERM, _raise_stopped)
         try:
-            config = config_from_flags(flags)
+            config, resume = _config(mode, flags)
+            out = Path(config.run.out)
             if mode == "seq":
                 from dptrain.worker import run
 
-                run("seq", config, force=flags["force"])
+                run("seq", config, force=flags["force"], resume=resume)
             else:
-                launch(mode, config, force=flags["force"], started=started)
+                launch(mode, config, force=flags["force"], resume=resume, started=started)
         except UserError as e:
             err(str(e))
             raise typer.Exit(USER_ERROR_EXIT) from None
+        except (KeyboardInterrupt, Stopped) as e:
+            signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+            err(stopped_line(signum, out, "stopped"))
+            raise typer.Exit(128 + signum) from None
 
     return command
+
+
+def _config(mode: str, flags: dict) -> tuple[Config, str]:
+    """The run's config, with --out decided here (so every message can name it), and the run
+    folder to resume ("" = a fresh start)."""
+    from dptrain.checkpoint import config_and_resume
+
+    config, resume = config_and_resume(mode, flags)
+    out = Path(config.run.out) if config.run.out else default_out_dir(mode)
+    return _with_out(config, out), resume
+
+
+def _raise_stopped(signum: int, _frame) -> None:
+    raise Stopped(signum)
+
+
+def stopped_line(signum: int, out: Path | None, what: str) -> str:
+    """One line for a run stopped by a signal: what is left to resume from."""
+    line = f"{what} by signal {signal.Signals(signum).name}"
+    if out is None:
+        return line
+    from dptrain.checkpoint import latest
+
+    found, _ = latest(out)
+    if found is None:
+        return f"{line}; no checkpoint was written in {out}"
+    return f"{line}; the last complete checkpoint is {found.path} (continue with --resume {out})"
 
 
 app.command("seq", help="Train in this process: the sequential baseline.")(
@@ -53,10 +97,33 @@ app.command("fsdp", help="Train with FSDP2 (fully_shard per Linear, then the roo
     with_flags(_train_command("fsdp"), training_flags, launch_flags))
 
 
+@app.command("export", help="Write the model of a checkpoint (or of a run's newest checkpoint) "
+                             "as a plain model.pt, the format of a finished run's model.pt.")
+def export_command(
+    source: Annotated[Path, typer.Argument(help="A checkpoint folder (RUN_DIR/checkpoints/"
+                                                "epoch-NNNN) or a run folder.")],
+    out: Annotated[Path, typer.Option("--out", help="The file to write.")] = Path("model.pt"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    from dptrain.checkpoint import export
+
+    try:
+        if out.exists() and not force:
+            raise UserError(f"--out {out} exists; choose another file, or pass --force")
+        if not out.parent.is_dir():
+            raise UserError(f"--out {out}: folder {out.parent} does not exist")
+        checkpoint = export(source, out)
+    except UserError as e:
+        err(str(e))
+        raise typer.Exit(USER_ERROR_EXIT) from None
+    print(f"wrote {out}: the model of {checkpoint.path} (epoch {checkpoint.epoch}, "
+          f"{checkpoint.meta['mode']} x {checkpoint.meta['world_size']})")
+
+
 def torchrun_args(config: Config) -> list[str]:
     """torchrun's own flags: a free local port for one node, the given rendezvous for several."""
     launch = config.launch
-    args = [f"--nproc-per-node={launch.nproc}", "--max-restarts=0"]
+    args = [f"--nproc-per-node={launch.nproc}", f"--max-restarts={launch.max_restarts}"]
     if launch.nnodes == 1 and not launch.rdzv_endpoint:
         return args + ["--standalone"]
     args += [f"--nnodes={launch.nnodes}", f"--rdzv-backend={launch.rdzv_backend}",
@@ -66,7 +133,7 @@ def torchrun_args(config: Config) -> list[str]:
     return args
 
 
-def launch(mode: str, config: Config, *, force: bool, started: float) -> None:
+def launch(mode: str, config: Config, *, force: bool, resume: str, started: float) -> None:
     """Check everything a worker would reject, then run torchrun in this process."""
     from dptrain.data import load_mnist, split_indices
     from dptrain.worker import LAUNCHED_ENV
@@ -76,9 +143,9 @@ def launch(mode: str, config: Config, *, force: bool, started: float) -> None:
     n_train = len(split_indices(len(mnist.labels), config.data.split_seed).train)
     resolve(config, mode=mode, world_size=config.launch.nproc * config.launch.nnodes,
             n_train=n_train)
-    out = Path(config.run.out) if config.run.out else default_out_dir(mode)
-    check_out_dir(out, force)
-    config = _with_out(config, out)
+    out = Path(config.run.out)
+    if not resume:
+        check_out_dir(out, force)
     if config.launch.rdzv_endpoint and (config.launch.rdzv_backend == "c10d"
                                         or config.launch.node_rank == 0):
         check_rendezvous_port(config.launch.rdzv_endpoint)
@@ -86,11 +153,16 @@ def launch(mode: str, config: Config, *, force: bool, started: float) -> None:
     threads = resolve_threads(config.system, config.launch.nproc)
     os.environ.update({LAUNCH_TIME_ENV: repr(started), LAUNCHED_ENV: "1",
                        "OMP_NUM_THREADS": str(threads)})
+    # Restarted workers must not meet in the rendezvous store of the attempt before: with the
+    # store shared (torch's default) they read its stale addresses and cannot connect
+    # (pytorch/pytorch#135712). A store per attempt avoids that.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     with tempfile.TemporaryDirectory(prefix="dptrain-") as tmp:
         resolved = Path(tmp) / "config.toml"
         resolved.write_text(to_toml(config))
-        worker = [f"--mode={mode}", f"--config={resolved}"] + (["--force"] if force else [])
-        _torchrun(torchrun_args(config) + fork_workers(mode) + worker)
+        worker = [f"--mode={mode}", f"--config={resolved}"]
+        worker += (["--force"] if force else []) + ([f"--resume={resume}"] if resume else [])
+        _torchrun(torchrun_args(config) + fork_workers(mode) + worker, out)
     if (out / SUMMARY).exists():  # on the node that held rank 0: time the whole command
         summary = json.loads((out / SUMMARY).read_text())
         summary["wall_seconds"] = time.time() - started
@@ -149,7 +221,7 @@ def _with_out(config: Config, out: Path) -> Config:
     return replace(config, run=replace(config.run, out=str(out)))
 
 
-def _torchrun(argv: list[str]) -> None:
+def _torchrun(argv: list[str], out: Path) -> None:
     """torch.distributed.run in-process; a worker's failure becomes one line, not a report."""
     import logging
 
@@ -165,16 +237,34 @@ def _torchrun(argv: list[str]) -> None:
     try:
         run(parse_args(argv))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = _first_failure(e)
         if failure.exitcode == USER_ERROR_EXIT:
             raise UserError(failure.message) from None
-        err(f"worker rank {rank} failed with exit code {failure.exitcode}: "
-            f"{failure.message.splitlines()[0] if failure.message else 'no message'}; "
-            "its traceback is above")
+        if failure.exitcode == ONE_LINE_EXIT:
+            err(failure.message)
+        elif failure.exitcode < 0:
+            err(stopped_line(-failure.exitcode, out, f"worker rank {rank} was killed"))
+        else:
+            err(f"worker rank {rank} failed with exit code {failure.exitcode}: "
+                f"{failure.message.splitlines()[0] if failure.message else 'no message'}; "
+                "its traceback is above")
         raise typer.Exit(1) from None
     except SignalException as e:  # torchrun has already stopped the workers
-        err(f"stopped by signal {e.sigval.name}; the workers were terminated")
+        err(stopped_line(e.sigval, out, "stopped") + "; the workers were terminated")
         raise typer.Exit(128 + int(e.sigval)) from None
+
+
+def _first_failure(error):
+    """The failure that explains the others: a user error, then a worker killed by a signal
+    other than the SIGTERM torchrun stops the rest with, then a lost peer, then the earliest."""
+    def rank_of(item):
+        rank, failure = item
+        code = failure.exitcode
+        cause = (0 if code == USER_ERROR_EXIT else 1 if code < 0 and code != -signal.SIGTERM
+                 else 2 if code == ONE_LINE_EXIT else 3)
+        return cause, failure.timestamp, rank
+
+    return min(error.failures.items(), key=rank_of)
 
 
 def main() -> None:

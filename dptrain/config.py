@@ -89,11 +89,14 @@ class LaunchConfig:
     rdzv_endpoint: str = ""  # "" = localhost on a free port
     rdzv_id: str = ""
     rdzv_backend: str = "c10d"  # c10d: ranks assigned at rendezvous; static: by node_rank
+    max_restarts: int = 0  # torchrun restarts all workers this often; they resume from a checkpoint
 
 
 @dataclass(kw_only=True, frozen=True)
 class RunConfig:
     out: str = ""  # "" = runs/<mode>-<timestamp>
+    checkpoint_every: int = 1  # epochs between checkpoints; 0 = none
+    keep: int = 2  # the newest checkpoints kept
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -222,6 +225,10 @@ def validate(c: Config) -> list[str]:
         ("system.timeout", c.system.timeout, c.system.timeout > 0, "> 0 seconds"),
         ("launch.nproc", c.launch.nproc, c.launch.nproc >= 1, ">= 1"),
         ("launch.nnodes", c.launch.nnodes, c.launch.nnodes >= 1, ">= 1"),
+        ("launch.max_restarts", c.launch.max_restarts, c.launch.max_restarts >= 0, ">= 0"),
+        ("run.checkpoint_every", c.run.checkpoint_every, c.run.checkpoint_every >= 0,
+         ">= 0 (0 = no checkpoints)"),
+        ("run.keep", c.run.keep, c.run.keep >= 1, ">= 1"),
         ("launch.node_rank", c.launch.node_rank,
          0 <= c.launch.node_rank < max(c.launch.nnodes, 1), f"in [0, nnodes={c.launch.nnodes})"),
     ]

@@ -17,6 +17,7 @@ _DEFAULTS = Config()
 TRAIN = "Training"
 SYSTEM = "System"
 LAUNCH = "Launch (torchrun)"
+CHECKPOINT = "Checkpoints"
 
 
 def _opt(help: str, default: Any = None, panel: str = TRAIN, *names: str) -> Any:
@@ -66,6 +67,14 @@ def training_flags(
     out: Annotated[Optional[str], _opt("Run folder.", "runs/<mode>-<timestamp>")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a finished run in --out.",
                                         rich_help_panel=TRAIN)] = False,
+    checkpoint_every: Annotated[Optional[int], _opt(
+        "Write a checkpoint every K epochs (and after the last); 0 = never.",
+        _DEFAULTS.run.checkpoint_every, CHECKPOINT)] = None,
+    keep: Annotated[Optional[int], _opt("Checkpoints kept: the newest K.", _DEFAULTS.run.keep,
+                                        CHECKPOINT)] = None,
+    resume: Annotated[Optional[str], _opt(
+        "Continue RUN_DIR from its newest complete checkpoint; 'auto': continue --out if it has "
+        "one, else start it.", None, CHECKPOINT, "--resume")] = None,
     device: Annotated[Optional[str], _opt(f"{'|'.join(DEVICES)}; auto = cuda if available.",
                                           _DEFAULTS.system.device, SYSTEM)] = None,
     backend: Annotated[Optional[str], _opt(
@@ -97,6 +106,9 @@ def launch_flags(
     rdzv_id: Annotated[Optional[str], _opt("Job id shared by all nodes.", None, LAUNCH)] = None,
     rdzv_backend: Annotated[Optional[str], _opt(
         "c10d|static.", _DEFAULTS.launch.rdzv_backend, LAUNCH)] = None,
+    max_restarts: Annotated[Optional[int], _opt(
+        "Restart all workers up to K times after a failure; they resume from the newest "
+        "checkpoint.", _DEFAULTS.launch.max_restarts, LAUNCH)] = None,
 ) -> None:
     """Declares the torchrun options of ddp and fsdp; never called."""
 
@@ -112,15 +124,20 @@ def with_flags(function: Callable, *declarations: Callable) -> Callable:
 
 
 # Flags that are not config keys.
-NOT_CONFIG = {"config", "force"}
+NOT_CONFIG = {"config", "force", "resume"}
 
 
-def config_from_flags(flags: dict[str, Any]) -> Config:
-    """defaults < --config file < the flags that were given."""
+def config_from_flags(flags: dict[str, Any], base: dict[str, dict] | None = None) -> Config:
+    """defaults < `base` (a config tree, e.g. a checkpoint's) < --config file < the given flags."""
     from dptrain.config import build_config, read_toml
 
     path = flags.get("config")
-    file_values = read_toml(path) if path else {}
+    file_values = {section: dict(values) for section, values in (base or {}).items()}
+    for section, values in (read_toml(path) if path else {}).items():
+        if isinstance(values, dict) and isinstance(file_values.get(section), dict):
+            file_values[section].update(values)
+        else:
+            file_values[section] = values
     values = {k: v for k, v in flags.items() if k not in NOT_CONFIG}
     if values.get("hidden") is not None:
         values["hidden"] = parse_sizes(values["hidden"])

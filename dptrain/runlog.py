@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
 MODEL = "model.pt"
+CHECKPOINTS = "checkpoints"
 
 # Set by the CLI for its workers, so that wall_seconds covers the whole command (epoch seconds).
 LAUNCH_TIME_ENV = "DPTRAIN_LAUNCH_TIME"
@@ -59,6 +61,10 @@ def check_out_dir(out: Path, force: bool) -> None:
     if (out / SUMMARY).exists() and not force:
         raise UserError(f"--out {out} already holds a finished run ({SUMMARY}); choose another "
                         "folder, or pass --force to replace it")
+    if (out / CHECKPOINTS).is_dir() and not force and any(
+            p.name.startswith("epoch-") for p in (out / CHECKPOINTS).iterdir()):
+        raise UserError(f"--out {out} holds the checkpoints of an unfinished run; continue it "
+                        f"with --resume {out} (or --resume auto), or pass --force to start over")
 
 
 def write_atomic(path: Path, write) -> None:
@@ -85,22 +91,34 @@ class RunLog:
         self._progress: Progress | None = None
         self._task = None
 
-    def start(self, config_toml: str, header: dict[str, Any]) -> None:
-        """Create the folder, write config.toml, truncate metrics.jsonl, and print the plan."""
+    def start(self, config_toml: str, records: list[dict], header: dict[str, Any]) -> None:
+        """Create the folder, write config.toml, start metrics.jsonl with `records` (the epochs
+        of the checkpoint a run resumes from; none for a fresh run), and print the plan."""
         if not self.active:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         for stale in (SUMMARY, MODEL):  # a forced rerun must not leave the old results behind
             (self.out / stale).unlink(missing_ok=True)
+        if not records:  # a fresh start (forced, if there were any): no old checkpoint may count
+            shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
         write_atomic(self.out / CONFIG, lambda f: f.write(config_toml.encode()))
-        self._metrics = open(self.out / METRICS, "w", buffering=1)
+        # Exactly the checkpoint's epochs: any later ones belong to the attempt being redone.
+        write_atomic(self.out / METRICS,
+                     lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+        self._metrics = open(self.out / METRICS, "a", buffering=1)
         self.console.print("[bold]dptrain[/] " + "  ".join(f"{k}={v}" for k, v in header.items()))
         if self.console.is_terminal:
             self._progress = Progress(TextColumn("[bold]epoch"), BarColumn(), MofNCompleteColumn(),
                                       TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
                                       console=self.console, transient=False)
-            self._task = self._progress.add_task("train", total=header["epochs"], metrics="")
+            self._task = self._progress.add_task("train", total=header["epochs"], metrics="",
+                                                 completed=len(records))
             self._progress.start()
+
+    def note(self, text: str) -> None:
+        """One line on the console (rich markup)."""
+        if self.active:
+            self.console.print(text, soft_wrap=True)  # one line, however long, for grep
 
     def epoch(self, record: dict[str, Any]) -> None:
         """Append one epoch's metrics (flushed at once) and show them."""

@@ -1,4 +1,5 @@
-"""seq / ddp / fsdp: how a model is prepared, how ranks agree, and how a full state is gathered.
+"""seq / ddp / fsdp: how a model is prepared, how ranks agree, how a full state is gathered, and
+how model and optimizer state go into a checkpoint folder and come back.
 
 The training loop calls these few methods and never asks which mode it runs in. Gradients are
 *summed* over ranks (each rank's loss is already divided by the global batch), which is what
@@ -7,9 +8,11 @@ makes ddp and fsdp compute the sequential gradient exactly, uneven batches inclu
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,7 +20,10 @@ from torch import nn
 
 from dptrain.config import SystemConfig, cpu_cores
 from dptrain.errors import UserError
-from dptrain.runlog import peak_rss_bytes
+from dptrain.runlog import peak_rss_bytes, write_atomic
+
+# The whole model and optimizer state of a seq or ddp checkpoint (torch.save format).
+STATE_FILE = "state.pt"
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class Strategy:
     mode = "seq"
     backend = "none"
     grad_sync = "none"  # how gradients are summed over ranks
+    checkpoint_format = "torch"  # one state.pt, written by rank 0
 
     def __init__(self, env: DistEnv, device: torch.device):
         self.env = env
@@ -79,6 +86,10 @@ class Strategy:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The MLP inside whatever `wrap` returned."""
+        return model
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns the tensor."""
@@ -106,9 +117,34 @@ class Strategy:
         ranks = self.gather_object(local)
         return {key: [r[key] for r in ranks] for key in local}
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+
+    def gradients_finite(self, model: nn.Module) -> bool:
+        """True unless a gradient this rank holds after the reduction is NaN or inf.
+
+        A float64 sum of float32 values cannot overflow, so it is finite exactly when every
+        element is. No collective: after the reduction every rank sees the same verdict (see
+        train_epoch for the case of one rank's loss).
+        """
+        sums = [p.grad.sum(dtype=torch.float64) for p in model.parameters() if p.grad is not None]
+        return math.isfinite(torch.stack(sums).sum().item())
+
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The unsharded state on CPU, complete on rank 0. Every rank must call it."""
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.unwrap(model).state_dict().items()}
+
+    def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        """Model and optimizer state into `folder` (which exists). Every rank must call it."""
+        if self.env.is_main:  # every rank holds the whole, identical state
+            state = {"model": self.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+            write_atomic(folder / STATE_FILE, lambda f: torch.save(state, f))
+
+    def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        """The state `save_state` wrote, into this rank's model and optimizer."""
+        state = torch.load(folder / STATE_FILE, map_location=self.device, weights_only=True)
+        self.unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
 
     def close(self, *, ok: bool = True) -> None:
         """Leave the process group: after a success, only once every rank is done with it."""
@@ -136,6 +172,9 @@ class _ProcessGroupStrategy(Strategy):
         flag = torch.tensor([1 if ok else 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
+
+    def barrier(self) -> None:
+        dist.barrier()
 
     def close(self, *, ok: bool = True) -> None:
         if not dist.is_initialized():
@@ -212,8 +251,9 @@ class DDPStrategy(_ProcessGroupStrategy):
             return "shm" if possible and fits else "collective"
         return self.system.grad_sync
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return super().full_state_dict(model.module)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module
 
 
 class FSDPStrategy(_ProcessGroupStrategy):
@@ -221,6 +261,7 @@ class FSDPStrategy(_ProcessGroupStrategy):
 
     mode = "fsdp"
     grad_sync = "collective"  # reduce-scatter, through the process group
+    checkpoint_format = "dcp"  # torch.distributed.checkpoint: each rank writes its own shards
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
@@ -244,6 +285,31 @@ class FSDPStrategy(_ProcessGroupStrategy):
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return get_model_state_dict(model, options=options)
+
+    def gradients_finite(self, model: nn.Module) -> bool:
+        # This rank's shard only: a full view would need a collective.
+        sums = [p.grad.to_local().sum(dtype=torch.float64) for p in model.parameters()
+                if p.grad is not None]
+        return math.isfinite(torch.stack(sums).sum().item())
+
+    def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        # Sharded: nothing is gathered on one rank, and every rank takes part (DCP's collectives).
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+
+    def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        # DCP reads each rank's part by global offsets, so any world size can load any checkpoint.
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
 
 
 STRATEGIES = {"seq": Strategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy}

@@ -14,14 +14,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from dptrain import checkpoint
+from dptrain.checkpoint import Checkpoint
 from dptrain.config import Config, OptimConfig, Plan
 from dptrain.data import Mnist, Split, epoch_order, shard_bounds
+from dptrain.errors import UserError
 from dptrain.model import LOSS_SUMS, MLP
 from dptrain.optim import FusedAdam
 from dptrain.runlog import RunLog
 from dptrain.strategy import Strategy
 
 LossSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NonFinite(Exception):
+    """The loss or the gradients of update `step` are NaN or inf; the update was not applied."""
+
+    def __init__(self, step: int, local_loss: float):
+        super().__init__(step, local_loss)
+        self.step = step
+        self.local_loss = local_loss
 
 
 class Samples:
@@ -76,7 +88,10 @@ def evaluate(model: nn.Module, samples: Samples, rows: np.ndarray, strategy: Str
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, samples: Samples,
                 order: np.ndarray, plan: Plan, strategy: Strategy, loss_sum: LossSum,
                 first_step: int) -> float:
-    """One pass over the train split; returns the mean train loss over all ranks."""
+    """One pass over the train split; returns the mean train loss over all ranks.
+
+    Raises NonFinite before applying an update whose gradients are not finite.
+    """
     total = torch.zeros((), dtype=torch.float64, device=samples.device)
     batches = global_batches(order[:plan.samples_per_epoch], plan.global_batch)
     for step, rows in enumerate(batches, start=first_step):
@@ -85,42 +100,87 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, samples: Sam
         x, y = samples.batch(rank_slice(rows, strategy))
         loss = loss_sum(model(x), y)
         optimizer.zero_grad(set_to_none=True)
-        (loss / len(rows)).backward()
+        # 1.0 exactly, or NaN if this rank's loss is not finite: then every gradient element turns
+        # NaN, on every rank after the reduction, so all ranks stop at this step together.
+        poison = loss.detach() * 0.0 + 1.0
+        (loss / len(rows) * poison).backward()
+        if not strategy.gradients_finite(model):
+            raise NonFinite(step, loss.item())
         optimizer.step()
         total += loss.detach()
     return strategy.all_reduce_sum(total).item() / plan.samples_per_epoch
 
 
 def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: Split,
-          log: RunLog) -> dict:
-    """Train, logging each epoch's validation, then test; returns the results and full state."""
+          log: RunLog, resume: Checkpoint | None = None) -> dict:
+    """Train (from a checkpoint when given), logging each epoch's validation and checkpointing,
+    then test; returns the results and the full state."""
     torch.manual_seed(config.train.seed)  # the same initial parameters on every rank and mode
     model = strategy.wrap(MLP(config.model.hidden, config.model.activation))
     optimizer = make_optimizer(config.optim, model.parameters(), plan.lr_at(0))
+    records, earlier_seconds = [], 0.0
+    if resume is not None:
+        checkpoint.restore(strategy, model, optimizer, resume)
+        records, earlier_seconds = list(resume.records), resume.meta["train_seconds"]
     loss_sum = LOSS_SUMS[config.train.loss]
     samples = Samples(mnist, strategy.device)
     eval_batch = config.train.eval_batch_size
 
-    loop_start = time.perf_counter()
-    for epoch in range(1, config.train.epochs + 1):
+    loop_start, saving = time.perf_counter(), 0.0
+    for epoch in range(len(records) + 1, config.train.epochs + 1):
         start = time.perf_counter()
         order = epoch_order(split.train, config.train.seed, epoch)
         first_step = (epoch - 1) * plan.updates_per_epoch
-        train_loss = train_epoch(model, optimizer, samples, order, plan, strategy, loss_sum,
-                                 first_step)
+        try:
+            train_loss = train_epoch(model, optimizer, samples, order, plan, strategy, loss_sum,
+                                     first_step)
+        except NonFinite as e:
+            raise _diverged(e, epoch, plan, log.out) from None
         epoch_seconds = time.perf_counter() - start
         val_loss, val_accuracy = evaluate(model, samples, split.val, strategy, loss_sum, eval_batch)
-        log.epoch({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                   "val_accuracy": val_accuracy,
-                   "lr": plan.lr_at(first_step + plan.updates_per_epoch - 1),  # the epoch's last
-                   "epoch_seconds": epoch_seconds,
-                   "val_seconds": time.perf_counter() - start - epoch_seconds,
-                   "samples_per_second": plan.samples_per_epoch / epoch_seconds})
-    train_seconds = time.perf_counter() - loop_start
+        records.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                        "val_accuracy": val_accuracy,
+                        "lr": plan.lr_at(first_step + plan.updates_per_epoch - 1),  # the last
+                        "epoch_seconds": epoch_seconds,
+                        "val_seconds": time.perf_counter() - start - epoch_seconds,
+                        "samples_per_second": plan.samples_per_epoch / epoch_seconds,
+                        "checkpoint_seconds": 0.0})
+        if _checkpoint_due(config, epoch):
+            saving_start = time.perf_counter()
+            meta = checkpoint.manifest(
+                epoch=epoch, step=epoch * plan.updates_per_epoch, mode=strategy.mode,
+                world_size=strategy.env.world_size, config=config, plan=plan, records=records,
+                train_seconds=earlier_seconds + saving_start - loop_start - saving,
+                checkpoint_format=strategy.checkpoint_format)
+            checkpoint.write(strategy, model, optimizer, log.out, meta, config.run.keep)
+            saving += time.perf_counter() - saving_start
+        log.epoch(records[-1])
+    # Checkpoint writing is not training: it is reported apart, as checkpoint_seconds.
+    train_seconds = earlier_seconds + time.perf_counter() - loop_start - saving
 
     test_loss, test_accuracy = evaluate(model, samples, split.test, strategy, loss_sum, eval_batch)
     memory = strategy.memory_report(model, optimizer)
     state = strategy.full_state_dict(model)
-    return {"train_seconds": train_seconds, "train_loss": train_loss, "val_loss": val_loss,
-            "val_accuracy": val_accuracy, "test_loss": test_loss, "test_accuracy": test_accuracy,
-            "memory": memory, "state_dict": state}
+    last = records[-1]
+    return {"train_seconds": train_seconds, "train_loss": last["train_loss"],
+            "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
+            "checkpoint_seconds": sum(r["checkpoint_seconds"] for r in records),
+            "test_loss": test_loss, "test_accuracy": test_accuracy, "memory": memory,
+            "state_dict": state}
+
+
+def _checkpoint_due(config: Config, epoch: int) -> bool:
+    """Every checkpoint_every epochs, and after the last (to extend or export the run)."""
+    every = config.run.checkpoint_every
+    return bool(every) and (epoch % every == 0 or epoch == config.train.epochs)
+
+
+def _diverged(e: NonFinite, epoch: int, plan: Plan, out) -> UserError:
+    """The one line for a NaN/inf stop: where, and what is left to resume from."""
+    found, _ = checkpoint.latest(out)
+    kept = (f"the last good checkpoint is {found.path}" if found
+            else "no checkpoint was written before it")
+    return UserError(f"the loss or its gradients became non-finite (this rank's loss: "
+                     f"{e.local_loss}) at epoch {epoch}, step {e.step - (epoch - 1) * plan.updates_per_epoch + 1} "
+                     f"of {plan.updates_per_epoch} (update {e.step + 1} of the run); stopped "
+                     f"before applying it; {kept}. Lower --lr, or check the data")

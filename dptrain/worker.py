@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -15,17 +16,21 @@ from typing import Annotated
 
 import typer
 
+from dptrain import checkpoint
 from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_threads, to_toml
-from dptrain.errors import USER_ERROR_EXIT, UserError
-from dptrain.flags import config_from_flags, training_flags, with_flags
-from dptrain.runlog import RunLog, check_out_dir, command_start_time, default_out_dir, err
+from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
+from dptrain.flags import training_flags, with_flags
+from dptrain.runlog import (RunLog, check_out_dir, command_start_time, default_out_dir, err,
+                            write_atomic)
 
 # Set by the CLI: it reports a worker's user error itself, from torchelastic's error file.
 LAUNCHED_ENV = "DPTRAIN_LAUNCHED"
 
 
-def run(mode: str, config: Config, *, force: bool = False) -> dict:
-    """Train as this process's rank; returns the summary (complete on rank 0)."""
+def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
+        restarts: int = 0) -> dict:
+    """Train as this process's rank, continuing run folder `resume` if given; returns the
+    summary (complete on rank 0)."""
     import torch
 
     from dptrain.data import load_mnist, split_indices
@@ -40,10 +45,14 @@ def run(mode: str, config: Config, *, force: bool = False) -> dict:
     plan = resolve(config, mode=mode, world_size=env.world_size, n_train=len(split.train))
     out = Path(config.run.out) if config.run.out else default_out_dir(mode)
 
+    found, skipped = checkpoint.latest(Path(resume)) if resume else (None, [])
+    if resume:
+        _check_resumable(found, resume, plan, env.world_size)
+
     strategy = make_strategy(mode, env, config.system)
     ok = False
     try:
-        _check_out_dir_together(strategy, out, force)
+        _check_out_dir_together(strategy, out, force or found is not None)
         log = RunLog(out, active=env.is_main)
         setting = {"mode": mode, "world_size": env.world_size, "backend": strategy.backend,
                    "grad_sync": strategy.grad_sync, "device": str(strategy.device),
@@ -52,13 +61,17 @@ def run(mode: str, config: Config, *, force: bool = False) -> dict:
                           and threads * env.local_world_size > cpu_cores())
         _announce(log, config, plan, setting, out, warning=(
             f"{env.local_world_size} process(es) on this node x {threads} thread(s) exceed its "
-            f"{cpu_cores()} CPU cores; expect slowdowns") if oversubscribed else "")
+            f"{cpu_cores()} CPU cores; expect slowdowns") if oversubscribed else "",
+            records=found.records if found else [])
+        if found:
+            _announce_resume(log, found, skipped, config, restarts)
         try:
-            results = train(config, plan, strategy, mnist, split, log)
+            results = train(config, plan, strategy, mnist, split, log, resume=found)
         finally:
             log.close()
         state_dict = results.pop("state_dict")
         summary = {**setting, **_plan_fields(plan), "epochs": config.train.epochs, **results,
+                   "resumed_from_epoch": found.epoch if found else 0, "restarts": restarts,
                    "wall_seconds": time.time() - command_start_time(),
                    "torch": torch.__version__, "host": socket.gethostname(),
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -70,15 +83,41 @@ def run(mode: str, config: Config, *, force: bool = False) -> dict:
 
 
 def _announce(log: RunLog, config: Config, plan: Plan, setting: dict, out: Path, *,
-              warning: str) -> None:
-    """Write config.toml and print the plan, with the resolved lr (rank 0)."""
+              warning: str, records: list[dict]) -> None:
+    """Write config.toml and metrics.jsonl's earlier epochs, and print the plan (rank 0)."""
     if warning:
-        log.console.print(f"[yellow]warning:[/] {warning}")
-    log.start(to_toml(config, {**setting, **_plan_fields(plan)}),
+        log.note(f"[yellow]warning:[/] {warning}")
+    log.start(to_toml(config, {**setting, **_plan_fields(plan)}), records,
               {**setting, "global_batch": plan.global_batch,
                "updates_per_epoch": plan.updates_per_epoch, "lr": f"{plan.lr:.6g}",
                "lr_scaling": config.optim.lr_scaling, "epochs": config.train.epochs,
                "out": str(out)})
+
+
+def _check_resumable(found, resume: str, plan: Plan, world_size: int) -> None:
+    """The checkpoint exists and this world size trains it with the same batches and lr."""
+    if found is None:
+        raise checkpoint.CheckpointError(f"--resume {resume}: no complete checkpoint in "
+                                         f"{Path(resume) / checkpoint.CHECKPOINTS}")
+    saved = found.meta["plan"]
+    now = {"global_batch": plan.global_batch, "updates_per_epoch": plan.updates_per_epoch,
+           "lr": plan.lr}
+    changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if saved[key] != now[key]]
+    if changed:
+        raise UserError(f"--resume {resume}: at world size {world_size} the run would train with "
+                        f"{', '.join(changed)} (lr_scaling depends on it); resume at its world "
+                        f"size {found.meta['world_size']}")
+
+
+def _announce_resume(log: RunLog, found, skipped: list[str], config: Config,
+                     restarts: int) -> None:
+    """One line for the checkpoint resumed from, and one if newer folders were unusable."""
+    if skipped:
+        log.note(f"[yellow]warning:[/] passed over {'; '.join(skipped)}; falling back "
+                          f"to the previous complete checkpoint")
+    why = f" after a worker failure (restart {restarts})" if restarts else ""
+    log.note(f"resuming from {found.path} (epoch {found.epoch} of "
+                      f"{config.train.epochs}){why}")
 
 
 def _plan_fields(plan: Plan) -> dict:
@@ -104,8 +143,10 @@ def report_user_error(message: str) -> None:
     """Hand a user error to the launcher (torchelastic's error file) or print it on rank 0."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
-        with open(error_file, "w") as f:
-            json.dump({"message": message, "timestamp": int(time.time())}, f)
+        # Whole or absent: torchrun stops this rank with SIGTERM when a peer dies, possibly
+        # mid-write, and cannot parse a half-written file (its agent then crashes).
+        text = json.dumps({"message": message, "timestamp": int(time.time())})
+        write_atomic(Path(error_file), lambda f: f.write(text.encode()))
     if not os.environ.get(LAUNCHED_ENV) and os.environ.get("RANK", "0") == "0":
         err(message)
 
@@ -116,12 +157,30 @@ def mode_flag(
     """Declares the worker's --mode; never called."""
 
 
+def restart_count() -> int:
+    """How often torchrun has restarted the workers (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def _worker(mode: str, force: bool, **flags) -> None:
+    # Die at once on Ctrl-C or torchrun's SIGTERM, even inside a collective: no traceback from
+    # every rank, and a checkpoint is never left half-renamed (the folder rename is atomic).
+    # A worker forked by the CLI would otherwise inherit the handlers of the CLI and its agent.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+    _die_with_parent()
+    restarts = restart_count()
     try:
-        run(mode, config_from_flags({**flags, "force": force}), force=force)
+        if restarts and not flags.get("resume"):
+            flags["resume"] = "auto"  # a restart goes on from the newest checkpoint, if any
+        config, resume = checkpoint.config_and_resume(mode, flags)
+        run(mode, config, force=force, resume=resume, restarts=restarts)
     except UserError as e:
-        report_user_error(str(e))
-        sys.exit(USER_ERROR_EXIT)
+        _stop(str(e), USER_ERROR_EXIT)
+    except Exception as e:
+        if not _peer_failure(e):
+            raise  # a bug: the traceback, rank-prefixed by torchrun
+        _stop(f"rank {os.environ.get('RANK', '0')}: {_peer_failure(e)}", ONE_LINE_EXIT)
     # The run is complete and its files are closed. Skip interpreter finalization: a gloo rank
     # was once seen to abort there ("terminate called without an active exception", SIGABRT)
     # after a finished FSDP run, which turned a good run into a failed job. A worker forked by
@@ -132,6 +191,39 @@ def _worker(mode: str, force: bool, **flags) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _stop(message: str, status: int) -> None:
+    report_user_error(message)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # as after a complete run; the process group is already destroyed
+
+
+def _peer_failure(error: Exception) -> str:
+    """One line when a collective failed because a peer died or hung; "" for anything else."""
+    import torch.distributed as dist
+
+    text = str(error)
+    if not isinstance(error, dist.DistError) and "gloo" not in text.lower():
+        return ""
+    detail = text.splitlines()[0].rsplit("] ", 1)[-1][:200]  # gloo's own words, without its path
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return f"a collective timed out (--timeout): a peer is hung or dead ({detail})"
+    return f"lost a peer, which probably died ({detail})"
+
+
+def _die_with_parent() -> None:
+    """Linux: end this worker when its torchrun agent dies, even by SIGKILL (no orphans)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the agent died before prctl took effect
+        os._exit(1)
 
 
 def main() -> None:

@@ -7,6 +7,8 @@
 # NPROC    worker processes on this node: one per GPU, or a share of the cores for gloo on CPUs
 # RDZV     HOST:PORT of the rendezvous: any node's address (usually the first) and a free port
 # JOB_ID   one id per job, the same on every node, so that two jobs never join each other
+# MAX_RESTARTS  optional (default 0): torchrun restarts all workers after a failure this often;
+#          they resume from the newest checkpoint in --out (which must then be shared storage)
 #
 # Everything after the script name goes to the worker: --mode seq|ddp|fsdp and the training
 # flags of `dptrain ddp --help` (--config, --epochs, --batch-size, --lr, --out, ...).
@@ -19,8 +21,11 @@ set -euo pipefail
 : "${RDZV:?set RDZV=HOST:PORT of the rendezvous}"
 : "${JOB_ID:?set JOB_ID, the same on every node}"
 
+# A rendezvous store per attempt: restarted workers must not read the last attempt's addresses.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 exec python -m torch.distributed.run \
     --nnodes="$NNODES" \
+    --max-restarts="${MAX_RESTARTS:-0}" \
     --nproc-per-node="$NPROC" \
     --rdzv-backend=c10d \
     --rdzv-endpoint="$RDZV" \

@@ -79,3 +79,70 @@ def assert_same_parameters(a: dict, b: dict, *, atol: float = 1e-5) -> None:
     assert list(a) == list(b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def start_cli(*args: str, log: Path) -> subprocess.Popen:
+    """`python -m dptrain ARGS` in the background, its output (both streams) into `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "dptrain", *args], stdout=out,
+                                stderr=subprocess.STDOUT, text=True, cwd=REPO)
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of a process, from /proc (no psutil)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        for child in children(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pids) -> set[int]:
+    """Those of `pids` that still run (zombies count as gone)."""
+    left = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            left.add(pid)
+    return left
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "a condition") -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def metric_values(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the timings, which differ from run to run."""
+    return [{k: v for k, v in json.loads(line).items()
+             if not k.endswith("_seconds") and k != "samples_per_second"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_identical_parameters(a: dict, b: dict) -> None:
+    """Bit for bit: what an exact resume must give on the CPU."""
+    import torch
+
+    assert list(a) == list(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key}: max difference {(a[key] - b[key]).abs().max()}"

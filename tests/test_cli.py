@@ -131,3 +131,61 @@ def test_full_batch_linear_lr_and_the_oversubscription_warning(tmp_path):
     assert summary["lr"] == pytest.approx(0.01 * 42000 / 1024)
     assert "lr=0.410156" in result.stdout  # the resolved lr is printed at the start
     assert "lr = 0.41015625" in (out / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('[train]\nepochs = "ten"\n', "train.epochs: expected an integer"),
+    ("[launch]\nnproc = 0\n", "launch.nproc: must be >= 1"),
+    ("[run]\nkeep = 0\n", "run.keep: must be >= 1"),
+])
+def test_config_file_type_and_range_errors(tmp_path, text, fragment):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    assert_one_line_error(run_cli("ddp", "--device", "cpu", "--config", str(bad)), fragment)
+
+
+def test_flag_range_errors():
+    assert_one_line_error(run_cli("ddp", "--nproc", "0"), "launch.nproc: must be >= 1")
+    assert_one_line_error(run_cli("ddp", "--checkpoint-every", "-1", "--max-restarts", "-1"),
+                          "run.checkpoint_every: must be >= 0", "launch.max_restarts: must be >= 0")
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda raw: raw[:-100], "needs 10008 (truncated or corrupt file)"),
+    (lambda raw: b"\x00\x00\x08\x07" + raw[4:], "wrong magic number 0x00000807"),
+])
+def test_truncated_or_corrupt_idx_is_named(tmp_path, damage, fragment):
+    import gzip
+
+    from conftest import MNIST_DIR
+
+    data = tmp_path / "mnist"
+    data.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz"):
+        (data / name).symlink_to(MNIST_DIR / name)
+    raw = gzip.decompress((MNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (data / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(damage(raw)))
+    assert_one_line_error(run_cli("seq", "--data-dir", str(data)),
+                          "t10k-labels-idx1-ubyte.gz", fragment)
+
+
+def test_resume_without_a_checkpoint_is_one_line(tmp_path):
+    (tmp_path / "run").mkdir()
+    assert_one_line_error(run_cli("seq", "--resume", str(tmp_path / "run")),
+                          "holds no complete checkpoint")
+    assert_one_line_error(run_cli("ddp", "--resume", "auto"), "--resume auto", "--out")
+    assert_one_line_error(run_cli("export", str(tmp_path / "run")), "holds no complete checkpoint")
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_run_and_an_unfinished_run_is_not_restarted(tmp_path):
+    out = tmp_path / "run"
+    train("seq", out, "--epochs", "1", "--batch-size", "4096")
+    assert_one_line_error(run_cli("seq", "--resume", str(out), "--batch-size", "2048"),
+                          "batch_size 4096 -> 2048 would change the run")
+    assert_one_line_error(run_cli("ddp", "--resume", str(out)), "resume it with that command")
+    assert_one_line_error(run_cli("seq", "--resume", str(out)), "has finished all 1 epochs")
+    (out / "summary.json").unlink()  # as if it had stopped after its checkpoint
+    assert_one_line_error(run_cli("seq", "--epochs", "1", "--out", str(out)),
+                          "holds the checkpoints of an unfinished run", "--resume")

@@ -1,0 +1,167 @@
+"""Checkpoint folders without a process group: atomic writes, verification, fallback, pruning,
+RNG states, the resume config rule, and the NaN stop of the one loop (seq, in this process)."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dptrain import checkpoint
+from dptrain.checkpoint import CheckpointError
+from dptrain.config import build_config, resolve
+from dptrain.model import MLP
+from dptrain.strategy import STATE_FILE, DistEnv, Strategy
+from dptrain.train import make_optimizer
+
+CONFIG = build_config({}, {"epochs": 5, "batch_size": 4096})
+PLAN = resolve(CONFIG, mode="seq", world_size=1, n_train=42000)
+
+
+def write_checkpoints(run_dir, epochs, keep=10):
+    """Checkpoints of a small model after each of `epochs` (made-up metrics)."""
+    strategy = Strategy(DistEnv(), torch.device("cpu"))
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer = make_optimizer(CONFIG.optim, model.parameters(), 0.01)
+    records = []
+    for epoch in epochs:
+        model.layers[0].bias.data.fill_(epoch)
+        records.append({"epoch": epoch, "train_loss": 1.0 / epoch})
+        meta = checkpoint.manifest(epoch=epoch, step=epoch * 10, mode="seq", world_size=1,
+                                   config=CONFIG, plan=PLAN, records=records,
+                                   train_seconds=float(epoch), checkpoint_format="torch")
+        checkpoint.write(strategy, model, optimizer, run_dir, meta, keep)
+    return model
+
+
+def test_written_folder_is_complete_and_found(tmp_path):
+    write_checkpoints(tmp_path, [1, 2])
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["epoch-0001", "epoch-0002"]  # no temporary folder left behind
+    found, skipped = checkpoint.latest(tmp_path)
+    assert (found.epoch, skipped) == (2, [])
+    assert [r["epoch"] for r in found.records] == [1, 2]
+    assert found.records[-1]["checkpoint_seconds"] >= 0
+    assert set(found.meta["files"]) == {STATE_FILE}
+    state = torch.load(found.path / STATE_FILE, weights_only=True)
+    assert torch.equal(state["model"]["layers.0.bias"], torch.full((16,), 2.0))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: (p / "meta.json").unlink(), "no readable meta.json"),
+    (lambda p: (p / "meta.json").write_text("{\"epoch\": 2, "), "no readable meta.json"),
+    (lambda p: (p / STATE_FILE).write_bytes((p / STATE_FILE).read_bytes()[:-10]), "checksum"),
+    (lambda p: (p / STATE_FILE).unlink(), "state.pt is missing"),
+    (lambda p: (p / "meta.json").write_text(
+        json.dumps({**json.loads((p / "meta.json").read_text()), "complete": False})),
+     "does not mark it complete"),
+])
+def test_damaged_newest_falls_back_to_the_previous(tmp_path, damage, reason):
+    write_checkpoints(tmp_path, [1, 2])
+    damage(tmp_path / "checkpoints" / "epoch-0002")
+    found, skipped = checkpoint.latest(tmp_path)
+    assert found.epoch == 1
+    assert len(skipped) == 1 and "epoch-0002" in skipped[0] and reason in skipped[0]
+    with pytest.raises(CheckpointError, match=reason):
+        checkpoint.find(tmp_path / "checkpoints" / "epoch-0002")
+
+
+def test_a_half_written_folder_never_counts(tmp_path):
+    write_checkpoints(tmp_path, [1])
+    (tmp_path / "checkpoints" / ".epoch-0002.tmp").mkdir()  # a crash during the next save
+    assert checkpoint.latest(tmp_path)[0].epoch == 1
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
+        checkpoint.find(tmp_path / "elsewhere")
+
+
+def test_keep_prunes_the_oldest(tmp_path):
+    write_checkpoints(tmp_path, [1, 2, 3, 4], keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "epoch-0003", "epoch-0004"]
+
+
+def test_a_damaged_folder_of_the_same_epoch_is_replaced(tmp_path):
+    write_checkpoints(tmp_path, [1, 2])
+    (tmp_path / "checkpoints" / "epoch-0002" / "meta.json").unlink()
+    write_checkpoints(tmp_path, [2])
+    found, skipped = checkpoint.latest(tmp_path)
+    assert (found.epoch, skipped) == (2, [])
+
+
+def test_rng_states_round_trip():
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    saved = json.loads(json.dumps(checkpoint.rng_state()))  # as stored in meta.json
+    first = torch.rand(3), np.random.rand(3), random.random()
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    checkpoint.set_rng_state(saved)
+    again = torch.rand(3), np.random.rand(3), random.random()
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert first[2] == again[2]
+
+
+def test_resume_config_keeps_the_run_and_allows_only_some_changes(tmp_path):
+    write_checkpoints(tmp_path, [1, 2])
+    flags = {"epochs": None, "batch_size": None, "lr": None, "nproc": None, "config": None}
+    config = checkpoint.resume_config("seq", tmp_path, {**flags, "epochs": 8, "threads": 1})
+    assert (config.train.epochs, config.train.batch_size, config.run.out) == (8, 4096, str(tmp_path))
+    with pytest.raises(checkpoint.UserError, match=r"batch_size 4096 -> 512.*would change the run"):
+        checkpoint.resume_config("seq", tmp_path, {**flags, "batch_size": 512})
+    with pytest.raises(checkpoint.UserError, match="written by `dptrain seq`"):
+        checkpoint.resume_config("ddp", tmp_path, flags)
+    with pytest.raises(checkpoint.UserError, match="--epochs must be at least that"):
+        checkpoint.resume_config("seq", tmp_path, {**flags, "epochs": 1})
+    with pytest.raises(checkpoint.UserError, match="drop --out"):
+        checkpoint.resume_config("seq", tmp_path, {**flags, "out": str(tmp_path / "other")})
+
+
+def test_config_and_resume_auto(tmp_path):
+    flags = {"resume": "auto", "out": str(tmp_path / "run"), "config": None}
+    config, resume = checkpoint.config_and_resume("seq", flags)
+    assert resume == "" and config.run.out == str(tmp_path / "run")  # nothing yet: start it
+    write_checkpoints(tmp_path / "run", [1])
+    assert checkpoint.config_and_resume("seq", flags)[1] == str(tmp_path / "run")
+    with pytest.raises(checkpoint.UserError, match="--resume auto .* give --out"):
+        checkpoint.config_and_resume("seq", {"resume": "auto", "config": None})
+
+
+def test_checkpoint_flags_are_validated():
+    from dptrain.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        build_config({}, {"keep": 0, "checkpoint_every": -1, "max_restarts": -2})
+    for key in ("run.keep: must be >= 1", "run.checkpoint_every", "launch.max_restarts"):
+        assert key in str(e.value)
+
+
+def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """The one loop, in this process: an inf loss at update 13 (epoch 2 at 10 per epoch)."""
+    from dptrain import train as train_module
+    from dptrain.errors import UserError
+    from dptrain.worker import run
+
+    real, updates = train_module.LOSS_SUMS["cross_entropy"], []
+
+    def loss_that_overflows(logits, targets):
+        if torch.is_grad_enabled():  # a training step, not evaluation
+            updates.append(1)
+            if len(updates) == 13:
+                return real(logits, targets) * float("inf")
+        return real(logits, targets)
+
+    monkeypatch.setitem(train_module.LOSS_SUMS, "cross_entropy", loss_that_overflows)
+    config = build_config({}, {"epochs": 3, "batch_size": 4096, "device": "cpu",
+                               "out": str(tmp_path / "run")})
+    with pytest.raises(UserError) as e:
+        run("seq", config)
+    message = str(e.value)
+    assert "non-finite" in message and "(this rank's loss: inf)" in message
+    assert "epoch 2, step 3 of 10 (update 13 of the run)" in message
+    assert "epoch-0001" in message
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["epoch-0001"]
+    assert len(updates) == 13  # stopped at once
+    found, _ = checkpoint.latest(tmp_path / "run")
+    state = torch.load(found.path / STATE_FILE, weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert not (tmp_path / "run" / "summary.json").exists()

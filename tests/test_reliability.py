@@ -1,0 +1,202 @@
+"""Reliability on real workers: exact resume, a killed worker, Ctrl-C, a hung peer, NaN, two
+runs at once, and checkpoint export.
+
+Each mode has one reference run that is never interrupted; every interrupted run must end with
+exactly its parameters (torch.equal) and its per-epoch metrics. Per-mode batches give each
+epoch about a second here, so that a signal sent once epoch 1's checkpoint exists lands mid-run.
+"""
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from conftest import (alive, assert_identical_parameters, assert_same_parameters, descendants,
+                      load_state, metric_values, run_cli, start_cli, train, wait_for)
+from test_cli import assert_one_line_error
+
+FLAGS = {"seq": ["--batch-size", "1024", "--epochs", "3"],
+         "ddp": ["--batch-size", "256", "--epochs", "3"],
+         "fsdp": ["--batch-size", "1024", "--epochs", "3"]}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """mode -> the folder of an uninterrupted run (made on first use)."""
+    root, made = tmp_path_factory.mktemp("reference"), {}
+
+    def get(mode):
+        if mode not in made:
+            train(mode, root / mode, *FLAGS[mode])
+            made[mode] = root / mode
+        return made[mode]
+
+    return get
+
+
+def assert_same_run(run_dir, reference_dir):
+    assert_identical_parameters(load_state(reference_dir), load_state(run_dir))
+    assert metric_values(run_dir) == metric_values(reference_dir)
+
+
+def checkpoint_exists(out, epoch=1):
+    return lambda: (out / "checkpoints" / f"epoch-{epoch:04d}" / "meta.json").exists()
+
+
+def launch(mode, out, *args, log):
+    launch_flags = ["--nproc", "2"] if mode != "seq" else []
+    return start_cli(mode, *launch_flags, "--device", "cpu", "--out", str(out),
+                     *FLAGS[mode], *args, log=log)
+
+
+def watch(process, until):
+    """Record the process's descendants until `until()` holds; returns them."""
+    seen = set()
+    wait_for(lambda: seen.update(descendants(process.pid)) or until() or process.poll() is not None,
+             what="the run to reach its first checkpoint")
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    seen.update(descendants(process.pid))
+    return seen
+
+
+@pytest.mark.slow
+def test_seq_resume_is_exact(tmp_path, reference):
+    """Stopped after epoch 1 (a run of 1 epoch), continued to 3: the uninterrupted run."""
+    out = tmp_path / "run"
+    train("seq", out, *FLAGS["seq"], "--epochs", "1")
+    result = run_cli("seq", "--resume", str(out), "--epochs", "3", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from {out}/checkpoints/epoch-0001 (epoch 1 of 3)" in result.stdout
+    assert_same_run(out, reference("seq"))
+    assert [m["epoch"] for m in metric_values(out)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, sig", [("ddp", signal.SIGINT), ("fsdp", signal.SIGTERM)])
+def test_signal_stops_everything_then_resume_is_exact(tmp_path, reference, mode, sig):
+    out = tmp_path / "run"
+    process = launch(mode, out, log=tmp_path / "log")
+    workers = watch(process, checkpoint_exists(out))
+    sent = time.monotonic()
+    process.send_signal(sig)
+    process.wait(timeout=30)
+    assert time.monotonic() - sent < 10
+    output = (tmp_path / "log").read_text()
+    assert process.returncode == 128 + sig, output
+    errors = [line for line in output.splitlines() if line.startswith("dptrain: error:")]
+    assert len(errors) == 1 and f"stopped by signal {sig.name}" in errors[0], output
+    assert "Traceback" not in output
+    assert alive(workers) == set(), "orphan processes"
+    assert not (out / "summary.json").exists()
+    # Epoch 1's line may be missing (a stop just after its checkpoint): the resume restores it.
+    assert len(metric_values(out)) < 3
+
+    shutil.copytree(out, tmp_path / "copy")  # for the reshard test below
+    result = run_cli(mode, "--nproc", "2", "--device", "cpu", "--resume", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same_run(out, reference(mode))
+    assert [m["epoch"] for m in metric_values(out)] == [1, 2, 3]
+    if mode == "fsdp":  # the same checkpoint, resharded onto one rank: equal up to round-off
+        result = run_cli(mode, "--nproc", "1", "--device", "cpu", "--resume",
+                         str(tmp_path / "copy"))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert_same_parameters(load_state(reference(mode)), load_state(tmp_path / "copy"))
+        assert json.loads((tmp_path / "copy" / "summary.json").read_text())["world_size"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_killed_worker_restarts_from_the_checkpoint(tmp_path, reference, mode):
+    out = tmp_path / "run"
+    process = launch(mode, out, "--max-restarts", "1", log=tmp_path / "log")
+    workers = watch(process, checkpoint_exists(out))
+    rank1 = sorted(set(descendants(process.pid)) & workers)[-1]
+    os.kill(rank1, signal.SIGKILL)
+    process.wait(timeout=120)
+    output = (tmp_path / "log").read_text()
+    assert process.returncode == 0, output
+    assert "after a worker failure (restart 1)" in output
+    assert json.loads((out / "summary.json").read_text())["restarts"] == 1
+    assert_same_run(out, reference(mode))
+    assert alive(workers) == set()
+
+
+@pytest.mark.slow
+def test_hung_peer_ends_the_job_within_the_timeout(tmp_path):
+    out = tmp_path / "run"
+    process = start_cli("ddp", "--nproc", "2", "--device", "cpu", "--out", str(out),
+                        "--batch-size", "256", "--epochs", "50", "--timeout", "5",
+                        log=tmp_path / "log")
+    workers = watch(process, checkpoint_exists(out))
+    rank0, rank1 = sorted(workers)[:2]
+    try:
+        os.kill(rank1, signal.SIGSTOP)
+        stopped = time.monotonic()
+        wait_for(lambda: not alive([rank0]), timeout=60, what="rank 0 to time out")
+        assert time.monotonic() - stopped < 5 + 15
+    finally:
+        os.kill(rank1, signal.SIGCONT)  # so that torchrun's SIGTERM can end it
+    process.wait(timeout=60)
+    output = (tmp_path / "log").read_text()
+    assert process.returncode == 1, output
+    errors = [line for line in output.splitlines() if line.startswith("dptrain: error:")]
+    assert len(errors) == 1 and "timed out (--timeout)" in errors[0], output
+    assert alive(workers) == set()
+    assert (out / "checkpoints" / "epoch-0001").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])  # seq: test_checkpoint.py, in-process
+def test_nan_loss_is_one_line_naming_epoch_and_step(tmp_path, mode):
+    args = ["--nproc", "2"] if mode != "seq" else []
+    result = run_cli(mode, *args, "--device", "cpu", "--out", str(tmp_path / "run"),
+                     "--optimizer", "sgd", "--lr", "1e6", "--batch-size", "4096")
+    assert_one_line_error(result, "became non-finite", "at epoch 1, step ",
+                          "no checkpoint was written")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_both_succeed(tmp_path):
+    runs = [start_cli("ddp", "--nproc", "2", "--device", "cpu", "--out", str(tmp_path / f"r{i}"),
+                      "--epochs", "1", "--batch-size", "4096", log=tmp_path / f"log{i}")
+            for i in range(2)]
+    for i, process in enumerate(runs):
+        assert process.wait(timeout=180) == 0, (tmp_path / f"log{i}").read_text()
+    assert_identical_parameters(load_state(tmp_path / "r0"), load_state(tmp_path / "r1"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["seq", "fsdp"])
+def test_export_equals_the_runs_model(tmp_path, reference, mode):
+    run_dir = reference(mode)
+    exported = tmp_path / "model.pt"
+    result = run_cli("export", str(run_dir), "--out", str(exported))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "checkpoints/epoch-0003" in result.stdout
+    assert_identical_parameters(load_state(run_dir), {**load_state_file(exported)})
+    assert_one_line_error(run_cli("export", str(run_dir), "--out", str(exported)), "exists")
+
+
+def load_state_file(path):
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference):
+    out = tmp_path / "run"
+    shutil.copytree(reference("seq"), out)
+    state = out / "checkpoints" / "epoch-0003" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    result = run_cli("seq", "--resume", str(out), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if "falling back" in line]
+    assert len(warnings) == 1 and "epoch-0003" in warnings[0], result.stdout
+    assert "resuming from" in result.stdout and "epoch-0002 (epoch 2 of 3)" in result.stdout
+    assert_same_run(out, reference("seq"))
