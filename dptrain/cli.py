@@ -246,12 +246,18 @@ def _torchrun(argv: list[str], out: Path) -> None:
             err(stopped_line(-failure.exitcode, out, f"worker rank {rank} was killed"))
         else:
             err(f"worker rank {rank} failed with exit code {failure.exitcode}: "
-                f"{failure.message.splitlines()[0] if failure.message else 'no message'}; "
-                "its traceback is above")
+                f"{_first_line(failure.message)}; its traceback is above")
         raise typer.Exit(1) from None
     except SignalException as e:  # torchrun has already stopped the workers
         err(stopped_line(e.sigval, out, "stopped") + "; the workers were terminated")
         raise typer.Exit(128 + int(e.sigval)) from None
+
+
+def _first_line(message) -> str:
+    """A failure's message: text, or the error-file record of a forked worker (a dict)."""
+    while isinstance(message, dict):
+        message = message.get("message", "")
+    return str(message).splitlines()[0] if message else "no message"
 
 
 def _first_failure(error):

@@ -65,10 +65,10 @@ class SharedMemorySum:
         start = time.perf_counter()
         while (self._flags < self.calls).any():
             waited = time.perf_counter() - start
-            if waited > self.timeout_s:
+            if waited > self.timeout_s:  # as a gloo collective would: a DistError
                 late = np.flatnonzero(self._flags < self.calls).tolist()
-                raise RuntimeError(f"rank {self.rank} waited {waited:.0f} s for rank(s) {late} "
-                                   "in the gradient sum; a peer has died or hangs")
+                raise dist.DistError(f"shared-memory gradient sum timed out: rank {self.rank} "
+                                     f"waited {waited:.0f} s for rank(s) {late}")
             if waited > SPIN_SECONDS:
                 time.sleep(50e-6)
             else:

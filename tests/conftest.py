@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST_DIR = Path(os.environ.get("DPTRAIN_DATA_DIR") or REPO.parent / "shared" / "data" / "mnist")
+MNIST_DIR = Path(os.environ.get("DPTRAIN_DATA_DIR") or REPO.parent / "shared" / "data" / "mnist").resolve()
 
 
 @pytest.fixture(scope="session", autouse=True)

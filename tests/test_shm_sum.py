@@ -27,7 +27,7 @@ def _rank(rank: int, port: int, results) -> None:
     if rank == 0:  # rank 1 never joins this call
         try:
             summer.sum_(torch.ones(10))
-        except RuntimeError as e:
+        except dist.DistError as e:
             results["timeout"] = str(e)
     dist.barrier()
     dist.destroy_process_group()
@@ -41,5 +41,5 @@ def test_two_ranks_get_the_same_exact_sums(free_port):
                               for call, n in enumerate(LENGTHS)])
         assert torch.equal(results[0], expected)
         assert torch.equal(results[1], expected)  # the same bits on both ranks
-        assert "waited 2 s for rank(s) [1]" in results["timeout"]
+        assert "timed out: rank 0 waited 2 s for rank(s) [1]" in results["timeout"]
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("dptrain-grads-")]
