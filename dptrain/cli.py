@@ -17,6 +17,7 @@ import typer
 
 from dptrain.config import Config, resolve, resolve_threads, to_toml
 from dptrain.errors import USER_ERROR_EXIT, UserError
+from dptrain.commands import register as register_study_commands
 from dptrain.flags import config_from_flags, launch_flags, training_flags, with_flags
 from dptrain.runlog import (LAUNCH_TIME_ENV, SUMMARY, check_out_dir, default_out_dir, err,
                             write_summary)
@@ -51,6 +52,7 @@ app.command("ddp", help="Train with DistributedDataParallel on --nproc workers (
 app.command("fsdp", help="Train with FSDP2 (fully_shard per Linear, then the root) on --nproc "
                          "workers (torchrun).")(
     with_flags(_train_command("fsdp"), training_flags, launch_flags))
+register_study_commands(app)  # sweep, plot, report, evaluate, predict
 
 
 def torchrun_args(config: Config) -> list[str]:
