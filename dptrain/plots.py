@@ -44,16 +44,19 @@ def run_label(summary: dict) -> str:
 def _curves(ax_loss, ax_acc, runs: list[tuple[str, dict, list[dict]]]) -> None:
     """Train loss solid, val loss dashed in one colour per run; val accuracy beside."""
     for i, (label, _summary, metrics) in enumerate(runs):
-        color = f"C{i % 10}"
         epochs = [m["epoch"] for m in metrics]
+        # Markers only where there are few points: a one-epoch line would be invisible.
+        style = {"color": f"C{i % 10}", "marker": "o" if len(epochs) <= 12 else None, "ms": 3}
         if ax_loss is not None:
-            ax_loss.plot(epochs, [m["train_loss"] for m in metrics], color=color, ls="-",
-                         label=f"{label} (train)")
-            ax_loss.plot(epochs, [m["val_loss"] for m in metrics], color=color, ls="--",
-                         label=f"{label} (val)")
+            ax_loss.plot(epochs, [m["train_loss"] for m in metrics], ls="-",
+                         label=f"{label} (train)", **style)
+            ax_loss.plot(epochs, [m["val_loss"] for m in metrics], ls="--",
+                         label=f"{label} (val)", **style)
         if ax_acc is not None:
-            ax_acc.plot(epochs, [m["val_accuracy"] for m in metrics], color=color, label=label)
-    for ax, ylabel, title in ((ax_loss, "mean loss per sample", "Train (solid) and val (dashed) loss"),
+            ax_acc.plot(epochs, [m["val_accuracy"] for m in metrics], label=label, **style)
+    if ax_loss is not None:
+        ax_loss.set_yscale("log")  # a diverging run would otherwise flatten all the others
+    for ax, ylabel, title in ((ax_loss, "mean loss per sample (log scale)", "Train (solid) and val (dashed) loss"),
                               (ax_acc, "validation accuracy", "Validation accuracy")):
         if ax is not None:
             ax.set(xlabel="epoch", ylabel=ylabel, title=title)
