@@ -79,3 +79,11 @@ def assert_same_parameters(a: dict, b: dict, *, atol: float = 1e-5) -> None:
     assert list(a) == list(b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A 3-epoch seq run (about 90% test accuracy), trained once for every test that needs one."""
+    out = tmp_path_factory.mktemp("trained") / "seq"
+    train("seq", out, "--epochs", "3")
+    return out

@@ -1,0 +1,108 @@
+"""The study: sweeps of real runs, their figures, the reproduction script, and `evaluate`."""
+
+import csv
+import json
+import os
+import subprocess
+
+from conftest import REPO, run_cli
+
+from test_cli import assert_one_line_error
+
+COLUMNS = {"mode", "nproc", "status", "global_batch", "updates_per_epoch", "lr", "val_accuracy",
+           "test_accuracy", "test_loss", "train_seconds", "wall_seconds", "speedup", "efficiency"}
+
+
+def assert_png(path):
+    assert path.exists(), f"{path} was not written"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000, path
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_records_a_failed_run_and_goes_on(tmp_path):
+    sweep = tmp_path / "sweep"
+    # A finished run already in ddp-2's folder: that run refuses it (no --force) and fails alone.
+    (sweep / "ddp-2").mkdir(parents=True)
+    (sweep / "ddp-2" / "summary.json").write_text("{}")
+    result = run_cli("sweep", "--mode", "ddp", "--nproc", "1,2,4", "--epochs", "1",
+                     "--device", "cpu", "--out", str(sweep))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = read_csv(sweep / "sweep.csv")
+    assert COLUMNS <= set(rows[0])
+    assert [(r["mode"], r["nproc"], r["status"]) for r in rows] == [
+        ("seq", "1", "ok"), ("ddp", "1", "ok"), ("ddp", "2", "failed"), ("ddp", "4", "ok")]
+    assert "already holds a finished run" in rows[2]["error"]
+    seq, ddp1, _, ddp4 = rows
+    # At the same global batch every run is the sequential computation.
+    assert seq["test_accuracy"] == ddp1["test_accuracy"] == ddp4["test_accuracy"]
+    assert float(seq["test_accuracy"]) > 0.8
+    assert int(ddp4["global_batch"]) == 1024 and int(ddp4["updates_per_epoch"]) == 41
+    assert float(seq["speedup"]) == 1.0
+    speedup = float(seq["train_seconds"]) / float(ddp4["train_seconds"])
+    assert abs(float(ddp4["speedup"]) - speedup) < 1e-9
+    assert abs(float(ddp4["efficiency"]) - speedup / 4) < 1e-9
+    for name in ("seq-1", "ddp-1", "ddp-4"):
+        assert (sweep / name / "summary.json").exists() and (sweep / name / "model.pt").exists()
+    assert json.loads((sweep / "sweep.json").read_text())["runs"][2]["status"] == "failed"
+    assert "ddp x 2 failed" in result.stdout
+
+    # The sweep's figures, and a plot of two of its runs.
+    result = run_cli("report", str(sweep))
+    assert result.returncode == 0, result.stderr
+    for name in ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png"):
+        assert_png(sweep / name)
+    result = run_cli("plot", str(sweep / "seq-1"), str(sweep / "ddp-4"), "--out",
+                     str(tmp_path / "two.png"))
+    assert result.returncode == 0, result.stderr
+    assert_png(tmp_path / "two.png")
+
+    # A finished sweep is not overwritten by accident.
+    assert_one_line_error(run_cli("sweep", "--out", str(sweep)), "already holds a finished sweep")
+
+
+def test_sweep_and_report_errors(tmp_path):
+    assert_one_line_error(run_cli("sweep", "--nproc", "1,x"), "--nproc")
+    assert_one_line_error(run_cli("sweep", "--nproc", "0,2"), "--nproc")
+    assert_one_line_error(run_cli("sweep", "--mode", "seq"), "--mode")
+    assert_one_line_error(run_cli("sweep", "--lr", "-1"), "optim.lr")
+    assert_one_line_error(run_cli("report", str(tmp_path)), "no sweep.json")
+    assert_one_line_error(run_cli("plot", str(tmp_path)), "not a finished run folder")
+
+
+def test_reproduce_study_quick(tmp_path):
+    out = tmp_path / "study"
+    result = subprocess.run(["bash", "scripts/reproduce_study.sh", "--quick", "--out", str(out)],
+                            capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env=dict(os.environ))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for case in ("c", "d", "e"):
+        rows = read_csv(out / case / "sweep.csv")
+        assert [(r["mode"], r["nproc"], r["status"]) for r in rows] == [
+            ("seq", "1", "ok"), ("ddp", "2", "ok")], case
+        for name in ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png"):
+            assert_png(out / case / name)
+    for figure in ("a/loss.png", "b/loss.png", "e/seed_vs_linear.png"):
+        assert_png(out / figure)
+    c = read_csv(out / "c" / "sweep.csv")
+    # The seed rule: lr = 0.01 * (42000 / nproc) / 1024; one full-batch update per epoch.
+    assert abs(float(c[1]["lr"]) - 0.01 * 21000 / 1024) < 1e-12
+    assert c[1]["global_batch"] == "42000" and c[1]["updates_per_epoch"] == "1"
+
+
+def test_evaluate_matches_the_runs_test_accuracy(trained_run, tmp_path):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    result = run_cli("evaluate", str(trained_run), "--confusion-png", str(tmp_path / "cm.png"))
+    assert result.returncode == 0, result.stderr
+    correct = round(summary["test_accuracy"] * 14000)
+    assert f"test accuracy {summary['test_accuracy']:.4f} ({correct} of 14000" in result.stdout
+    assert "precision" in result.stdout and "confusion matrix" in result.stdout
+    assert_png(tmp_path / "cm.png")
+
+
+def test_evaluate_needs_a_trained_model(trained_run, tmp_path):
+    (tmp_path / "config.toml").write_text((trained_run / "config.toml").read_text())
+    assert_one_line_error(run_cli("evaluate", str(tmp_path)), "no model.pt")
