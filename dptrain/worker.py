@@ -71,7 +71,7 @@ def run(mode: str, config: Config, *, force: bool = False) -> dict:
 def _announce(log: RunLog, config: Config, plan: Plan, setting: dict, out: Path, *,
               warning: str) -> None:
     """Write config.toml and print the plan, with the resolved lr (rank 0)."""
-    if warning:
+    if warning and log.active:  # rank 0 only, like all output
         log.console.print(f"[yellow]warning:[/] {warning}")
     log.start(to_toml(config, {**setting, **_plan_fields(plan)}),
               {**setting, "global_batch": plan.global_batch,

@@ -69,7 +69,7 @@ def test_predict_reads_drawn_digits_and_reports_bad_files(trained_run, tmp_path)
     (tmp_path / "notes.txt").write_text("not a picture")
     (tmp_path / "empty.png").write_bytes(b"")
     result = run_cli("predict", str(trained_run), str(one), str(tmp_path / "notes.txt"),
-                     str(zero), str(tmp_path / "empty.png"))
+                     str(zero), str(tmp_path / "empty.png"), env={"COLUMNS": "250"})  # no wrapping
     assert result.returncode == 2  # some files failed; the good ones were still predicted
     errors = result.stderr.strip().splitlines()
     assert len(errors) == 2 and "Traceback" not in result.stderr
