@@ -43,10 +43,12 @@ def run_label(summary: dict) -> str:
 
 def _curves(ax_loss, ax_acc, runs: list[tuple[str, dict, list[dict]]]) -> None:
     """Train loss solid, val loss dashed in one colour per run; val accuracy beside."""
-    for i, (label, _summary, metrics) in enumerate(runs):
+    for i, (label, summary, metrics) in enumerate(runs):
         epochs = [m["epoch"] for m in metrics]
         # Markers only where there are few points: a one-epoch line would be invisible.
         style = {"color": f"C{i % 10}", "marker": "o" if len(epochs) <= 12 else None, "ms": 3}
+        if summary["mode"] == "seq":  # wide and pale, so that a parallel run on top shows
+            style.update(lw=4, alpha=0.4)
         if ax_loss is not None:
             ax_loss.plot(epochs, [m["train_loss"] for m in metrics], ls="-",
                          label=f"{label} (train)", **style)
@@ -81,7 +83,8 @@ def report(sweep_dir: Path) -> list[Path]:
     ok = [r for r in meta["runs"] if r["status"] == "ok"]
     if not ok:
         raise UserError(f"{sweep_dir}: every run of this sweep failed; nothing to plot")
-    runs = [(f"{r['mode']} x{r['nproc']}", *read_run(sweep_dir / r["run_dir"])) for r in ok]
+    runs = [(f"{r['mode']} x{r['nproc']}, lr={r['lr']:.3g}", *read_run(sweep_dir / r["run_dir"]))
+            for r in ok]
     plt = _pyplot()
     paths = []
     for name, with_loss in (("loss.png", True), ("val_accuracy.png", False)):
