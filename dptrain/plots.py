@@ -68,8 +68,11 @@ def _curves(ax_loss, ax_acc, runs: list[tuple[str, dict, list[dict]]]) -> None:
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     """Loss curves and val accuracy of several runs side by side, in one PNG."""
-    runs = [(f"{Path(d).name}: {run_label(s)}", s, m)
-            for d in run_dirs for s, m in [read_run(d)]]
+    names = [Path(d).name for d in run_dirs]
+    if len(set(names)) < len(names):  # e.g. two sweeps' ddp-8: name their sweeps too
+        names = [f"{Path(d).parent.name}/{Path(d).name}" for d in run_dirs]
+    runs = [(f"{name}: {run_label(s)}", s, m)
+            for name, d in zip(names, run_dirs) for s, m in [read_run(d)]]
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
     _curves(ax_loss, ax_acc, runs)

@@ -8,6 +8,7 @@ here: the sweep process only starts runs and reads their summary.json.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
@@ -128,8 +129,6 @@ def add_speedups(rows: list[dict]) -> None:
 def write_results(out: Path, rows: list[dict], meta: dict) -> None:
     """sweep.json (meta + rows) and sweep.csv (one row per run, COLUMNS, blanks for missing)."""
     def write_csv(f) -> None:
-        import io
-
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
