@@ -64,6 +64,7 @@ def test_unreadable_files_are_named(tmp_path):
     assert load_gray(draw(tmp_path / "one.png", "1")).shape == (300, 200)
 
 
+@pytest.mark.slow
 def test_predict_reads_drawn_digits_and_reports_bad_files(trained_run, tmp_path):
     one, zero = draw(tmp_path / "one.png", "1"), draw(tmp_path / "zero.png", "0")
     (tmp_path / "notes.txt").write_text("not a picture")
@@ -84,6 +85,7 @@ def test_predict_reads_drawn_digits_and_reports_bad_files(trained_run, tmp_path)
     assert result.returncode == 2 and "no config.toml" in result.stderr
 
 
+@pytest.mark.slow
 def test_mnist_images_round_trip_to_the_same_prediction(trained_run, tmp_path):
     """MNIST test digits saved as a person's scan (dark on white, scaled, off-centre on a larger
     page) are prepared back into 28x28 images that the model reads as it reads the originals."""

@@ -4,6 +4,9 @@ import csv
 import json
 import os
 import subprocess
+import sys
+
+import pytest
 
 from conftest import REPO, run_cli
 
@@ -23,6 +26,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_sweep_records_a_failed_run_and_goes_on(tmp_path):
     sweep = tmp_path / "sweep"
     # A finished run already in ddp-1's folder: that run refuses it (no --force) and fails alone.
@@ -75,6 +79,7 @@ def test_sweep_and_report_errors(tmp_path):
     assert_one_line_error(run_cli("plot", str(tmp_path)), "not a finished run folder")
 
 
+@pytest.mark.slow
 def test_reproduce_study_quick(tmp_path):
     out = tmp_path / "study"
     result = subprocess.run(["bash", "scripts/reproduce_study.sh", "--quick", "--out", str(out)],
@@ -95,6 +100,7 @@ def test_reproduce_study_quick(tmp_path):
     assert c[1]["global_batch"] == "42000" and c[1]["updates_per_epoch"] == "1"
 
 
+@pytest.mark.slow
 def test_evaluate_matches_the_runs_test_accuracy(trained_run, tmp_path):
     summary = json.loads((trained_run / "summary.json").read_text())
     result = run_cli("evaluate", str(trained_run), "--confusion-png", str(tmp_path / "cm.png"))
@@ -105,6 +111,30 @@ def test_evaluate_matches_the_runs_test_accuracy(trained_run, tmp_path):
     assert_png(tmp_path / "cm.png")
 
 
+@pytest.mark.slow
 def test_evaluate_needs_a_trained_model(trained_run, tmp_path):
     (tmp_path / "config.toml").write_text((trained_run / "config.toml").read_text())
     assert_one_line_error(run_cli("evaluate", str(tmp_path)), "no model.pt")
+
+
+def test_the_cli_imports_no_heavy_module():
+    code = ("import sys, dptrain.cli; heavy = [m for m in ('torch', 'matplotlib', 'PIL') "
+            "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=REPO, env=dict(os.environ))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_speedups_and_error_lines():
+    from dptrain.sweep import add_speedups, error_line
+
+    rows = [{"mode": "seq", "nproc": 1, "status": "ok", "train_seconds": 10.0, "wall_seconds": 20.0},
+            {"mode": "ddp", "nproc": 4, "status": "ok", "train_seconds": 4.0, "wall_seconds": 40.0},
+            {"mode": "ddp", "nproc": 8, "status": "failed"}]
+    add_speedups(rows)
+    assert (rows[1]["speedup"], rows[1]["efficiency"]) == (2.5, 0.625)
+    assert (rows[1]["wall_speedup"], rows[1]["wall_efficiency"]) == (0.5, 0.125)
+    assert rows[2]["speedup"] is None and rows[2]["efficiency"] is None
+    assert error_line("noise\ndptrain: error: bad thing\nmore\n", 2) == "bad thing"
+    assert error_line("Traceback\nRuntimeError: boom\n", 1) == "RuntimeError: boom"
+    assert error_line("", -9) == "exit status -9"
