@@ -51,8 +51,8 @@ def sweep(mode: str, nproc: str, no_seq: bool, **flags) -> None:
     try:
         rows = run_sweep(mode, counts, config, out, with_seq=not no_seq, force=flags["force"],
                          echo=console.print)
-    except SweepInterrupted as e:
-        err(f"{e}; the finished runs are in {out}/sweep.csv")
+    except (SweepInterrupted, KeyboardInterrupt):  # Ctrl-C reaches the runs and the sweep
+        err(f"interrupted; the runs that finished are in {out}/sweep.csv")
         raise typer.Exit(130) from None
     console.print(sweep_table(rows))
     failed = [r for r in rows if r["status"] != "ok"]

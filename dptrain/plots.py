@@ -149,7 +149,8 @@ def _time_vs_nproc(plt, rows: list[dict], mode: str, out: Path) -> Path:
     for ax in (ax_time, ax_speed):
         ax.set_xticks(nprocs)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # the speedup panel is empty without seq
+            ax.legend(fontsize="small")
     fig.suptitle(_setting(rows[0]))
     return _save(fig, plt, out)
 

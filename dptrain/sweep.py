@@ -50,10 +50,12 @@ def parse_nprocs(text: str) -> list[int]:
 
 
 def check_sweep_dir(out: Path, force: bool) -> None:
-    """Refuse a folder that holds a finished sweep, unless forced (as a run folder does)."""
+    """Refuse a folder that holds a finished sweep, unless forced; an interrupted one is reused
+    (its finished runs are refused one by one, as a run folder is)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    if (out / SWEEP_JSON).exists() and not force:
+    path = out / SWEEP_JSON
+    if path.exists() and json.loads(path.read_text()).get("complete") and not force:
         raise UserError(f"--out {out} already holds a finished sweep ({SWEEP_JSON}); choose "
                         "another folder, or pass --force to replace it")
 
