@@ -105,5 +105,7 @@ def test_mnist_images_round_trip_to_the_same_prediction(trained_run, tmp_path):
     model, _ = load_model(trained_run)
     expected = predict_proba(model, originals / 255.0).argmax(axis=1)
     got = predict_proba(model, np.stack(prepared)).argmax(axis=1)
-    # Measured: 40 of 40 agree with the 3-epoch model (189 of 200 with a 1-epoch model).
+    # Measured: 39 of 40 agree with this 3-epoch model (193 of the first 200 test images); 37 of
+    # 40 with the 25-epoch study model. The disagreements are on digits both readings find hard:
+    # accuracy against the labels is 0.905 on the originals, 0.935 on the round-tripped images.
     assert (got == expected).sum() >= 36, (got, expected)
