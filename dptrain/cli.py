@@ -18,6 +18,7 @@ from typing import Annotated
 import typer
 
 from dptrain.config import Config, resolve, resolve_threads, to_toml
+from dptrain.commands import register as register_study_commands
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
 from dptrain.flags import launch_flags, training_flags, with_flags
 from dptrain.runlog import (LAUNCH_TIME_ENV, SUMMARY, check_out_dir, default_out_dir, err,
@@ -95,6 +96,7 @@ app.command("ddp", help="Train with DistributedDataParallel on --nproc workers (
 app.command("fsdp", help="Train with FSDP2 (fully_shard per Linear, then the root) on --nproc "
                          "workers (torchrun).")(
     with_flags(_train_command("fsdp"), training_flags, launch_flags))
+register_study_commands(app)  # sweep, plot, report, evaluate, predict
 
 
 @app.command("export", help="Write the model of a checkpoint (or of a run's newest checkpoint) "

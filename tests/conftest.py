@@ -146,3 +146,11 @@ def assert_identical_parameters(a: dict, b: dict) -> None:
     assert list(a) == list(b)
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key}: max difference {(a[key] - b[key]).abs().max()}"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A 3-epoch seq run (about 90% test accuracy), trained once for every test that needs one."""
+    out = tmp_path_factory.mktemp("trained") / "seq"
+    train("seq", out, "--epochs", "3")
+    return out
