@@ -146,6 +146,10 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
                         "samples_per_second": plan.samples_per_epoch / epoch_seconds,
                         "checkpoint_seconds": 0.0})
         if _checkpoint_due(config, epoch):
+            if not strategy.parameters_finite(model):  # never checkpoint a diverged model
+                raise UserError(f"the parameters became non-finite during epoch {epoch} (a "
+                                f"gradient overflowed); not checkpointed; {_kept(log.out)}. "
+                                "Lower --lr, or check the data")
             saving_start = time.perf_counter()
             meta = checkpoint.manifest(
                 epoch=epoch, step=epoch * plan.updates_per_epoch, mode=strategy.mode,
@@ -177,10 +181,13 @@ def _checkpoint_due(config: Config, epoch: int) -> bool:
 
 def _diverged(e: NonFinite, epoch: int, plan: Plan, out) -> UserError:
     """The one line for a NaN/inf stop: where, and what is left to resume from."""
-    found, _ = checkpoint.latest(out)
-    kept = (f"the last good checkpoint is {found.path}" if found
-            else "no checkpoint was written before it")
     return UserError(f"the loss or its gradients became non-finite (this rank's loss: "
                      f"{e.local_loss}) at epoch {epoch}, step {e.step - (epoch - 1) * plan.updates_per_epoch + 1} "
                      f"of {plan.updates_per_epoch} (update {e.step + 1} of the run); stopped "
-                     f"before applying it; {kept}. Lower --lr, or check the data")
+                     f"before applying it; {_kept(out)}. Lower --lr, or check the data")
+
+
+def _kept(out) -> str:
+    found, _ = checkpoint.latest(out)
+    return (f"the last good checkpoint is {found.path}" if found
+            else "no checkpoint was written before it")

@@ -165,3 +165,29 @@ def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     state = torch.load(found.path / STATE_FILE, weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in state.values())
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_diverged_parameters_are_never_checkpointed(tmp_path, monkeypatch):
+    """A weight that overflows while every loss stays finite: the per-step check (one gradient)
+    misses it, the check before each checkpoint does not."""
+    from dptrain import train as train_module
+    from dptrain.errors import UserError
+    from dptrain.worker import run
+
+    real_epoch = train_module.train_epoch
+
+    def epoch_that_overflows_a_weight(model, optimizer, samples, order, plan, *args):
+        loss = real_epoch(model, optimizer, samples, order, plan, *args)
+        if args[-1] == plan.updates_per_epoch:  # the second epoch (first_step = 10)
+            with torch.no_grad():
+                next(model.parameters())[0, 0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(train_module, "train_epoch", epoch_that_overflows_a_weight)
+    config = build_config({}, {"epochs": 3, "batch_size": 4096, "device": "cpu",
+                               "out": str(tmp_path / "run")})
+    with pytest.raises(UserError) as e:
+        run("seq", config)
+    assert "parameters became non-finite during epoch 2" in str(e.value)
+    assert "epoch-0001" in str(e.value)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["epoch-0001"]
