@@ -1,6 +1,8 @@
 """Where a `seq` training step spends its time, on one thread.
 
     DPTRAIN_DATA_DIR=../shared/data/mnist python benchmarks/profile_loop.py [--epochs 5] [--ops]
+    DPTRAIN_DATA_DIR=../shared/data/mnist torchrun --standalone --nproc-per-node 2 \
+        benchmarks/profile_loop.py --mode ddp          # the same, on rank 0 of a ddp run
 
 Runs the loop's step (the same calls as dptrain.train.train_epoch) with a timer around each
 phase, and reports per-epoch milliseconds next to the GEMM floor of bench.py. Times are this
@@ -18,10 +20,10 @@ from collections import defaultdict
 import torch
 
 from bench import gemm_floor, pixel_floor
-from dptrain.config import Config, resolve
+from dptrain.config import Config, SystemConfig, resolve
 from dptrain.data import epoch_order, load_mnist, split_indices
 from dptrain.model import LOSS_SUMS, MLP
-from dptrain.strategy import DistEnv, Strategy
+from dptrain.strategy import DistEnv, make_strategy
 from dptrain.train import Samples, global_batches, make_optimizer, rank_slice
 
 
@@ -57,14 +59,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--ops", action="store_true", help="also print torch.profiler's table")
+    parser.add_argument("--mode", default="seq", choices=("seq", "ddp", "fsdp"),
+                        help="ddp/fsdp: run under torchrun")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     config = Config()
     mnist = load_mnist("")
     split = split_indices(len(mnist.labels), config.data.split_seed)
-    plan = resolve(config, mode="seq", world_size=1, n_train=len(split.train))
-    strategy = Strategy(DistEnv(), torch.device("cpu"))
+    env = DistEnv.from_environ()
+    plan = resolve(config, mode=args.mode, world_size=env.world_size, n_train=len(split.train))
+    strategy = make_strategy(args.mode, env, SystemConfig(device="cpu"))
     torch.manual_seed(config.train.seed)
     model = strategy.wrap(MLP(config.model.hidden, config.model.activation))
     optimizer = make_optimizer(config.optim, model.parameters(), plan.lr)
@@ -82,8 +87,12 @@ def main() -> None:
     floor = gemm_floor(plan.updates_per_epoch, plan.global_batch, clock=time.thread_time)
     pixels = pixel_floor(plan.updates_per_epoch, plan.global_batch, samples.images,
                          clock=time.thread_time)
-    print(f"{plan.updates_per_epoch} steps of {plan.global_batch} samples; medians of "
-          f"{args.epochs} epochs, CPU ms per epoch, 1 thread")
+    strategy.close()
+    if not env.is_main:
+        return
+    print(f"{args.mode} x {env.world_size}: {plan.updates_per_epoch} steps of "
+          f"{plan.global_batch} samples; medians of {args.epochs} epochs, rank 0's CPU ms per "
+          "epoch, 1 thread")
     for name, seconds in phases.items():
         print(f"  {name:28s} {seconds * 1e3:7.1f}  {seconds / total:5.0%}")
     print(f"  {'total':28s} {total * 1e3:7.1f}")
