@@ -78,19 +78,25 @@ class SharedMemorySum:
 def _shared_map(size: int) -> mmap.mmap:
     """A zeroed shared mapping of `size` bytes, the same on every rank of the group.
 
-    Rank 0 creates a file in /dev/shm and names it to the others; once every rank has mapped
-    it, the file is removed, so nothing is left behind whatever happens to the job later.
+    Rank 0 creates an anonymous memory file (memfd) and the others open it through /proc: it
+    has no name, so it vanishes with the last process that maps it, even after a SIGKILL.
+    Where that is not possible, a file in /dev/shm, removed once every rank has mapped it.
     """
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    name = [None]
+    where, fd = [None], None
     if dist.get_rank() == 0:
-        fd, name[0] = tempfile.mkstemp(prefix="dptrain-grads-", dir=folder)
+        try:
+            fd = os.memfd_create("dptrain-grads")
+            where[0] = f"/proc/{os.getpid()}/fd/{fd}"
+        except (AttributeError, OSError):
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+            fd, where[0] = tempfile.mkstemp(prefix="dptrain-grads-", dir=folder)
         os.ftruncate(fd, size)
-        os.close(fd)
-    dist.broadcast_object_list(name, src=0)
-    with open(name[0], "r+b") as f:
+    dist.broadcast_object_list(where, src=0)
+    with open(where[0], "r+b") as f:
         mapping = mmap.mmap(f.fileno(), size)
     dist.barrier()
-    if dist.get_rank() == 0:
-        Path(name[0]).unlink()
+    if fd is not None:
+        os.close(fd)
+        if not where[0].startswith("/proc/"):
+            Path(where[0]).unlink()
     return mapping
