@@ -164,13 +164,24 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
         resolved.write_text(to_toml(config))
         worker = [f"--mode={mode}", f"--config={resolved}"]
         worker += (["--force"] if force else []) + ([f"--resume={resume}"] if resume else [])
-        _torchrun(torchrun_args(config) + fork_workers(mode) + worker, out)
+        _torchrun(torchrun_args(config) + worker_entry(mode, config) + worker, out)
     if (out / SUMMARY).exists():  # on the node that held rank 0: time the whole command
         summary = json.loads((out / SUMMARY).read_text())
         summary["wall_seconds"] = time.time() - started
         # The workers were forked from this process and share its pages (torch, ...).
         summary["memory"]["launcher_peak_rss_bytes"] = peak_rss_bytes()
         write_summary(out, summary)
+
+
+def worker_entry(mode: str, config: Config) -> list[str]:
+    """How torchrun starts the workers: forked from this process for CPU runs; as fresh
+    `python -m dptrain.worker` processes for CUDA, which does not survive a fork."""
+    import torch
+
+    device = config.system.device
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return ["-m", "dptrain.worker"]
+    return fork_workers(mode)
 
 
 def fork_workers(mode: str) -> list[str]:
@@ -181,6 +192,9 @@ def fork_workers(mode: str) -> list[str]:
     by every worker at once on the same cores. Forked, they start with all of it in memory,
     shared copy-on-write. (Cluster scripts start `python -m dptrain.worker` the usual way.)
     """
+    from dptrain.worker import FORKED_ENV
+
+    os.environ[FORKED_ENV] = "1"
     import torch._dynamo  # noqa: F401
     from torch.nn.parallel import DistributedDataParallel  # noqa: F401
 

@@ -25,6 +25,8 @@ from dptrain.runlog import (RunLog, check_out_dir, command_start_time, default_o
 
 # Set by the CLI: it reports a worker's user error itself, from torchelastic's error file.
 LAUNCHED_ENV = "DPTRAIN_LAUNCHED"
+# Set by the CLI when torchrun forks the workers from it (CPU runs).
+FORKED_ENV = "DPTRAIN_FORKED"
 
 
 def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
@@ -186,7 +188,7 @@ def _worker(mode: str, force: bool, **flags) -> None:
     # after a finished FSDP run, which turned a good run into a failed job. A worker forked by
     # the CLI returns instead: torchrun waits for its return value, then ends the process the
     # same way, without finalization.
-    if os.environ.get(LAUNCHED_ENV):
+    if os.environ.get(FORKED_ENV):
         return
     sys.stdout.flush()
     sys.stderr.flush()

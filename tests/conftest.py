@@ -29,6 +29,7 @@ def _isolated_env(tmp_path_factory):
     os.environ["DPTRAIN_MNIST_MIRRORS"] = "http://127.0.0.1:9/unreachable/"
     os.environ.pop("DPTRAIN_LAUNCH_TIME", None)
     os.environ.pop("DPTRAIN_LAUNCHED", None)
+    os.environ.pop("DPTRAIN_FORKED", None)
     yield
     os.environ.clear()
     os.environ.update(saved)
