@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dptrain.config import Config, build_config, read_toml
+from dptrain.config import build_config, read_toml
 from dptrain.errors import UserError
 from dptrain.runlog import CONFIG, MODEL, err
 
