@@ -95,11 +95,12 @@ def bare_import() -> dict:
     return result
 
 
-def train_run(mode: str, work: Path, epochs: int, *flags: str) -> dict:
+def train_run(mode: str, work: Path, epochs: int, *flags: str, nproc: int = 2,
+              device: str = "cpu") -> dict:
     """One `dptrain` run on 1 thread per process; its summary and per-epoch metrics."""
     out = work / f"{mode}-{time.monotonic_ns()}"
-    launch = ["--nproc", "2"] if mode != "seq" else []
-    command = [*CLI, mode, *launch, "--device", "cpu", "--threads", "1", "--epochs", str(epochs),
+    launch = ["--nproc", str(nproc)] if mode != "seq" else []
+    command = [*CLI, mode, *launch, "--device", device, "--threads", "1", "--epochs", str(epochs),
                "--out", str(out), *flags]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)

@@ -114,6 +114,8 @@ class Strategy:
             "optimizer_bytes": sum(_local_bytes(v) for state in optimizer.state.values()
                                    for v in state.values() if isinstance(v, torch.Tensor)),
         }
+        if self.device.type == "cuda":
+            local["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         ranks = self.gather_object(local)
         return {key: [r[key] for r in ranks] for key in local}
 
