@@ -307,7 +307,12 @@ class FSDPStrategy(_ProcessGroupStrategy):
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+        # DCP's writer copies ahead on a CUDA stream whenever CUDA is available, CPU tensors
+        # too; a CPU worker forked from a launcher that asked about CUDA cannot initialize it
+        # (seen on a GPU machine). No copy-ahead for the CPU: nothing there to overlap.
+        copy_ahead = 0 if self.device.type == "cpu" else 10_000_000
+        writer = dcp.FileSystemWriter(folder, per_thread_copy_ahead=copy_ahead)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, storage_writer=writer)
 
     def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
         # DCP reads each rank's part by global offsets, so any world size can load any checkpoint.

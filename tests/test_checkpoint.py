@@ -191,3 +191,37 @@ def test_diverged_parameters_are_never_checkpointed(tmp_path, monkeypatch):
     assert "parameters became non-finite during epoch 2" in str(e.value)
     assert "epoch-0001" in str(e.value)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["epoch-0001"]
+
+
+def test_fsdp_checkpoint_of_cpu_ranks_never_touches_cuda(tmp_path, monkeypatch):
+    """On a GPU machine, forked CPU workers failed in dcp.save: its writer asked for a CUDA
+    stream ("Cannot re-initialize CUDA in forked subprocess")."""
+    import torch.distributed as dist
+
+    from dptrain.config import SystemConfig
+    from dptrain.strategy import FSDPStrategy
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CPU rank's checkpoint touched CUDA")
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        strategy = FSDPStrategy(DistEnv(), torch.device("cpu"), "gloo", SystemConfig(device="cpu"))
+        model = strategy.wrap(MLP())
+        optimizer = make_optimizer(build_config({}).optim, model.parameters(), 0.01)
+        model(torch.rand(4, 784)).sum().backward()
+        optimizer.step()
+        before = strategy.full_state_dict(model)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+        for name in ("current_stream", "Stream", "synchronize", "_lazy_init"):
+            monkeypatch.setattr(torch.cuda, name, no_cuda)
+        strategy.save_state(model, optimizer, tmp_path)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        strategy.load_state(model, optimizer, tmp_path)
+        monkeypatch.undo()
+        after = strategy.full_state_dict(model)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    finally:
+        dist.destroy_process_group()
