@@ -284,6 +284,7 @@ class FSDPStrategy(_ProcessGroupStrategy):
 
         mesh = init_device_mesh(self.device.type, (self.env.world_size,))
         model.to(self.device)
+        model.fused = False  # each layer's forward must run: it gathers that layer's shards
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 fully_shard(module, mesh=mesh)

@@ -86,8 +86,7 @@ def evaluate(model: nn.Module, samples: Samples, rows: np.ndarray, strategy: Str
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, samples: Samples,
-                order: np.ndarray, plan: Plan, strategy: Strategy, loss_sum: LossSum,
-                first_step: int) -> float:
+                order: np.ndarray, plan: Plan, strategy: Strategy, first_step: int) -> float:
     """One pass over the train split; returns the mean train loss over all ranks.
 
     Raises NonFinite before applying an update whose gradients are not finite.
@@ -98,12 +97,12 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, samples: Sam
         for group in optimizer.param_groups:
             group["lr"] = plan.lr_at(step)
         x, y = samples.batch(rank_slice(rows, strategy))
-        loss = loss_sum(model(x), y)
+        loss = model(x, y)  # this rank's loss sum (MLP.forward with targets)
         optimizer.zero_grad(set_to_none=True)
-        # 1.0 exactly, or NaN if this rank's loss is not finite: then every gradient element turns
-        # NaN, on every rank after the reduction, so all ranks stop at this step together.
-        poison = loss.detach() * 0.0 + 1.0
-        (loss / len(rows) * poison).backward()
+        # The gradient of loss / global batch; NaN if this rank's loss is not finite: then the
+        # gradients turn NaN (all of the output layer's) on every rank after the reduction, so
+        # all ranks stop at this step together.
+        (loss * (loss.detach() * 0.0 + 1 / len(rows))).backward()
         if not strategy.gradients_finite(model):
             raise NonFinite(step, loss.item())
         optimizer.step()
@@ -116,7 +115,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
     """Train (from a checkpoint when given), logging each epoch's validation and checkpointing,
     then test; returns the results and the full state."""
     torch.manual_seed(config.train.seed)  # the same initial parameters on every rank and mode
-    model = strategy.wrap(MLP(config.model.hidden, config.model.activation))
+    model = strategy.wrap(MLP(config.model.hidden, config.model.activation, config.train.loss))
     optimizer = make_optimizer(config.optim, model.parameters(), plan.lr_at(0))
     records, earlier_seconds = [], 0.0
     if resume is not None:
@@ -132,8 +131,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         order = epoch_order(split.train, config.train.seed, epoch)
         first_step = (epoch - 1) * plan.updates_per_epoch
         try:
-            train_loss = train_epoch(model, optimizer, samples, order, plan, strategy, loss_sum,
-                                     first_step)
+            train_loss = train_epoch(model, optimizer, samples, order, plan, strategy, first_step)
         except NonFinite as e:
             raise _diverged(e, epoch, plan, log.out) from None
         epoch_seconds = time.perf_counter() - start

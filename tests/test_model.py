@@ -76,3 +76,41 @@ def test_cross_entropy_gradient_matches_torch():
     logits.grad = None
     torch.nn.functional.cross_entropy(logits, targets, reduction="sum").backward()
     torch.testing.assert_close(ours, logits.grad)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+@pytest.mark.parametrize("pixels", [True, False])
+def test_fused_loss_and_gradients_equal_autograd(activation, loss, pixels):
+    torch.manual_seed(0)
+    fused = MLP(hidden=(16, 12, 8), activation=activation, loss=loss)
+    plain = MLP(hidden=(16, 12, 8), activation=activation, loss=loss)
+    plain.load_state_dict(fused.state_dict())
+    plain.fused = False
+    x = torch.randint(0, 256, (64, 784), dtype=torch.uint8)
+    x = x if pixels else x / 255
+    y = torch.randint(0, 10, (64,))
+    results = []
+    for model in (fused, plain):
+        total = model(x, y)
+        (total * 0.37).backward()  # a scale, as the loop's 1 / global batch
+        results.append((total, [p.grad for p in model.parameters()]))
+    (loss_f, grads_f), (loss_p, grads_p) = results
+    torch.testing.assert_close(loss_f, loss_p, rtol=1e-6, atol=1e-5)
+    for g_f, g_p in zip(grads_f, grads_p):
+        torch.testing.assert_close(g_f, g_p, rtol=1e-5, atol=1e-7)
+    assert torch.equal(fused(x), plain(x))  # logits: the same path
+
+
+def test_fused_gradients_carry_a_nan_scale():
+    """The loop's poison factor: a NaN scale reaches the output layer's gradients (which the
+    loop checks), and every element autograd would turn NaN."""
+    fused, plain = MLP(), MLP()
+    plain.load_state_dict(fused.state_dict())
+    plain.fused = False
+    x, y = torch.randint(0, 256, (8, 784), dtype=torch.uint8), torch.arange(8)
+    for model in (fused, plain):
+        (model(x, y) * float("nan")).backward()
+    assert fused.layers[-1].weight.grad.isnan().all() and fused.layers[-1].bias.grad.isnan().all()
+    for p_f, p_p in zip(fused.parameters(), plain.parameters()):
+        assert torch.equal(p_f.grad.isnan(), p_p.grad.isnan())
