@@ -42,13 +42,15 @@ def test_slurm_script_with_stub_scheduler(tmp_path, seq_run):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho 127.0.0.1\n")
-    (bin_dir / "srun").write_text('#!/bin/sh\nexec "$@"\n')
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "$@" > srun-args\nexec "$@"\n')
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "n1",
-           "SLURM_NNODES": "1", "SLURM_JOB_ID": "42", "NPROC": "2", "PORT": "0"}
+           "SLURM_NNODES": "1", "SLURM_JOB_ID": "42", "NPROC": "2", "PORT": "0",
+           "MAX_RESTARTS": "1"}
     result = subprocess.run(["bash", str(REPO / "scripts" / "slurm.sbatch"), *FLAGS], env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "--max-restarts=1" in (tmp_path / "srun-args").read_text()
     out = tmp_path / "runs" / "ddp-slurm-42"
     assert_same_parameters(load_state(seq_run[0]), load_state(out))
