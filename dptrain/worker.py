@@ -29,6 +29,27 @@ LAUNCHED_ENV = "DPTRAIN_LAUNCHED"
 FORKED_ENV = "DPTRAIN_FORKED"
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
+
+    Every step allocates and frees a few MB (the widened batch, 3.2 MB, and what is computed
+    from it). By default glibc may serve such a block with a fresh mmap, or trim it off the top
+    of the heap when freed, and the next use then page-faults it in again. Measured on the
+    2-core VM: a `dptrain seq` run took 133k to 169k page faults, 94k with this (a bare
+    `import torch` takes 87k), and wall time fell by ~0.1 s; a loop of only the gather, widen
+    and products of an epoch, which faulted ~300 times a step, went from 44-52 ms to 31.
+    Returns False where the C library is not glibc (nothing is changed there).
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 128 << 20))
+
+
 def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
         restarts: int = 0) -> dict:
     """Train as this process's rank, continuing run folder `resume` if given; returns the
@@ -42,6 +63,7 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     env = DistEnv.from_environ()
     threads = resolve_threads(config.system, env.local_world_size)
     torch.set_num_threads(threads)
+    keep_freed_memory()
     mnist = load_mnist(config.data.data_dir)
     split = split_indices(len(mnist.labels), config.data.split_seed)
     plan = resolve(config, mode=mode, world_size=env.world_size, n_train=len(split.train))
