@@ -114,3 +114,13 @@ def test_fused_gradients_carry_a_nan_scale():
     assert fused.layers[-1].weight.grad.isnan().all() and fused.layers[-1].bias.grad.isnan().all()
     for p_f, p_p in zip(fused.parameters(), plain.parameters()):
         assert torch.equal(p_f.grad.isnan(), p_p.grad.isnan())
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_fused_loss_of_an_empty_rank_slice(loss):
+    """A rank whose share of a small last batch is empty still joins the backward."""
+    model = MLP(loss=loss)
+    total = model(torch.zeros(0, 784, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    total.backward()
+    assert total.item() == 0.0
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
