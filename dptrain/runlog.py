@@ -26,9 +26,18 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
 MODEL = "model.pt"
 CHECKPOINTS = "checkpoints"
+STOPPED = "stopped.json"  # why training stopped with a user error (divergence, say)
 
 # Set by the CLI for its workers, so that wall_seconds covers the whole command (epoch seconds).
 LAUNCH_TIME_ENV = "DPTRAIN_LAUNCH_TIME"
+
+
+def stopped_message(out: Path) -> str:
+    """The user error that stopped the last attempt of the run in `out`; "" if none did."""
+    try:
+        return json.loads((out / STOPPED).read_text())["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def command_start_time() -> float:
@@ -97,7 +106,7 @@ class RunLog:
         if not self.active:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in (SUMMARY, MODEL):  # a forced rerun must not leave the old results behind
+        for stale in (SUMMARY, MODEL, STOPPED):  # a rerun must not leave old results behind
             (self.out / stale).unlink(missing_ok=True)
         if not records:  # a fresh start (forced, if there were any): no old checkpoint may count
             shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
@@ -114,6 +123,12 @@ class RunLog:
             self._task = self._progress.add_task("train", total=header["epochs"], metrics="",
                                                  completed=len(records))
             self._progress.start()
+
+    def stopped(self, message: str) -> None:
+        """Record why training stopped early: a restarted attempt reads it (stopped_message)."""
+        if self.active:
+            text = json.dumps({"message": message, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            write_atomic(self.out / STOPPED, lambda f: f.write(text.encode()))
 
     def note(self, text: str) -> None:
         """One line on the console (rich markup)."""

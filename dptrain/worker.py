@@ -21,7 +21,7 @@ from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_thre
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
 from dptrain.flags import training_flags, with_flags
 from dptrain.runlog import (RunLog, check_out_dir, command_start_time, default_out_dir, err,
-                            write_atomic)
+                            stopped_message, write_atomic)
 
 # Set by the CLI: it reports a worker's user error itself, from torchelastic's error file.
 LAUNCHED_ENV = "DPTRAIN_LAUNCHED"
@@ -91,6 +91,9 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
             _announce_resume(log, found, skipped, config, restarts)
         try:
             results = train(config, plan, strategy, mnist, split, log, resume=found)
+        except UserError as e:  # diverged, say: a restart would only repeat it
+            log.stopped(str(e))
+            raise
         finally:
             log.close()
         state_dict = results.pop("state_dict")
@@ -198,6 +201,11 @@ def _worker(mode: str, force: bool, **flags) -> None:
         if restarts and not flags.get("resume"):
             flags["resume"] = "auto"  # a restart goes on from the newest checkpoint, if any
         config, resume = checkpoint.config_and_resume(mode, flags)
+        stopped = stopped_message(Path(config.run.out)) if restarts and config.run.out else ""
+        if stopped:
+            # The last attempt stopped on a user error (divergence, say), not a crash: it would
+            # recur. Every rank stops at once, with that attempt's message.
+            _stop(stopped, USER_ERROR_EXIT)
         run(mode, config, force=force, resume=resume, restarts=restarts)
     except UserError as e:
         _stop(str(e), USER_ERROR_EXIT)

@@ -160,6 +160,21 @@ def test_nan_loss_is_one_line_naming_epoch_and_step(tmp_path, mode):
 
 
 @pytest.mark.slow
+def test_a_diverged_run_is_not_retried_by_max_restarts(tmp_path):
+    """torchrun restarts workers after any failure; a divergence would only recur, so the
+    restarted attempts stop at once with its message (the plan is printed once)."""
+    out = tmp_path / "run"
+    result = run_cli("ddp", "--nproc", "2", "--device", "cpu", "--out", str(out), "--optimizer",
+                     "sgd", "--lr", "1e6", "--batch-size", "4096", "--max-restarts", "2")
+    assert_one_line_error(result, "became non-finite", "at epoch 1, step ")
+    assert result.stdout.count("dptrain mode=ddp") == 1, result.stdout
+    assert "became non-finite" in json.loads((out / "stopped.json").read_text())["message"]
+    # A fresh run in the folder clears the record.
+    train("ddp", out, "--force", "--epochs", "1", "--batch-size", "4096")
+    assert not (out / "stopped.json").exists()
+
+
+@pytest.mark.slow
 def test_two_runs_started_together_both_succeed(tmp_path):
     runs = [start_cli("ddp", "--nproc", "2", "--device", "cpu", "--out", str(tmp_path / f"r{i}"),
                       "--epochs", "1", "--batch-size", "4096", log=tmp_path / f"log{i}")
