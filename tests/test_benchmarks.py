@@ -50,3 +50,10 @@ def test_profile_loop_splits_a_step_into_phases():
     result = run_script("profile_loop.py", "--epochs", "1")
     for phase in ("batch", "forward and loss", "backward", "optimizer", "total", "GEMM floor"):
         assert phase in result.stdout
+
+
+@pytest.mark.slow
+def test_step_ops_times_every_operation_of_a_step():
+    result = run_script("step_ops.py", "--epochs", "1")
+    for name in ("gather pixels", "widen pixels", "layer 1 forward", "Adam step", "sum"):
+        assert name in result.stdout
