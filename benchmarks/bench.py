@@ -5,7 +5,8 @@
 Every case runs --repeats times, interleaved (each round runs every case once, in a rotated
 order), so that drift of a shared machine hits all of them; the table shows medians and the
 ratios the performance targets are stated in. CPU only, one thread per process:
-  a  GEMM floor: the bare matrix products of one training epoch, in this process
+  a  GEMM floor: the bare matrix products of one training epoch, in this process; beside it the
+     eager-step floor: every operation of a step written out flat (step_ops.py), no autograd
   b  `dptrain seq` (default config, 25 epochs)
   c  the tutorial baseline (benchmarks/tutorial_baseline.py; better of 0 and 2 loader workers)
   d  `dptrain ddp --nproc 2`, against b
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 from dptrain.config import Config, cpu_cores, resolve
+from step_ops import measure as measure_step_ops
 from dptrain.data import load_mnist, locate, source_files, split_indices
 
 MB = 2**20
@@ -78,6 +80,12 @@ def pixel_floor(updates: int, batch: int, images: torch.Tensor, repeats: int = 7
             images.index_select(0, order[step * batch:(step + 1) * batch]).to(torch.float32)
         times.append(clock() - start)
     return statistics.median(times)
+
+
+def eager_step_floor(epochs: int = 3) -> float:
+    """Seconds per epoch of a step's operations written out flat, each timed in place."""
+    medians, steps = measure_step_ops(epochs)
+    return sum(medians.values()) * steps
 
 
 def bare_import() -> dict:
@@ -157,7 +165,8 @@ def main() -> None:
     cases = {
         "floor": lambda: {"gemm_seconds": gemm_floor(plan.updates_per_epoch, plan.global_batch),
                           "pixel_seconds": pixel_floor(plan.updates_per_epoch, plan.global_batch,
-                                                       images)},
+                                                       images),
+                          "eager_step_seconds": eager_step_floor()},
         "import": bare_import,
         "seq": lambda: train_run("seq", work, args.epochs),
         "ddp": lambda: train_run("ddp", work, args.epochs),
@@ -192,6 +201,7 @@ def summarize(samples: dict[str, list], updates: int) -> dict:
     m = {
         "gemm_floor_epoch_s": median(s["gemm_seconds"] for s in samples["floor"]),
         "pixel_floor_epoch_s": median(s["pixel_seconds"] for s in samples["floor"]),
+        "eager_step_floor_epoch_s": median(s["eager_step_seconds"] for s in samples["floor"]),
         "import_torch_s": median(s["torch"]["seconds"] for s in samples["import"]),
         "import_torch_rss_mb": median(s["torch"]["peak_rss_bytes"] for s in samples["import"]) / MB,
         "import_dynamo_rss_mb": median(s["torch+dynamo"]["peak_rss_bytes"]
@@ -261,6 +271,7 @@ def print_report(report: dict) -> None:
     blank = [""] * (len(columns) - 2)
     table.add_row("a GEMM floor", f"{m['gemm_floor_epoch_s']:.4f}", *blank)
     table.add_row("  pixel gather+widen", f"{m['pixel_floor_epoch_s']:.4f}", *blank)
+    table.add_row("  eager-step floor", f"{m['eager_step_floor_epoch_s']:.4f}", *blank)
     table.add_row("c tutorial baseline", f"{m['tutorial_epoch_s']:.3f}", *blank)
     for name, label in (("seq", "b seq"), ("ddp", "d ddp -n2 (shm)"),
                         ("ddp_gloo", "  ddp -n2 (gloo)"), ("fsdp", "g fsdp -n2, 1 epoch")):
@@ -281,6 +292,13 @@ def print_report(report: dict) -> None:
         targets.add_row(t["name"], f"{t['value']:.3g}", f"{t['rule']} {t['limit']:.3g}",
                         "[green]yes[/]" if t["met"] else "[red]no[/]")
     console.print(targets)
+    eager = m["eager_step_floor_epoch_s"]
+    console.print(f"floors: the eager step written out flat is {eager / m['gemm_floor_epoch_s']:.2f}x "
+                  f"the GEMM floor (b asks <= 1.5); the tutorial over it is "
+                  f"{m['tutorial_epoch_s'] / eager:.1f}x (c asks >= 40); "
+                  f"products and pixels alone are "
+                  f"{(m['gemm_floor_epoch_s'] + m['pixel_floor_epoch_s']) / m['gemm_floor_epoch_s']:.2f}x "
+                  "the GEMM floor. docs/PERFORMANCE.md explains each.")
 
 
 if __name__ == "__main__":

@@ -66,10 +66,8 @@ def timed_step(rows, images, labels, params, optimizer, spent: dict[str, list]) 
     del loss
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=8)
-    args = parser.parse_args()
+def measure(epochs: int) -> tuple[dict[str, float], int]:
+    """Median seconds of each operation group per step, and the steps per epoch."""
     torch.set_num_threads(1)
     config = Config()
     mnist = load_mnist("")
@@ -81,20 +79,26 @@ def main() -> None:
     params = list(MLP().parameters())
     optimizer = FusedAdam(params, lr=plan.lr)
     spent: dict[str, list] = defaultdict(list)
-    for epoch in range(1, args.epochs + 2):  # the first epoch warms up
+    for epoch in range(1, epochs + 2):  # the first epoch warms up
         if epoch == 2:
             spent.clear()
         order = epoch_order(split.train, config.train.seed, epoch)[:plan.samples_per_epoch]
         for rows in global_batches(order, plan.global_batch):
             timed_step(rows, images, labels, params, optimizer, spent)
-    total = 0.0
-    print(f"one seq step, {plan.global_batch} samples, medians of {args.epochs} epochs "
-          f"x {plan.updates_per_epoch} steps, wall us")
-    for name, seconds in spent.items():
-        us = statistics.median(seconds) * 1e6
-        total += us
-        print(f"  {name:28s} {us:7.1f}")
-    print(f"  {'sum':28s} {total:7.1f}  = {total * plan.updates_per_epoch / 1e3:.1f} ms per epoch")
+    return {name: statistics.median(s) for name, s in spent.items()}, plan.updates_per_epoch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=8)
+    args = parser.parse_args()
+    medians, steps = measure(args.epochs)
+    print(f"one seq step, {Config().train.batch_size} samples, medians of {args.epochs} epochs "
+          f"x {steps} steps, wall us")
+    for name, seconds in medians.items():
+        print(f"  {name:28s} {seconds * 1e6:7.1f}")
+    total = sum(medians.values())
+    print(f"  {'sum':28s} {total * 1e6:7.1f}  = {total * steps * 1e3:.1f} ms per epoch")
 
 
 if __name__ == "__main__":
