@@ -135,11 +135,19 @@ def test_checkpoint_flags_are_validated():
         assert key in str(e.value)
 
 
-def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    """The one loop, in this process: an inf loss at update 13 (epoch 2 at 10 per epoch)."""
+def seq_run_error(out) -> str:
+    """The one-line error of a 3-epoch seq run (10 updates an epoch) in this process."""
     from dptrain.errors import UserError
     from dptrain.worker import run
 
+    config = build_config({}, {"epochs": 3, "batch_size": 4096, "device": "cpu", "out": str(out)})
+    with pytest.raises(UserError) as e:
+        run("seq", config)
+    return str(e.value)
+
+
+def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """The one loop, in this process: an inf loss at update 13 (epoch 2 at 10 per epoch)."""
     real, updates = MLP.forward, []
 
     def forward_that_overflows(self, x, targets=None):
@@ -151,11 +159,7 @@ def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
         return out
 
     monkeypatch.setattr(MLP, "forward", forward_that_overflows)
-    config = build_config({}, {"epochs": 3, "batch_size": 4096, "device": "cpu",
-                               "out": str(tmp_path / "run")})
-    with pytest.raises(UserError) as e:
-        run("seq", config)
-    message = str(e.value)
+    message = seq_run_error(tmp_path / "run")
     assert "non-finite" in message and "(this rank's loss: inf)" in message
     assert "epoch 2, step 3 of 10 (update 13 of the run)" in message
     assert "epoch-0001" in message
@@ -171,8 +175,6 @@ def test_diverged_parameters_are_never_checkpointed(tmp_path, monkeypatch):
     """A weight that overflows while every loss stays finite: the per-step check (one gradient)
     misses it, the check before each checkpoint does not."""
     from dptrain import train as train_module
-    from dptrain.errors import UserError
-    from dptrain.worker import run
 
     real_epoch = train_module.train_epoch
 
@@ -184,12 +186,9 @@ def test_diverged_parameters_are_never_checkpointed(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(train_module, "train_epoch", epoch_that_overflows_a_weight)
-    config = build_config({}, {"epochs": 3, "batch_size": 4096, "device": "cpu",
-                               "out": str(tmp_path / "run")})
-    with pytest.raises(UserError) as e:
-        run("seq", config)
-    assert "parameters became non-finite during epoch 2" in str(e.value)
-    assert "epoch-0001" in str(e.value)
+    message = seq_run_error(tmp_path / "run")
+    assert "parameters became non-finite during epoch 2" in message
+    assert "epoch-0001" in message
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["epoch-0001"]
 
 
