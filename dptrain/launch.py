@@ -1,0 +1,196 @@
+"""Starting the workers of a ddp or fsdp run: torchrun inside this process, how it starts the
+workers (forked from here, or fresh processes), the rendezvous, and a failed worker as one line.
+
+The CLI calls `launch` once flags and config are settled. No torch at module level: `--help`
+and config errors stay instant.
+"""
+
+import errno
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+
+from dptrain.config import Config, resolve, resolve_threads, to_toml
+from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
+from dptrain.runlog import LAUNCH_TIME_ENV, SUMMARY, check_out_dir, err, peak_rss_bytes, write_summary
+
+
+def stopped_line(signum: int, out: Path | None, what: str) -> str:
+    """One line for a run stopped by a signal: what is left to resume from."""
+    line = f"{what} by signal {signal.Signals(signum).name}"
+    if out is None:
+        return line
+    from dptrain.checkpoint import latest
+
+    found, _ = latest(out)
+    if found is None:
+        return f"{line}; no checkpoint was written in {out}"
+    return f"{line}; the last complete checkpoint is {found.path} (continue with --resume {out})"
+
+
+def torchrun_args(config: Config) -> list[str]:
+    """torchrun's own flags: a free local port for one node, the given rendezvous for several."""
+    launch = config.launch
+    args = [f"--nproc-per-node={launch.nproc}", f"--max-restarts={launch.max_restarts}"]
+    if launch.nnodes == 1 and not launch.rdzv_endpoint:
+        return args + ["--standalone"]
+    args += [f"--nnodes={launch.nnodes}", f"--rdzv-backend={launch.rdzv_backend}",
+             f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--node-rank={launch.node_rank}"]
+    if launch.rdzv_id:
+        args.append(f"--rdzv-id={launch.rdzv_id}")
+    return args
+
+
+def launch(mode: str, config: Config, *, force: bool, resume: str, started: float) -> None:
+    """Check everything a worker would reject, then run torchrun in this process."""
+    from dptrain.data import load_mnist, split_indices
+    from dptrain.worker import LAUNCHED_ENV
+
+    # Decode (or download) the data once here, so that workers only map the cache.
+    mnist = load_mnist(config.data.data_dir)
+    n_train = len(split_indices(len(mnist.labels), config.data.split_seed).train)
+    resolve(config, mode=mode, world_size=config.launch.nproc * config.launch.nnodes,
+            n_train=n_train)
+    out = Path(config.run.out)
+    if not resume:
+        check_out_dir(out, force)
+    if config.launch.rdzv_endpoint and (config.launch.rdzv_backend == "c10d"
+                                        or config.launch.node_rank == 0):
+        check_rendezvous_port(config.launch.rdzv_endpoint)
+
+    threads = resolve_threads(config.system, config.launch.nproc)
+    os.environ.update({LAUNCH_TIME_ENV: repr(started), LAUNCHED_ENV: "1",
+                       "OMP_NUM_THREADS": str(threads)})
+    # Restarted workers must not meet in the rendezvous store of the attempt before: with the
+    # store shared (torch's default) they read its stale addresses and cannot connect
+    # (pytorch/pytorch#135712). A store per attempt avoids that.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    with tempfile.TemporaryDirectory(prefix="dptrain-") as tmp:
+        resolved = Path(tmp) / "config.toml"
+        resolved.write_text(to_toml(config))
+        worker = [f"--mode={mode}", f"--config={resolved}"]
+        worker += (["--force"] if force else []) + ([f"--resume={resume}"] if resume else [])
+        _torchrun(torchrun_args(config) + worker_entry(mode, config) + worker, out)
+    if (out / SUMMARY).exists():  # on the node that held rank 0: time the whole command
+        summary = json.loads((out / SUMMARY).read_text())
+        summary["wall_seconds"] = time.time() - started
+        # The workers were forked from this process and share its pages (torch, ...).
+        summary["memory"]["launcher_peak_rss_bytes"] = peak_rss_bytes()
+        write_summary(out, summary)
+
+
+def worker_entry(mode: str, config: Config) -> list[str]:
+    """How torchrun starts the workers: forked from this process for CPU runs; as fresh
+    `python -m dptrain.worker` processes for CUDA, which does not survive a fork."""
+    import torch
+
+    device = config.system.device
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return ["-m", "dptrain.worker"]
+    return fork_workers(mode)
+
+
+def fork_workers(mode: str) -> list[str]:
+    """torchrun flags that fork the workers from this process, which imports for them first.
+
+    A worker started afresh imports torch, then torch._dynamo (DDP's constructor and FSDP's
+    DTensors import it): ~3 s, as long as the whole training on a small machine, paid again
+    by every worker at once on the same cores. Forked, they start with all of it in memory,
+    shared copy-on-write. (Cluster scripts start `python -m dptrain.worker` the usual way.)
+    """
+    from dptrain.worker import FORKED_ENV
+
+    os.environ[FORKED_ENV] = "1"
+    import torch._dynamo  # noqa: F401
+    from torch.nn.parallel import DistributedDataParallel  # noqa: F401
+
+    import dptrain.train  # noqa: F401
+    import dptrain.worker
+
+    if mode == "fsdp":
+        import torch.distributed.fsdp  # noqa: F401
+    sys.stdout.flush()  # a child would print again whatever is still buffered
+    sys.stderr.flush()
+    return ["--start-method=fork", "--run-path", dptrain.worker.__file__]
+
+
+def check_rendezvous_port(endpoint: str) -> None:
+    """This node hosts the rendezvous when HOST is one of its addresses: the port must be free.
+
+    torchrun would otherwise connect to whatever holds the port as a client of its store, and
+    wait on it without a timeout. A HOST of another machine is left to torchrun.
+    """
+    host, _, port = endpoint.rpartition(":")
+    try:
+        address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UserError(f"--rdzv-endpoint {endpoint}: cannot resolve {host} ({e.strerror})") from None
+    with socket.socket(address[0], socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # ignore TIME_WAIT leftovers
+        try:
+            probe.bind(address[4])
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"--rdzv-endpoint {endpoint}: port {port} is already in use on "
+                                "this machine; choose a free port (one machine needs no "
+                                "endpoint: use --nproc)") from None
+            # EADDRNOTAVAIL: another machine's address, which hosts the store itself
+
+
+def _torchrun(argv: list[str], out: Path) -> None:
+    """torch.distributed.run in-process; a worker's failure becomes one line, not a report."""
+    import logging
+
+    # torchrun's loggers set their own levels from $LOGLEVEL when their modules load.
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as e:
+        rank, failure = _first_failure(e)
+        if failure.exitcode == USER_ERROR_EXIT:
+            raise UserError(failure.message) from None
+        if failure.exitcode == ONE_LINE_EXIT:
+            err(failure.message)
+        elif failure.exitcode < 0:
+            err(stopped_line(-failure.exitcode, out, f"worker rank {rank} was killed"))
+        else:
+            err(f"worker rank {rank} failed with exit code {failure.exitcode}: "
+                f"{_first_line(failure.message)}; its traceback is above")
+        raise typer.Exit(1) from None
+    except SignalException as e:  # torchrun has already stopped the workers
+        err(stopped_line(e.sigval, out, "stopped") + "; the workers were terminated")
+        raise typer.Exit(128 + int(e.sigval)) from None
+
+
+def _first_line(message) -> str:
+    """A failure's message: text, or the error-file record of a forked worker (a dict)."""
+    while isinstance(message, dict):
+        message = message.get("message", "")
+    return str(message).splitlines()[0] if message else "no message"
+
+
+def _first_failure(error):
+    """The failure that explains the others: a user error, then a worker killed by a signal
+    other than the SIGTERM torchrun stops the rest with, then a lost peer, then the earliest."""
+    def rank_of(item):
+        rank, failure = item
+        code = failure.exitcode
+        cause = (0 if code == USER_ERROR_EXIT else 1 if code < 0 and code != -signal.SIGTERM
+                 else 2 if code == ONE_LINE_EXIT else 3)
+        return cause, failure.timestamp, rank
+
+    return min(error.failures.items(), key=rank_of)
