@@ -24,14 +24,18 @@ from dptrain.config import Config, SystemConfig, resolve
 from dptrain.data import epoch_order, load_mnist, split_indices
 from dptrain.model import MLP
 from dptrain.strategy import DistEnv, make_strategy
-from dptrain.train import Samples, global_batches, make_optimizer, rank_slice
+from dptrain.step import NonFiniteGuard, make_optimizer
+from dptrain.train import Samples, global_batches, rank_slice
 
 
-def profile_epoch(model, optimizer, samples, order, plan, strategy) -> dict[str, float]:
-    """One epoch of train_epoch's step, phase by phase; CPU seconds per phase."""
+def profile_epoch(model, optimizer, guard, samples, order, plan, strategy) -> dict[str, float]:
+    """One epoch of the eager step (step.EagerStep), phase by phase; CPU seconds per phase."""
     spent: dict[str, float] = defaultdict(float)
     clock = time.thread_time
-    for rows in global_batches(order[:plan.samples_per_epoch], plan.global_batch):
+    losses = torch.zeros(plan.updates_per_epoch, dtype=torch.float64)
+    guard.reset()
+    batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
+    for index, rows in enumerate(batches):
         t0 = clock()
         x, y = samples.batch(rank_slice(rows, strategy))
         t1 = clock()
@@ -40,15 +44,17 @@ def profile_epoch(model, optimizer, samples, order, plan, strategy) -> dict[str,
         optimizer.zero_grad(set_to_none=True)
         (loss * (loss.detach() * 0.0 + 1 / len(rows))).backward()
         t4 = clock()
-        if not strategy.gradients_finite(model):
-            raise RuntimeError("non-finite gradients")
+        guard.check(strategy.local_gradients(model))
         t5 = clock()
         optimizer.step()
+        losses[index] = loss.detach()
         t6 = clock()
         for phase, seconds in (("batch (gather uint8 rows)", t1 - t0),
                                ("forward and loss", t2 - t1), ("backward", t4 - t2),
-                               ("finite-gradient check", t5 - t4), ("optimizer", t6 - t5)):
+                               ("finite-gradient check", t5 - t4), ("optimizer, loss record", t6 - t5)):
             spent[phase] += seconds
+    if guard.skipped.item():
+        raise RuntimeError("non-finite gradients")
     return spent
 
 
@@ -69,13 +75,14 @@ def main() -> None:
     strategy = make_strategy(args.mode, env, SystemConfig(device="cpu"))
     torch.manual_seed(config.train.seed)
     model = strategy.wrap(MLP(config.model.hidden, config.model.activation, config.train.loss))
-    optimizer = make_optimizer(config.optim, model.parameters(), plan.lr)
+    guard = NonFiniteGuard(strategy.device)
+    optimizer = make_optimizer(config.optim, model.parameters(), plan.lr, skip_if=guard.flag)
     samples = Samples(mnist, strategy.device)
 
     epochs = []
     for epoch in range(args.epochs + 1):  # the first epoch warms up, and is not counted
         order = epoch_order(split.train, config.train.seed, epoch + 1)
-        spent = profile_epoch(model, optimizer, samples, order, plan, strategy)
+        spent = profile_epoch(model, optimizer, guard, samples, order, plan, strategy)
         if epoch:
             epochs.append(spent)
     phases = {name: statistics.median(e[name] for e in epochs) for name in epochs[0]}
@@ -100,7 +107,7 @@ def main() -> None:
 
         order = epoch_order(split.train, config.train.seed, 99)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            profile_epoch(model, optimizer, samples, order, plan, strategy)
+            profile_epoch(model, optimizer, guard, samples, order, plan, strategy)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 

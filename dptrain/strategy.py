@@ -122,21 +122,10 @@ class Strategy:
     def barrier(self) -> None:
         """Wait until every rank gets here."""
 
-    def gradients_finite(self, model: nn.Module) -> bool:
-        """False when this step's loss was NaN or inf on any rank. No collective.
-
-        train_epoch scales each rank's loss by a factor that is NaN when that loss is not
-        finite, which makes every gradient element NaN on every rank after the reduction; so
-        one small gradient tells: the output layer's bias (this rank's shard of it under fsdp).
-        Checking every gradient cost ~5% of a CPU step. A gradient that overflows while the
-        loss stays finite is caught by parameters_finite before the next checkpoint.
-        """
-        grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
-        probe = next((g for g in reversed(grads) if g.numel()), None)
-        if probe is None:  # an fsdp rank that holds no shard of any gradient
-            return True
-        # A float64 sum of float32 values cannot overflow: finite exactly when every element is.
-        return math.isfinite(probe.sum(dtype=torch.float64).item())
+    def local_gradients(self, model: nn.Module) -> list[torch.Tensor]:
+        """The gradients this rank holds after backward (its shards under fsdp), summed over
+        ranks; what the non-finite check of a step reads (step.NonFiniteGuard)."""
+        return [_local(p.grad) for p in model.parameters() if p.grad is not None]
 
     def parameters_finite(self, model: nn.Module) -> bool:
         """True when every parameter is finite on every rank. Every rank must call it."""

@@ -16,12 +16,12 @@ from torch import nn
 
 from dptrain import checkpoint
 from dptrain.checkpoint import Checkpoint
-from dptrain.config import Config, OptimConfig, Plan
+from dptrain.config import Config, Plan
 from dptrain.data import Mnist, Split, epoch_order, shard_bounds
 from dptrain.errors import UserError
 from dptrain.model import LOSS_SUMS, MLP
-from dptrain.optim import FusedAdam
 from dptrain.runlog import RunLog
+from dptrain.step import EagerStep, NonFiniteGuard, make_optimizer, make_step
 from dptrain.strategy import Strategy
 
 LossSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,27 +45,22 @@ class Samples:
         self.images = torch.from_numpy(mnist.images).to(device)
         self.labels = torch.from_numpy(mnist.labels).to(device=device, dtype=torch.int64)
 
-    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.from_numpy(rows).to(self.device)
-        return self.images.index_select(0, index), self.labels.index_select(0, index)
+    def rows(self, rows: np.ndarray) -> torch.Tensor:
+        """Row indices on the device: one copy for a whole epoch, none per batch."""
+        return torch.from_numpy(rows).to(self.device)
+
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images.index_select(0, rows), self.labels.index_select(0, rows)
 
 
-def global_batches(order: np.ndarray, batch: int) -> Iterator[np.ndarray]:
+def global_batches(order, batch: int) -> Iterator:
     for start in range(0, len(order), batch):
         yield order[start:start + batch]
 
 
-def rank_slice(rows: np.ndarray, strategy: Strategy) -> np.ndarray:
+def rank_slice(rows, strategy: Strategy):
     lo, hi = shard_bounds(len(rows), strategy.env.rank, strategy.env.world_size)
     return rows[lo:hi]
-
-
-def make_optimizer(optim: OptimConfig, params, lr: float) -> torch.optim.Optimizer:
-    if optim.optimizer == "adam":
-        # One fused kernel per step, also on FSDP's sharded parameters: ~15 us on one CPU
-        # thread, where torch.optim.Adam takes ~375 (~105 fused). See optim.py.
-        return FusedAdam(params, lr=lr, weight_decay=optim.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
 @torch.no_grad()
@@ -76,7 +71,7 @@ def evaluate(model: nn.Module, samples: Samples, rows: np.ndarray, strategy: Str
     Every rank runs the same number of forward passes (FSDP gathers parameters in each).
     """
     totals = torch.zeros(2, dtype=torch.float64, device=samples.device)
-    for chunk in global_batches(rows, batch):
+    for chunk in global_batches(samples.rows(rows), batch):
         x, y = samples.batch(rank_slice(chunk, strategy))
         logits = model(x)
         totals[0] += loss_sum(logits, y)
@@ -85,29 +80,24 @@ def evaluate(model: nn.Module, samples: Samples, rows: np.ndarray, strategy: Str
     return loss / len(rows), correct / len(rows)
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, samples: Samples,
-                order: np.ndarray, plan: Plan, strategy: Strategy, first_step: int) -> float:
+def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan,
+                strategy: Strategy, first_step: int) -> float:
     """One pass over the train split; returns the mean train loss over all ranks.
 
-    Raises NonFinite before applying an update whose gradients are not finite.
+    The host reads the device once, at the end. Raises NonFinite if an update's gradients were
+    not finite on any rank: that update and the rest of the epoch's were not applied.
     """
-    total = torch.zeros((), dtype=torch.float64, device=samples.device)
-    batches = global_batches(order[:plan.samples_per_epoch], plan.global_batch)
-    for step, rows in enumerate(batches, start=first_step):
-        for group in optimizer.param_groups:
-            group["lr"] = plan.lr_at(step)
-        x, y = samples.batch(rank_slice(rows, strategy))
-        loss = model(x, y)  # this rank's loss sum (MLP.forward with targets)
-        optimizer.zero_grad(set_to_none=True)
-        # The gradient of loss / global batch; NaN if this rank's loss is not finite: then the
-        # gradients turn NaN (all of the output layer's) on every rank after the reduction, so
-        # all ranks stop at this step together.
-        (loss * (loss.detach() * 0.0 + 1 / len(rows))).backward()
-        if not strategy.gradients_finite(model):
-            raise NonFinite(step, loss.item())
-        optimizer.step()
-        total += loss.detach()
-    return strategy.all_reduce_sum(total).item() / plan.samples_per_epoch
+    step.begin_epoch(plan.updates_per_epoch)
+    batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
+    for index, rows in enumerate(batches):
+        step(index, rank_slice(rows, strategy), len(rows), plan.lr_at(first_step + index))
+    loss_sum, skipped = strategy.all_reduce_sum(step.end_epoch()).tolist()
+    if skipped:
+        # Ranks that hold different gradient shards (fsdp) may have stopped at different
+        # updates; the earliest counts. Only a run that is about to stop gets here.
+        first = plan.updates_per_epoch - max(strategy.gather_object(int(step.end_epoch()[1])))
+        raise NonFinite(first_step + first, step.loss_at(first))
+    return loss_sum / plan.samples_per_epoch
 
 
 def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: Split,
@@ -116,13 +106,15 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
     then test; returns the results and the full state."""
     torch.manual_seed(config.train.seed)  # the same initial parameters on every rank and mode
     model = strategy.wrap(MLP(config.model.hidden, config.model.activation, config.train.loss))
-    optimizer = make_optimizer(config.optim, model.parameters(), plan.lr_at(0))
+    samples = Samples(mnist, strategy.device)
+    guard = NonFiniteGuard(strategy.device)
+    optimizer = make_optimizer(config.optim, model.parameters(), plan.lr_at(0), skip_if=guard.flag)
     records, earlier_seconds = [], 0.0
     if resume is not None:
         checkpoint.restore(strategy, model, optimizer, resume)
         records, earlier_seconds = list(resume.records), resume.meta["train_seconds"]
     loss_sum = LOSS_SUMS[config.train.loss]
-    samples = Samples(mnist, strategy.device)
+    step = make_step(strategy, model, optimizer, samples, guard)
     eval_batch = config.train.eval_batch_size
 
     loop_start, saving = time.perf_counter(), 0.0
@@ -131,7 +123,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         order = epoch_order(split.train, config.train.seed, epoch)
         first_step = (epoch - 1) * plan.updates_per_epoch
         try:
-            train_loss = train_epoch(model, optimizer, samples, order, plan, strategy, first_step)
+            train_loss = train_epoch(step, samples, order, plan, strategy, first_step)
         except NonFinite as e:
             raise _diverged(e, epoch, plan, log.out) from None
         epoch_seconds = time.perf_counter() - start

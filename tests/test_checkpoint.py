@@ -147,7 +147,9 @@ def seq_run_error(out) -> str:
 
 
 def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    """The one loop, in this process: an inf loss at update 13 (epoch 2 at 10 per epoch)."""
+    """The one loop, in this process: an inf loss at update 13 (epoch 2 at 10 per epoch). The
+    host reads the device once per epoch, so epoch 2 runs to its end with every update from 13
+    on skipped (test_step.py shows they are), then the run stops before checkpointing it."""
     real, updates = MLP.forward, []
 
     def forward_that_overflows(self, x, targets=None):
@@ -164,7 +166,7 @@ def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     assert "epoch 2, step 3 of 10 (update 13 of the run)" in message
     assert "epoch-0001" in message
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["epoch-0001"]
-    assert len(updates) == 13  # stopped at once
+    assert len(updates) == 20  # stopped at the end of epoch 2
     found, _ = checkpoint.latest(tmp_path / "run")
     state = torch.load(found.path / STATE_FILE, weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in state.values())
@@ -172,17 +174,18 @@ def test_nan_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
 
 
 def test_diverged_parameters_are_never_checkpointed(tmp_path, monkeypatch):
-    """A weight that overflows while every loss stays finite: the per-step check (one gradient)
-    misses it, the check before each checkpoint does not."""
+    """A weight that turns non-finite while every loss and gradient stays finite (Adam's state
+    can overflow): the per-step check of the gradients misses it, the check before each
+    checkpoint does not."""
     from dptrain import train as train_module
 
     real_epoch = train_module.train_epoch
 
-    def epoch_that_overflows_a_weight(model, optimizer, samples, order, plan, *args):
-        loss = real_epoch(model, optimizer, samples, order, plan, *args)
-        if args[-1] == plan.updates_per_epoch:  # the second epoch (first_step = 10)
+    def epoch_that_overflows_a_weight(step, samples, order, plan, strategy, first_step):
+        loss = real_epoch(step, samples, order, plan, strategy, first_step)
+        if first_step == plan.updates_per_epoch:  # the second epoch (first_step = 10)
             with torch.no_grad():
-                next(model.parameters())[0, 0] = float("inf")
+                next(step.model.parameters())[0, 0] = float("inf")
         return loss
 
     monkeypatch.setattr(train_module, "train_epoch", epoch_that_overflows_a_weight)

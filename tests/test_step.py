@@ -1,0 +1,124 @@
+"""The step (step.py): the NaN contract kept on the device, read once per epoch."""
+
+import pytest
+import torch
+
+from dptrain.config import build_config, resolve
+from dptrain.data import epoch_order, load_mnist, split_indices
+from dptrain.model import MLP
+from dptrain.optim import FusedAdam, FusedSGD
+from dptrain.step import NonFiniteGuard, make_optimizer, make_step
+from dptrain.strategy import DistEnv, Strategy
+from dptrain.train import NonFinite, Samples, global_batches, train_epoch
+
+BAD = 7  # the update (0-based, within the epoch) that goes wrong
+
+
+@pytest.fixture(scope="module")
+def data():
+    mnist = load_mnist()
+    return Samples(mnist, torch.device("cpu")), split_indices(len(mnist.labels), 0)
+
+
+def setup(data, optimizer):
+    samples, split = data
+    config = build_config({}, {"batch_size": 2048, "optimizer": optimizer, "lr": 0.05,
+                               **({"momentum": 0.9} if optimizer == "sgd" else {})})
+    plan = resolve(config, mode="seq", world_size=1, n_train=len(split.train))
+    strategy = Strategy(DistEnv(), torch.device("cpu"))
+    torch.manual_seed(0)
+    model = strategy.wrap(MLP())
+    guard = NonFiniteGuard(strategy.device)
+    opt = make_optimizer(config.optim, model.parameters(), plan.lr, skip_if=guard.flag)
+    step = make_step(strategy, model, opt, samples, guard)
+    return step, plan, strategy, epoch_order(split.train, 0, 1)
+
+
+def state_of(step):
+    params = [p.detach().clone() for p in step.model.parameters()]
+    moments = [v.clone() for s in step.optimizer.state.values() for k, v in s.items()
+               if k != "step" and v is not None]
+    return params, moments
+
+
+def clean_updates(data, optimizer, count):
+    """The state after the first `count` updates of epoch 1, run without a fault."""
+    step, plan, strategy, order = setup(data, optimizer)
+    samples = data[0]
+    step.begin_epoch(plan.updates_per_epoch)
+    batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
+    for index, rows in zip(range(count), batches):
+        step(index, rows, len(rows), plan.lr_at(index))
+    return state_of(step)
+
+
+def assert_same_state(a, b):
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+    assert len(a[1]) == len(b[1]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_non_finite_loss_is_never_applied(data, optimizer, monkeypatch):
+    """An inf loss at update BAD: the epoch ends with the parameters and optimizer state of the
+    BAD updates before it, and the stop names that update and this rank's loss."""
+    step, plan, strategy, order = setup(data, optimizer)
+    real, calls = MLP.forward, []
+
+    def forward(self, x, targets=None):
+        out = real(self, x, targets)
+        calls.append(1)
+        return out * float("inf") if len(calls) == BAD + 1 else out
+
+    monkeypatch.setattr(MLP, "forward", forward)
+    with pytest.raises(NonFinite) as stop:
+        train_epoch(step, data[0], order, plan, strategy, first_step=0)
+    assert (stop.value.step, stop.value.local_loss) == (BAD, float("inf"))
+    assert len(calls) == plan.updates_per_epoch  # the epoch ran on: one read at its end
+    monkeypatch.setattr(MLP, "forward", real)
+    assert_same_state(state_of(step), clean_updates(data, optimizer, BAD))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_an_overflowing_gradient_is_never_applied(data, optimizer):
+    """A finite loss, but one hidden-layer gradient element inf: every gradient is checked."""
+    step, plan, strategy, order = setup(data, optimizer)
+    weight = step.model.layers[1].weight
+    calls = []
+
+    def overflow(grad):
+        calls.append(1)
+        if len(calls) == BAD + 1:
+            grad = grad.clone()
+            grad[3, 4] = float("inf")
+        return grad
+
+    weight.register_hook(overflow)
+    with pytest.raises(NonFinite) as stop:
+        train_epoch(step, data[0], order, plan, strategy, first_step=0)
+    assert stop.value.step == BAD and stop.value.local_loss < float("inf")  # a finite loss
+    assert_same_state(state_of(step), clean_updates(data, optimizer, BAD))
+
+
+def test_guard_flag_is_sticky_and_counts_the_skipped_updates():
+    guard = NonFiniteGuard(torch.device("cpu"))
+    good, bad = [torch.ones(3)], [torch.tensor([1.0, float("nan")])]
+    for grads in (good, good, bad, good, good):
+        guard.check(grads)
+    assert (guard.flag.item(), guard.skipped.item()) == (1.0, 3.0)
+    guard.reset()
+    guard.check(good)
+    assert (guard.flag.item(), guard.skipped.item()) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("cls", [FusedAdam, FusedSGD])
+def test_optimizers_skip_on_the_flag(cls):
+    flag = torch.ones(())
+    param = torch.nn.Parameter(torch.randn(4))
+    before = param.detach().clone()
+    optimizer = cls([param], lr=0.1, skip_if=flag)
+    param.grad = torch.randn(4)
+    optimizer.step()
+    assert torch.equal(param.detach(), before)
+    flag.zero_()
+    optimizer.step()
+    assert not torch.equal(param.detach(), before)
