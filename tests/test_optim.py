@@ -1,11 +1,14 @@
-"""FusedAdam: torch.optim.Adam(fused=True) to the bit, without importing torch._dynamo."""
+"""FusedAdam and FusedSGD: torch.optim's fused Adam and SGD to the bit, without importing
+torch._dynamo."""
 
 import subprocess
 import sys
 
 import torch
 
-from dptrain.optim import FusedAdam
+import pytest
+
+from dptrain.optim import FusedAdam, FusedSGD
 
 
 def test_same_steps_and_state_as_torch_fused_adam():
@@ -31,16 +34,41 @@ def test_same_steps_and_state_as_torch_fused_adam():
     a.load_state_dict(sb)  # torch's state loads into ours
 
 
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 1e-3)])
+def test_same_steps_and_state_as_torch_sgd(momentum, weight_decay):
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(16, 784)), torch.nn.Parameter(torch.randn(16))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a = FusedSGD(ours, lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    b = torch.optim.SGD(theirs, lr=0.1, momentum=momentum, weight_decay=weight_decay, fused=True)
+    for step in range(20):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        for optimizer in (a, b):
+            optimizer.param_groups[0]["lr"] = 0.1 * (step + 1) / 20
+            optimizer.step()
+            optimizer.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for index, state in sb["state"].items():
+        assert torch.equal(sa["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    a.load_state_dict(sb)  # torch's state loads into ours
+
+
 def test_seq_training_never_imports_dynamo():
     code = ("import sys, torch\n"
             "from dptrain.model import MLP, cross_entropy_sum\n"
             "from dptrain.optim import FusedAdam\n"
             "model = MLP()\n"
-            "optimizer = FusedAdam(model.parameters(), lr=0.01)\n"
-            "x = torch.randint(0, 256, (32, 784), dtype=torch.uint8)\n"
-            "cross_entropy_sum(model(x), torch.zeros(32, dtype=torch.int64)).backward()\n"
-            "optimizer.step(); optimizer.zero_grad()\n"
-            "optimizer.load_state_dict(optimizer.state_dict())\n"
+            "from dptrain.optim import FusedSGD\n"
+            "for optimizer in (FusedAdam(model.parameters(), lr=0.01),\n"
+            "                  FusedSGD(model.parameters(), lr=0.01, momentum=0.9)):\n"
+            "    x = torch.randint(0, 256, (32, 784), dtype=torch.uint8)\n"
+            "    cross_entropy_sum(model(x), torch.zeros(32, dtype=torch.int64)).backward()\n"
+            "    optimizer.step(); optimizer.zero_grad()\n"
+            "    optimizer.load_state_dict(optimizer.state_dict())\n"
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
