@@ -24,6 +24,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 RDZV_BACKENDS = ("c10d", "static")
 GRAD_SYNCS = ("auto", "collective", "shm")
+START_METHODS = ("auto", "fork", "fresh")
 
 # Output-only section of a run's config.toml; ignored when that file is read back as --config.
 RESOLVED_SECTION = "resolved"
@@ -90,6 +91,10 @@ class LaunchConfig:
     rdzv_id: str = ""
     rdzv_backend: str = "c10d"  # c10d: ranks assigned at rendezvous; static: by node_rank
     max_restarts: int = 0  # torchrun restarts all workers this often; they resume from a checkpoint
+    # How the workers start: forked from the launcher, which has imported everything once, or
+    # as fresh `python -m dptrain.worker` processes. auto: fork for CPU runs, fresh for CUDA
+    # (a fork of CUDA workers is not yet measured on a GPU; see launch.worker_entry).
+    start_method: str = "auto"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -212,6 +217,7 @@ def validate(c: Config) -> list[str]:
     p += _choice("system.device", c.system.device, DEVICES)
     p += _choice("system.grad_sync", c.system.grad_sync, GRAD_SYNCS)
     p += _choice("launch.rdzv_backend", c.launch.rdzv_backend, RDZV_BACKENDS)
+    p += _choice("launch.start_method", c.launch.start_method, START_METHODS)
     checks = [
         ("optim.lr", c.optim.lr, c.optim.lr > 0 and math.isfinite(c.optim.lr), "> 0"),
         ("optim.momentum", c.optim.momentum, 0 <= c.optim.momentum < 1, "in [0, 1)"),

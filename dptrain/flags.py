@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from dptrain.config import (ACTIVATIONS, BACKENDS, DEVICES, GRAD_SYNCS, LOSSES, LR_SCALINGS,
-                            OPTIMIZERS, Config, ConfigError)
+                            OPTIMIZERS, START_METHODS, Config, ConfigError)
 
 _DEFAULTS = Config()
 TRAIN = "Training"
@@ -109,6 +109,10 @@ def launch_flags(
     max_restarts: Annotated[Optional[int], _opt(
         "Restart all workers up to K times after a failure; they resume from the newest "
         "checkpoint.", _DEFAULTS.launch.max_restarts, LAUNCH)] = None,
+    start_method: Annotated[Optional[str], _opt(
+        f"{'|'.join(START_METHODS)}: fork the workers from this process (it imports torch once "
+        "for all) or start fresh ones; auto = fork for CPU runs, fresh for CUDA.",
+        _DEFAULTS.launch.start_method, LAUNCH)] = None,
 ) -> None:
     """Declares the torchrun options of ddp and fsdp; never called."""
 

@@ -68,6 +68,9 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
     threads = resolve_threads(config.system, config.launch.nproc)
     os.environ.update({LAUNCH_TIME_ENV: repr(started), LAUNCHED_ENV: "1",
                        "OMP_NUM_THREADS": str(threads)})
+    # torch.cuda.is_available() (here and in torchrun) then asks NVML instead of initializing
+    # CUDA, which would make forked workers unable to use it.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     # Restarted workers must not meet in the rendezvous store of the attempt before: with the
     # store shared (torch's default) they read its stale addresses and cannot connect
     # (pytorch/pytorch#135712). A store per attempt avoids that.
@@ -87,14 +90,31 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
 
 
 def worker_entry(mode: str, config: Config) -> list[str]:
-    """How torchrun starts the workers: forked from this process for CPU runs; as fresh
-    `python -m dptrain.worker` processes for CUDA, which does not survive a fork."""
+    """How torchrun starts the workers (launch.start_method): forked from this process, or as
+    fresh `python -m dptrain.worker` processes. auto forks CPU runs and starts CUDA runs fresh.
+
+    A forked worker can use CUDA only if this process never initialized it. Nothing here does:
+    launch() makes torch answer "is CUDA available?" through NVML, which torchrun's own check
+    (LaunchConfig's NUMA default) then uses too. Whether forked CUDA workers start faster and
+    run correctly is for a GPU machine to show (benchmarks/gpu_check.sh); until then CUDA runs
+    fork only on request.
+    """
+    import torch
+
+    method = config.launch.start_method
+    if method == "auto":
+        method = "fresh" if cuda_run(config) else "fork"
+    if method == "fork" and torch.cuda.is_initialized():  # a bug: the workers could not use it
+        raise RuntimeError("the launcher initialized CUDA; forked workers cannot use it")
+    return fork_workers(mode) if method == "fork" else ["-m", "dptrain.worker"]
+
+
+def cuda_run(config: Config) -> bool:
+    """True when the workers will train on GPUs (asked without initializing CUDA here)."""
     import torch
 
     device = config.system.device
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return ["-m", "dptrain.worker"]
-    return fork_workers(mode)
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 def fork_workers(mode: str) -> list[str]:

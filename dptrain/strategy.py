@@ -47,19 +47,25 @@ class DistEnv:
         return self.rank == 0
 
 
-def resolve_device(requested: str, env: DistEnv) -> torch.device:
-    """auto = this rank's GPU when CUDA is available, else the CPU."""
+def resolve_device(requested: str, env: DistEnv, backend: str = "auto") -> torch.device:
+    """auto = this rank's GPU when CUDA is available, else the CPU.
+
+    nccl needs a GPU per rank. gloo can share one: with --backend gloo, local ranks beyond the
+    node's GPUs take them round-robin, so multi-rank CUDA code runs on a one-GPU machine.
+    """
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError("--device cuda, but CUDA is not available on this machine; "
                         "use --device cpu (or auto)")
-    if env.local_rank >= torch.cuda.device_count():
-        raise UserError(f"local rank {env.local_rank} has no GPU: this node has "
-                        f"{torch.cuda.device_count()}; use --nproc <= {torch.cuda.device_count()}, "
-                        "or --device cpu")
-    torch.cuda.set_device(env.local_rank)
-    return torch.device("cuda", env.local_rank)
+    count = torch.cuda.device_count()
+    if env.local_rank >= count and backend != "gloo":
+        raise UserError(f"local rank {env.local_rank} has no GPU: this node has {count}; use "
+                        f"--nproc <= {count}, --backend gloo (ranks then share GPUs), or "
+                        "--device cpu")
+    index = env.local_rank % count
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -158,8 +164,10 @@ class _ProcessGroupStrategy(Strategy):
         self.backend = backend
         self.system = system
         if not dist.is_initialized():
+            # device_id binds nccl's communicator to this rank's GPU at once; gloo has none.
+            bound = device if backend == "nccl" else None
             dist.init_process_group(backend, timeout=timedelta(seconds=system.timeout),
-                                    device_id=device if device.type == "cuda" else None)
+                                    device_id=bound)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -321,7 +329,7 @@ STRATEGIES = {"seq": Strategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy}
 
 def make_strategy(mode: str, env: DistEnv, system: SystemConfig) -> Strategy:
     """Pick the device and backend, join the process group (ddp/fsdp), and return the strategy."""
-    device = resolve_device(system.device, env)
+    device = resolve_device(system.device, env, system.backend)
     if mode == "seq":  # config.resolve has already required a world size of 1
         return Strategy(env, device)
     backend = resolve_backend(system.backend, device)
