@@ -96,7 +96,7 @@ def worker_entry(mode: str, config: Config) -> list[str]:
     A forked worker can use CUDA only if this process never initialized it. Nothing here does:
     launch() makes torch answer "is CUDA available?" through NVML, which torchrun's own check
     (LaunchConfig's NUMA default) then uses too. Whether forked CUDA workers start faster and
-    run correctly is for a GPU machine to show (benchmarks/gpu_check.sh); until then CUDA runs
+    run correctly is for a GPU machine to show (benchmarks/gpu_check.py); until then CUDA runs
     fork only on request.
     """
     import torch

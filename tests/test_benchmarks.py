@@ -57,3 +57,27 @@ def test_step_ops_times_every_operation_of_a_step():
     result = run_script("step_ops.py", "--epochs", "1")
     for name in ("gather pixels", "widen pixels", "layer 1 forward", "Adam step", "sum"):
         assert name in result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_floor_runs_its_eager_loop_on_the_cpu(tmp_path):
+    run_script("gpu_floor.py", "--device", "cpu", "--epochs", "1", "--json",
+               str(tmp_path / "f.json"))
+    floor = json.loads((tmp_path / "f.json").read_text())
+    assert len(floor["eager"]) == 1 and floor["eager"][0] > 0 and "graph" not in floor
+
+
+def test_gpu_check_judges_the_issue_targets():
+    sys.path.insert(0, str(BENCHMARKS))
+    from gpu_check import targets
+
+    run = {"epoch_seconds": 0.01, "startup_seconds": 6.0}
+    report = {"floors": {"graph": 0.006}, "machine": {"import_torch_seconds": 5.0},
+              "runs": [{"name": "seq", **run},
+                       {"name": "ddp-fork", "epoch_seconds": 0.014, "startup_seconds": 9.0},
+                       {"name": "fsdp-fresh", "error": "timed out"}]}
+    found = {t["target"]: (round(t["value"], 3), t["met"]) for t in targets(report)}
+    assert found == {"seq epoch / CUDA-graph floor": (1.667, False),
+                     "seq wall - train - import torch (s)": (1.0, True),
+                     "ddp-fork epoch / seq epoch": (1.4, False),
+                     "ddp-fork wall - train minus seq's (s)": (3.0, False)}
