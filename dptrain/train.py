@@ -76,6 +76,7 @@ def evaluate(model: nn.Module, samples: Samples, rows: np.ndarray, strategy: Str
         logits = model(x)
         totals[0] += loss_sum(logits, y)
         totals[1] += (logits.argmax(dim=1) == y).sum()
+    strategy.after_evaluation(model)
     loss, correct = strategy.all_reduce_sum(totals).tolist()
     return loss / len(rows), correct / len(rows)
 

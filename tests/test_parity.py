@@ -89,3 +89,39 @@ def test_run_folder_contents(runs):
         assert [m["epoch"] for m in lines] == [1]
         assert lines[0]["samples_per_second"] > 0
         assert f"world_size = {summary['world_size']}" in (out / "config.toml").read_text()
+
+
+def test_fsdp_units_follow_layer_size():
+    """The default model is one FSDP unit (the root's); a wide one gets a unit per big layer."""
+    from dptrain.model import MLP
+    from dptrain.strategy import own_units
+
+    assert own_units(MLP()) == []
+    wide = MLP((4096, 4096))
+    assert own_units(wide) == [wide.layers[0], wide.layers[1]]
+
+
+@pytest.mark.slow
+def test_fsdp_with_a_unit_per_layer_matches_seq(tmp_path):
+    """The path of wide models (each layer gathered in its own forward, no fused loss), forced
+    onto the default model in real workers, computes what seq computes."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = tmp_path / "per_layer.py"
+    script.write_text("import dptrain.strategy\n"
+                      "dptrain.strategy.OWN_UNIT_BYTES = 0  # every layer its own unit\n"
+                      "from dptrain.model import MLP\n"
+                      "assert len(dptrain.strategy.own_units(MLP())) == 3\n"
+                      "from dptrain.worker import main\n"
+                      "main()\n")
+    out = tmp_path / "fsdp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), "--mode", "fsdp", "--device", "cpu", "--epochs", "1", "--out", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    train("seq", tmp_path / "seq", "--epochs", "1")
+    assert_same_parameters(load_state(tmp_path / "seq"), load_state(out), atol=1e-4)
