@@ -7,6 +7,7 @@ strategy summing gradients over ranks, every mode applies the same update as the
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -25,6 +26,10 @@ from dptrain.step import EagerStep, NonFiniteGuard, make_optimizer, make_step
 from dptrain.strategy import Strategy
 
 LossSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A mean train loss above this has diverged: a million times chance level (ln 10 nats per
+# sample for cross-entropy; the MSE of sigmoid outputs cannot exceed 5). Adam at lr 1e9 reached
+# 3.8e28 in its first epoch without a NaN, then trained on at 10% accuracy.
+DIVERGED_LOSS = 1e6 * math.log(10)
 
 
 class NonFinite(Exception):
@@ -127,6 +132,10 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
             train_loss = train_epoch(step, samples, order, plan, strategy, first_step)
         except NonFinite as e:
             raise _diverged(e, epoch, plan, log.out) from None
+        if train_loss > DIVERGED_LOSS:  # the same reduced value on every rank: all stop
+            raise UserError(f"the loss diverged: epoch {epoch}'s mean train loss is "
+                            f"{train_loss:.3g}, over a million times chance level; not "
+                            f"checkpointed; {_kept(log.out)}. Lower --lr")
         epoch_seconds = time.perf_counter() - start
         val_loss, val_accuracy = evaluate(model, samples, split.val, strategy, loss_sum, eval_batch)
         records.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,

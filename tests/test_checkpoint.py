@@ -227,3 +227,19 @@ def test_fsdp_checkpoint_of_cpu_ranks_never_touches_cuda(tmp_path, monkeypatch):
         assert all(torch.equal(before[k], after[k]) for k in before)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_diverging_loss_stops_like_a_nan(tmp_path):
+    """Adam at lr 1e9: the loss reaches ~1e28 with no NaN; the run stops after epoch 1, in one
+    line, with nothing checkpointed, and records why (stopped.json)."""
+    from dptrain.config import build_config
+    from dptrain.errors import UserError
+    from dptrain.worker import run
+
+    out = tmp_path / "run"
+    config = build_config({}, {"epochs": 3, "lr": 1e9, "threads": 1, "device": "cpu",
+                               "out": str(out)})
+    with pytest.raises(UserError, match="diverged: epoch 1's mean train loss is .*e\\+"):
+        run("seq", config)
+    assert not (out / "checkpoints").exists() and not (out / "summary.json").exists()
+    assert "diverged" in (out / "stopped.json").read_text()
