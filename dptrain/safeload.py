@@ -7,6 +7,7 @@ is one line naming the file (LoadError). An fsdp checkpoint's files are read by 
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ class LoadError(UserError):
 def torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """torch.load(path, weights_only=True); LoadError in one line if it fails."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. about a plain pickle's protocol: not one line
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise LoadError(f"{path}: refused: it holds more than tensors and plain values, or is "
                         f"corrupt ({weights_only_reason(e)})") from None
