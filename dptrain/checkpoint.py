@@ -189,12 +189,12 @@ def find(path: Path) -> Checkpoint:
 
 def _not_there(path: Path) -> str:
     """Why RUN/checkpoints/epoch-NNNN is not there, and which checkpoints the run has."""
+    from dptrain.config import build_config
+
     run_dir, epoch = path.parent.parent, int(_FOLDER.fullmatch(path.name)[1])
     found, _ = latest(run_dir)
     if found is None:
         return f"checkpoint {path} does not exist, and {run_dir} holds no complete checkpoint"
-    from dptrain.config import build_config
-
     kept = [p.name for p in reversed(_complete(run_dir))]
     run = build_config(found.meta["config"]).run
     if epoch > found.epoch:

@@ -133,7 +133,7 @@ def _check_resumable(found, skipped: list[str], resume: str, plan: Plan, world_s
     now = {"global_batch": plan.global_batch, "updates_per_epoch": plan.updates_per_epoch,
            "lr": plan.lr}
     changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if saved[key] != now[key]]
-    if changed and found.meta["world_size"] == world_size:
+    if changed and skipped and found.meta["world_size"] == world_size:
         # The config came from a newer checkpoint that the trial load passed over.
         raise UserError(f"--resume {resume}: {found.path.name} was trained with other values "
                         f"than the run's config gives ({', '.join(changed)}); the newer "
