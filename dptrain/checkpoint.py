@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class CheckpointError(UserError):
 class Checkpoint:
     path: Path
     meta: dict[str, Any]
+    passed_over: tuple[str, ...] = ()  # find(RUN): why each newer folder was not taken
 
     @property
     def epoch(self) -> int:
@@ -184,7 +185,7 @@ def find(path: Path) -> Checkpoint:
     if found is None:
         why = f": {'; '.join(skipped)}" if skipped else f" ({path / CHECKPOINTS}/epoch-NNNN/)"
         raise CheckpointError(f"{path} holds no complete checkpoint{why}")
-    return found
+    return replace(found, passed_over=tuple(skipped))
 
 
 def _not_there(path: Path) -> str:

@@ -104,6 +104,8 @@ def export_command(
     except UserError as e:
         err(str(e))
         raise typer.Exit(USER_ERROR_EXIT) from None
+    for reason in checkpoint.passed_over:  # a newer folder was damaged, or refused
+        print(f"dptrain: warning: passed over {reason}", file=sys.stderr)
     print(f"wrote {out}: the model of {checkpoint.path} (epoch {checkpoint.epoch}, "
           f"{checkpoint.meta['mode']} x {checkpoint.meta['world_size']})")
 

@@ -278,6 +278,15 @@ def test_a_pruned_checkpoint_is_named_as_such(seq_copy):
         checkpoint.find(checkpoints / "epoch-0009")
 
 
+def test_export_of_a_run_says_what_it_passed_over(seq_copy, tmp_path):
+    edit_meta(seq_copy / "checkpoints" / "epoch-0003", lambda meta: meta.pop("rng"))
+    result = run_cli("export", str(seq_copy), "--out", str(tmp_path / "model.pt"))
+    assert result.returncode == 0, result.stderr
+    assert "the model of" in result.stdout and "epoch-0002 (epoch 2," in result.stdout
+    warnings = result.stderr.strip().splitlines()
+    assert len(warnings) == 1 and "passed over" in warnings[0] and "lacks rng" in warnings[0]
+
+
 def test_resuming_a_finished_run_is_success(seq_copy):
     before = run_files(seq_copy)
     for args in (["--resume", str(seq_copy)], ["--resume", "auto", "--out", str(seq_copy)]):
