@@ -20,12 +20,13 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from dptrain.config import Config
 from dptrain.errors import UserError
+from dptrain.manifest import InvalidManifest, check_manifest, check_plan
 from dptrain.runlog import CHECKPOINTS, SUMMARY, write_atomic
 
 META = "meta.json"
@@ -45,6 +46,7 @@ class CheckpointError(UserError):
 class Checkpoint:
     path: Path
     meta: dict[str, Any]
+    passed_over: tuple[str, ...] = ()  # find(RUN): why each newer folder was not taken
 
     @property
     def epoch(self) -> int:
@@ -69,46 +71,142 @@ def _folders(run_dir: Path) -> list[Path]:
 
 
 def verify(path: Path) -> dict[str, Any]:
-    """The manifest of a complete checkpoint folder; CheckpointError saying what is wrong."""
+    """The manifest of a complete checkpoint folder; CheckpointError saying what is wrong.
+
+    Nothing in the folder is trusted: the whole manifest is checked (manifest.py), every file
+    it lists must match its size and SHA-256, and an fsdp checkpoint's `.metadata` must
+    unpickle through the allowlist of DCP's classes (safedcp.py).
+    """
+    path = Path(path)
     try:
         meta = json.loads((path / META).read_text())
     except (OSError, ValueError):
         raise CheckpointError(f"no readable {META} (incomplete or corrupt)") from None
-    if not isinstance(meta, dict) or meta.get("complete") is not True:
-        raise CheckpointError(f"{META} does not mark it complete")
+    try:
+        check_manifest(meta, path.name)
+    except InvalidManifest as e:
+        raise CheckpointError(f"{META} {e}") from None
     for name, (size, digest) in meta["files"].items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{name} is missing")
         if file.stat().st_size != size or _sha256(file) != digest:
             raise CheckpointError(f"{name} does not match its checksum (corrupt)")
+    if meta["format"] == "dcp":
+        from dptrain.safedcp import read_dcp_metadata
+        from dptrain.safeload import LoadError
+
+        try:
+            read_dcp_metadata(path, {name: size for name, (size, _) in meta["files"].items()})
+        except LoadError as e:
+            raise CheckpointError(str(e)) from None
     return meta
 
 
-def latest(run_dir: Path) -> tuple[Checkpoint | None, list[str]]:
-    """The newest complete checkpoint of a run, and one line per newer folder passed over."""
+def latest(run_dir: Path, check=verify) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint of a run that passes `check` (a folder -> its manifest), and one
+    line per newer folder passed over."""
     skipped = []
     for path in _folders(run_dir):
         try:
-            return Checkpoint(path, verify(path)), skipped
+            return Checkpoint(path, check(path)), skipped
         except CheckpointError as e:
             skipped.append(f"{path}: {e}")
     return None, skipped
+
+
+def resumable(run_dir: Path, n_train: int) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint a run can go on from, and one line per newer folder passed over.
+
+    Beyond verify: its plan is what its config resolves to on `n_train` training samples, and
+    its state and RNG states load, as a trial, into a spare model, optimizer and generators on
+    the CPU, so that a resume never fails after it has begun to rewrite the run folder.
+    """
+    return latest(run_dir, check=lambda path: _trial_restore(path, verify(path), n_train))
+
+
+def _trial_restore(path: Path, meta: dict[str, Any], n_train: int) -> dict[str, Any]:
+    import torch
+
+    from dptrain.config import build_config, resolve
+    from dptrain.model import MLP
+    from dptrain.safeload import LoadError, first_line
+    from dptrain.strategy import STATE_LOADERS
+    from dptrain.train import make_optimizer
+
+    config = build_config(meta["config"])
+    try:
+        check_plan(meta, config, n_train)
+    except InvalidManifest as e:
+        raise CheckpointError(f"{META} {e}") from None
+    plan = resolve(config, mode=meta["mode"], world_size=meta["world_size"], n_train=n_train)
+    model = MLP(config.model.hidden, config.model.activation, config.train.loss)
+    optimizer = make_optimizer(config.optim, model.parameters(), plan.lr_at(0))
+    try:
+        STATE_LOADERS[meta["format"]](model, optimizer, path, torch.device("cpu"))
+    except LoadError as e:
+        raise CheckpointError(str(e)) from None
+    _check_optimizer(optimizer, meta, plan.lr_at(meta["step"] - 1))
+    try:
+        _parse_rng(meta["rng"], spare=True)
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError) as e:
+        raise CheckpointError(f"{META} rng: not the generator states it should be "
+                              f"({type(e).__name__}: {first_line(e)})") from None
+    return meta
+
+
+def _check_optimizer(optimizer, meta: dict[str, Any], lr: float) -> None:
+    """The saved optimizer agrees with the manifest: the lr of the last update and, where the
+    optimizer counts them (Adam), the number of updates."""
+    for group in optimizer.param_groups:
+        if group["lr"] != lr:
+            raise CheckpointError(f"the saved optimizer's lr {group['lr']!r} is not the "
+                                  f"{lr!r} of {META}")
+    for state in optimizer.state.values():
+        if "step" in state and float(state["step"]) != meta["step"]:
+            raise CheckpointError(f"the saved optimizer counts {float(state['step']):g} "
+                                  f"updates, {META} {meta['step']}")
 
 
 def find(path: Path) -> Checkpoint:
     """A checkpoint folder itself, or the newest complete checkpoint of a run folder."""
     path = Path(path)
     if _FOLDER.fullmatch(path.name) and path.parent.name == CHECKPOINTS:
+        if not path.exists():
+            raise CheckpointError(_not_there(path))
         try:
             return Checkpoint(path, verify(path))
         except CheckpointError as e:
             raise CheckpointError(f"checkpoint {path}: {e}") from None
-    found, _ = latest(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist" if not path.exists() else
+                              f"{path} is a file, not a run or checkpoint folder")
+    found, skipped = latest(path)
     if found is None:
-        raise CheckpointError(f"{path} holds no complete checkpoint "
-                              f"({path / CHECKPOINTS}/epoch-NNNN/)")
-    return found
+        why = f": {'; '.join(skipped)}" if skipped else f" ({path / CHECKPOINTS}/epoch-NNNN/)"
+        raise CheckpointError(f"{path} holds no complete checkpoint{why}")
+    return replace(found, passed_over=tuple(skipped))
+
+
+def _not_there(path: Path) -> str:
+    """Why RUN/checkpoints/epoch-NNNN is not there, and which checkpoints the run has."""
+    from dptrain.config import build_config
+
+    run_dir, epoch = path.parent.parent, int(_FOLDER.fullmatch(path.name)[1])
+    found, _ = latest(run_dir)
+    if found is None:
+        return f"checkpoint {path} does not exist, and {run_dir} holds no complete checkpoint"
+    kept = [p.name for p in reversed(_complete(run_dir))]
+    run = build_config(found.meta["config"]).run
+    if epoch > found.epoch:
+        why = f"the run's newest checkpoint is {found.path.name}"
+    elif run.checkpoint_every and epoch % run.checkpoint_every == 0:
+        why = f"it was pruned: the run keeps its newest {run.keep} (--keep)"
+    else:
+        why = (f"it was never written (the run checkpoints every {run.checkpoint_every} "
+               f"epochs) or was pruned")
+    return (f"checkpoint {path} does not exist: {why}; the checkpoints in {path.parent} are "
+            f"{', '.join(kept)}")
 
 
 def _sha256(path: Path) -> str:
@@ -169,8 +267,8 @@ def _commit(tmp: Path, final: Path, meta: dict[str, Any]) -> None:
     _fsync_dir(final.parent)
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Delete complete checkpoints beyond the newest `keep`; incomplete ones are left to be seen."""
+def _complete(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoint folders, newest first."""
     complete = []
     for path in _folders(run_dir):
         try:
@@ -178,7 +276,12 @@ def prune(run_dir: Path, keep: int) -> None:
             complete.append(path)
         except CheckpointError:
             pass
-    for path in complete[keep:]:
+    return complete
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep`; incomplete ones are left to be seen."""
+    for path in _complete(run_dir)[keep:]:
         shutil.rmtree(path)
 
 
@@ -212,16 +315,33 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Set the global RNG states that rng_state() recorded."""
     import numpy as np
     import torch
 
-    torch.set_rng_state(torch.from_numpy(_unb64(state["torch"], np.uint8).copy()))
+    torch_state, numpy_state, python_state = _parse_rng(state)
+    torch.set_rng_state(torch_state)
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
+
+
+def _parse_rng(state: dict[str, Any], *, spare: bool = False) -> tuple:
+    """rng_state()'s JSON as the generators take it; with `spare`, set into spare generators
+    (a trial: it raises what the global ones would, and changes nothing)."""
+    import numpy as np
+    import torch
+
+    torch_state = torch.from_numpy(_unb64(state["torch"], np.uint8).copy())
     numpy_state = dict(state["numpy"])
     numpy_state["state"] = {**numpy_state["state"],
                             "key": _unb64(numpy_state["state"]["key"], np.uint32)}
-    np.random.set_state(numpy_state)
     version, internal, gauss = state["python"]
-    random.setstate((version, tuple(int(w) for w in _unb64(internal, np.uint32)), gauss))
+    python_state = (version, tuple(int(w) for w in _unb64(internal, np.uint32)), gauss)
+    if spare:
+        torch.Generator().set_state(torch_state)
+        np.random.RandomState().set_state(numpy_state)
+        random.Random().setstate(python_state)
+    return torch_state, numpy_state, python_state
 
 
 def _b64(array) -> str:
@@ -234,10 +354,15 @@ def _unb64(text: str, dtype):
     return np.frombuffer(base64.b64decode(text), dtype=dtype)
 
 
+class Finished(Exception):
+    """--resume of a run that has trained every epoch asked for: nothing to do (success)."""
+
+
 def resume_config(mode: str, run_dir: Path, flags: dict[str, Any]) -> Config:
     """The config a resumed run goes on with: the checkpoint's, and only flags in MAY_CHANGE.
 
-    A flag or --config value that would change what the run computes is refused in one line.
+    A flag or --config value that would change what the run computes is refused in one line;
+    Finished if the run has already trained every epoch asked for.
     """
     from dptrain.config import build_config
     from dptrain.flags import config_from_flags
@@ -260,8 +385,8 @@ def resume_config(mode: str, run_dir: Path, flags: dict[str, Any]) -> Config:
         raise UserError(f"--resume {run_dir}: its checkpoint is at epoch {found.epoch}; "
                         f"--epochs must be at least that, got {config.train.epochs}")
     if config.train.epochs == found.epoch and (Path(run_dir) / SUMMARY).exists():
-        raise UserError(f"--resume {run_dir}: the run has finished all {found.epoch} epochs; "
-                        "pass a larger --epochs to train on")
+        raise Finished(f"{run_dir} has already finished all {found.epoch} epochs; nothing to do "
+                       "(pass a larger --epochs to train on)")
     return config
 
 
@@ -272,28 +397,36 @@ def _differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
 
 
 def export(source: Path, out: Path) -> Checkpoint:
-    """Write the model of a checkpoint (or of a run's newest one) as a plain model.pt."""
+    """Write the model of a checkpoint (or of a run's newest one) as a plain model.pt.
+
+    The checkpoint is loaded into a fresh MLP of its config (an fsdp one without a process
+    group: DCP reads every shard into the full tensors), so only a model of that shape is
+    ever written; anything refused or unloadable is one line (safeload.LoadError).
+    """
     import torch
 
     from dptrain.config import build_config
     from dptrain.model import MLP
+    from dptrain.safeload import LoadError, first_line, torch_load
     from dptrain.strategy import STATE_FILE
 
     checkpoint = find(source)
+    shape = build_config(checkpoint.meta["config"]).model
+    model = MLP(shape.hidden, shape.activation)
     if checkpoint.meta["format"] == "dcp":
-        # No process group: DCP reads every shard into the full tensors of a fresh model.
-        import warnings
+        from dptrain.safedcp import dcp_load
 
-        import torch.distributed.checkpoint as dcp
-
-        model = build_config(checkpoint.meta["config"]).model
-        state = MLP(model.hidden, model.activation).state_dict()
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": state}, checkpoint_id=checkpoint.path)
+        state = {"model": model.state_dict()}
+        dcp_load(state, checkpoint.path)
+        model.load_state_dict(state["model"])
     else:
-        state = torch.load(checkpoint.path / STATE_FILE, map_location="cpu",
-                           weights_only=True)["model"]
+        saved = torch_load(checkpoint.path / STATE_FILE)
+        try:
+            model.load_state_dict(saved["model"])
+        except (KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise LoadError(f"{checkpoint.path / STATE_FILE}: not the state of this run's model "
+                            f"({type(e).__name__}: {first_line(e)})") from None
+    state = model.state_dict()
     write_atomic(out, lambda f: torch.save(state, f))
     return checkpoint
 
@@ -302,6 +435,7 @@ def config_and_resume(mode: str, flags: dict[str, Any]) -> tuple[Config, str]:
     """The run's config from the flags, and the run folder to resume from ("" = a fresh start).
 
     --resume auto continues --out when it holds a complete checkpoint, and starts it otherwise.
+    --resume RUN/checkpoints/epoch-NNNN is --resume RUN when that is RUN's newest checkpoint.
     """
     from dptrain.flags import config_from_flags
 
@@ -316,4 +450,23 @@ def config_and_resume(mode: str, flags: dict[str, Any]) -> tuple[Config, str]:
         resume = fresh.run.out
     if not resume:
         return config_from_flags(flags), ""
-    return resume_config(mode, Path(resume), flags), resume
+    run_dir = _run_folder(Path(resume))
+    return resume_config(mode, run_dir, flags), str(run_dir)
+
+
+def _run_folder(path: Path) -> Path:
+    """The run folder --resume names: itself, or the run of its newest complete checkpoint.
+
+    A run goes on from its newest checkpoint only: going back to an older one would replace
+    and prune the newer ones as it trains, so that is left to the user to do on purpose.
+    """
+    if not (_FOLDER.fullmatch(path.name) and path.parent.name == CHECKPOINTS):
+        return path
+    named, run_dir = find(path), path.parent.parent
+    newest, _ = latest(run_dir)
+    if newest.path.resolve() != named.path.resolve():
+        raise UserError(f"--resume {path}: {run_dir} has a newer complete checkpoint, "
+                        f"{newest.path.name}, and a run goes on from its newest; pass --resume "
+                        f"{run_dir} (to go back to {path.name}, delete the newer checkpoint "
+                        "folders first)")
+    return run_dir

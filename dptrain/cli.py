@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from dptrain.checkpoint import Finished
 from dptrain.commands import register as register_study_commands
 from dptrain.config import Config
 from dptrain.errors import USER_ERROR_EXIT, UserError
@@ -47,6 +48,8 @@ def _train_command(mode: str):
                 run("seq", config, force=flags["force"], resume=resume)
             else:
                 launch(mode, config, force=flags["force"], resume=resume, started=started)
+        except Finished as e:  # --resume of a finished run: nothing to do is success
+            print(f"dptrain: {e}")
         except UserError as e:
             err(str(e))
             raise typer.Exit(USER_ERROR_EXIT) from None
@@ -101,6 +104,8 @@ def export_command(
     except UserError as e:
         err(str(e))
         raise typer.Exit(USER_ERROR_EXIT) from None
+    for reason in checkpoint.passed_over:  # a newer folder was damaged, or refused
+        print(f"dptrain: warning: passed over {reason}", file=sys.stderr)
     print(f"wrote {out}: the model of {checkpoint.path} (epoch {checkpoint.epoch}, "
           f"{checkpoint.meta['mode']} x {checkpoint.meta['world_size']})")
 

@@ -23,9 +23,8 @@ CLASSES = range(10)
 
 def load_model(run_dir: Path):
     """(MLP with the run's final parameters, in eval mode; the run's Config)."""
-    import torch
-
     from dptrain.model import MLP
+    from dptrain.safeload import first_line, torch_load
 
     run_dir = Path(run_dir)
     for name in (CONFIG, MODEL):
@@ -33,12 +32,12 @@ def load_model(run_dir: Path):
             raise UserError(f"{run_dir}: no {name} here; give the folder of a finished run")
     config = build_config(read_toml(run_dir / CONFIG), source=str(run_dir / CONFIG))
     model = MLP(config.model.hidden, config.model.activation)
+    state = torch_load(run_dir / MODEL)  # weights_only; refused or corrupt: one line
     try:
-        state = torch.load(run_dir / MODEL, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (RuntimeError, OSError, EOFError) as e:  # truncated file, or another model's shape
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{run_dir / MODEL}: cannot load it into the run's model ({first})") from None
+    except (RuntimeError, TypeError, KeyError) as e:  # another model's shape, or not a state
+        raise UserError(f"{run_dir / MODEL}: cannot load it into the run's model "
+                        f"({first_line(e)})") from None
     return model.eval(), config
 
 

@@ -154,9 +154,7 @@ class Strategy:
 
     def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
         """The state `save_state` wrote, into this rank's model and optimizer."""
-        state = torch.load(folder / STATE_FILE, map_location=self.device, weights_only=True)
-        self.unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        STATE_LOADERS[self.checkpoint_format](self.unwrap(model), optimizer, folder, self.device)
 
     def close(self, *, ok: bool = True) -> None:
         """Leave the process group: after a success, only once every rank is done with it."""
@@ -341,17 +339,40 @@ class FSDPStrategy(_ProcessGroupStrategy):
         writer = dcp.FileSystemWriter(folder, per_thread_copy_ahead=copy_ahead)
         dcp.save({"model": model_state, "optimizer": optimizer_state}, storage_writer=writer)
 
-    def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-        # DCP reads each rank's part by global offsets, so any world size can load any checkpoint.
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
-        dcp.load(state, checkpoint_id=folder)
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+def load_torch_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
+                     device: torch.device) -> None:
+    """A seq/ddp checkpoint's state.pt into a plain model and its optimizer (weights_only);
+    safeload.LoadError in one line if it is refused or does not fit them."""
+    from dptrain.safeload import LoadError, first_line, torch_load
 
+    state = torch_load(folder / STATE_FILE, map_location=device)
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise LoadError(f"{folder / STATE_FILE}: not the state of this run's model and optimizer "
+                        f"({type(e).__name__}: {first_line(e)})") from None
+
+
+def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
+                   device: torch.device) -> None:
+    """An fsdp checkpoint into a model (fully_shard or plain) and its optimizer, through
+    safedcp. DCP reads each rank's part by global offsets, so any world size can load any
+    checkpoint; without a process group, a plain model gets all of it."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from dptrain.safedcp import dcp_load
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp_load(state, folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+
+
+# checkpoint_format -> how its state is loaded (also by checkpoint.resumable, as a trial).
+STATE_LOADERS = {"torch": load_torch_state, "dcp": load_dcp_state}
 
 STRATEGIES = {"seq": Strategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy}
 

@@ -69,9 +69,11 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     plan = resolve(config, mode=mode, world_size=env.world_size, n_train=len(split.train))
     out = Path(config.run.out) if config.run.out else default_out_dir(mode)
 
-    found, skipped = checkpoint.latest(Path(resume)) if resume else (None, [])
+    # The checkpoint is fully checked (a trial load included) before anything in the run
+    # folder is deleted or rewritten: a damaged one is passed over, never half-obeyed.
+    found, skipped = checkpoint.resumable(Path(resume), len(split.train)) if resume else (None, [])
     if resume:
-        _check_resumable(found, resume, plan, env.world_size)
+        _check_resumable(found, skipped, resume, plan, env.world_size)
 
     strategy = make_strategy(mode, env, config.system)
     ok = False
@@ -121,15 +123,21 @@ def _announce(log: RunLog, config: Config, plan: Plan, setting: dict, out: Path,
                "out": str(out)})
 
 
-def _check_resumable(found, resume: str, plan: Plan, world_size: int) -> None:
+def _check_resumable(found, skipped: list[str], resume: str, plan: Plan, world_size: int) -> None:
     """The checkpoint exists and this world size trains it with the same batches and lr."""
     if found is None:
-        raise checkpoint.CheckpointError(f"--resume {resume}: no complete checkpoint in "
-                                         f"{Path(resume) / checkpoint.CHECKPOINTS}")
+        why = f": {'; '.join(skipped)}" if skipped else ""
+        raise checkpoint.CheckpointError(f"--resume {resume}: no usable checkpoint in "
+                                         f"{Path(resume) / checkpoint.CHECKPOINTS}{why}")
     saved = found.meta["plan"]
     now = {"global_batch": plan.global_batch, "updates_per_epoch": plan.updates_per_epoch,
            "lr": plan.lr}
     changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if saved[key] != now[key]]
+    if changed and skipped and found.meta["world_size"] == world_size:
+        # The config came from a newer checkpoint that the trial load passed over.
+        raise UserError(f"--resume {resume}: {found.path.name} was trained with other values "
+                        f"than the run's config gives ({', '.join(changed)}); the newer "
+                        "checkpoint they came from was passed over")
     if changed:
         raise UserError(f"--resume {resume}: at world size {world_size} the run would train with "
                         f"{', '.join(changed)} (lr_scaling depends on it); resume at its world "
@@ -207,6 +215,9 @@ def _worker(mode: str, force: bool, **flags) -> None:
             # recur. Every rank stops at once, with that attempt's message.
             _stop(stopped, USER_ERROR_EXIT)
         run(mode, config, force=force, resume=resume, restarts=restarts)
+    except checkpoint.Finished as e:  # success: a restart, or a retry, after the last epoch
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dptrain: {e}", flush=True)
     except UserError as e:
         _stop(str(e), USER_ERROR_EXIT)
     except Exception as e:

@@ -19,18 +19,26 @@ CONFIG = build_config({}, {"epochs": 5, "batch_size": 4096})
 PLAN = resolve(CONFIG, mode="seq", world_size=1, n_train=42000)
 
 
+def made_up_record(epoch):
+    """A sane metrics record of `epoch` (its lr that of the plan)."""
+    return {"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.0 / epoch,
+            "val_accuracy": 0.5, "lr": PLAN.lr_at(epoch * PLAN.updates_per_epoch - 1),
+            "epoch_seconds": 0.1, "val_seconds": 0.01, "samples_per_second": 1e5,
+            "checkpoint_seconds": 0.0}
+
+
 def write_checkpoints(run_dir, epochs, keep=10):
     """Checkpoints of a small model after each of `epochs` (made-up metrics)."""
     strategy = Strategy(DistEnv(), torch.device("cpu"))
     torch.manual_seed(0)
     model = MLP()
     optimizer = make_optimizer(CONFIG.optim, model.parameters(), 0.01)
-    records = []
+    records = [made_up_record(epoch) for epoch in range(1, min(epochs))]
     for epoch in epochs:
         model.layers[0].bias.data.fill_(epoch)
-        records.append({"epoch": epoch, "train_loss": 1.0 / epoch})
-        meta = checkpoint.manifest(epoch=epoch, step=epoch * 10, mode="seq", world_size=1,
-                                   config=CONFIG, plan=PLAN, records=records,
+        records.append(made_up_record(epoch))
+        meta = checkpoint.manifest(epoch=epoch, step=epoch * PLAN.updates_per_epoch, mode="seq",
+                                   world_size=1, config=CONFIG, plan=PLAN, records=records,
                                    train_seconds=float(epoch), checkpoint_format="torch")
         checkpoint.write(strategy, model, optimizer, run_dir, meta, keep)
     return model
@@ -72,8 +80,11 @@ def test_a_half_written_folder_never_counts(tmp_path):
     write_checkpoints(tmp_path, [1])
     (tmp_path / "checkpoints" / ".epoch-0002.tmp").mkdir()  # a crash during the next save
     assert checkpoint.latest(tmp_path)[0].epoch == 1
+    (tmp_path / "elsewhere").mkdir()
     with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
         checkpoint.find(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="nowhere does not exist"):
+        checkpoint.find(tmp_path / "nowhere")
 
 
 def test_keep_prunes_the_oldest(tmp_path):
