@@ -143,7 +143,7 @@ def test_hung_peer_ends_the_job_within_the_timeout(tmp_path):
     output = (tmp_path / "log").read_text()
     assert process.returncode == 1, output
     errors = [line for line in output.splitlines() if line.startswith("dptrain: error:")]
-    assert len(errors) == 1 and "timed out (--timeout)" in errors[0], output
+    assert len(errors) == 1 and "timed out (--timeout 5 s)" in errors[0], output
     assert alive(workers) == set()
     assert (out / "checkpoints" / "epoch-0001").is_dir()
 
