@@ -190,6 +190,9 @@ def _torchrun(argv: list[str], out: Path) -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    # Forked workers are stopped by torch.multiprocessing, which warns "Terminating process
+    # ... via signal SIGTERM" for each: the failure's one line says what happened.
+    logging.getLogger("torch.multiprocessing").setLevel(logging.CRITICAL)
     try:
         run(parse_args(argv))
     except ChildFailedError as e:
