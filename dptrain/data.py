@@ -53,6 +53,8 @@ def cache_dir() -> Path:
 
 def read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file of unsigned bytes, gzip-compressed or not, into a uint8 array."""
+    # Hand-written, not torchvision's read_image_file: that returns torch tensors, and the CLI
+    # decodes the data before it imports torch (and with precise errors for damaged files).
     return _parse_idx(_read_bytes(path), path)
 
 
