@@ -48,9 +48,7 @@ _STORAGE_REASONS = {
     errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EIO: "input/output error",
     errno.ELOOP: "a symbolic link where dptrain does not follow one",
 }
-
-
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # want of space: the run can go on later
 
 
 class StorageError(UserError):
