@@ -281,12 +281,17 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["seq", "ddp", "fsdp"])
 def test_a_real_full_disk_on_every_mode(small_disk, mode):
+    """seq in this process (the CLI's path for it), ddp and fsdp on 2 workers."""
     out = small_disk / "run"
-    launch = ["--nproc", "2"] if mode != "seq" else []
-    result = run_cli(mode, *launch, "--device", "cpu", "--out", str(out), "--epochs", "3",
-                     "--batch-size", "4096")
-    assert_one_line_error(result, f"cannot write checkpoint {out}/checkpoints/epoch-0002",
-                          "no space left on device", f"--resume {out}")
+    fragments = (f"cannot write checkpoint {out}/checkpoints/epoch-0002",
+                 "no space left on device", f"--resume {out}")
+    if mode == "seq":
+        message = run_seq_error(out, epochs=3)
+        assert all(fragment in message for fragment in fragments), message
+    else:
+        result = run_cli(mode, "--nproc", "2", "--device", "cpu", "--out", str(out), "--epochs",
+                         "3", "--batch-size", "4096")
+        assert_one_line_error(result, *fragments)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-0001"]
     found, skipped = checkpoint.latest(out)
     assert found.epoch == 1 and skipped == []
