@@ -24,8 +24,9 @@ from dptrain.runlog import RunLock, write_atomic
 
 
 def seq_config(out, epochs=2, **flags):
+    # One thread: two are ten times slower beside the other busy processes of a 2-core machine.
     return build_config({}, {"epochs": epochs, "batch_size": 4096, "device": "cpu",
-                             "out": str(out), **flags})
+                             "threads": 1, "out": str(out), **flags})
 
 
 def run_seq(out, epochs=2, **kwargs):
@@ -218,7 +219,7 @@ def test_after_a_full_disk_the_run_resumes_to_the_same_model(tmp_path, monkeypat
         run_seq_error(out, epochs=3)
     from dptrain.worker import run
 
-    config = checkpoint.resume_config("seq", out, {"epochs": 3, "device": "cpu"})
+    config = checkpoint.resume_config("seq", out, {"epochs": 3, "device": "cpu", "threads": 1})
     run("seq", config, resume=str(out))
     assert_identical_parameters(load_state(reference), load_state(out))
 
@@ -326,7 +327,7 @@ def test_resume_through_a_linked_checkpoints_folder_is_refused(tmp_path, trained
     before = sorted(p.name for p in elsewhere.iterdir())
     from dptrain.worker import run
 
-    config = checkpoint.resume_config("seq", out, {"epochs": 4, "device": "cpu"})
+    config = checkpoint.resume_config("seq", out, {"epochs": 4, "device": "cpu", "threads": 1})
     with pytest.raises(UserError, match="is a symbolic link"):
         run("seq", config, resume=str(out))
     assert sorted(p.name for p in elsewhere.iterdir()) == before
