@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import os
+import socket
 import struct
 import tempfile
 import urllib.error
@@ -151,19 +152,27 @@ def download(directory: Path, stems: list[str], mirrors: tuple[str, ...] | None 
         tuple(MNIST.mirrors)
     gz_md5 = dict(MNIST.resources)
     directory.mkdir(parents=True, exist_ok=True)
-    for stem in stems:
-        errors = []
-        for mirror in mirrors:
-            url = mirror.rstrip("/") + f"/{stem}.gz"
-            try:
-                _fetch_verified(url, directory / f"{stem}.gz", gz_md5[f"{stem}.gz"])
-                break
-            except (OSError, urllib.error.URLError, DataError) as e:
-                errors.append(f"{url}: {getattr(e, 'reason', e)}")
-        else:
-            raise DataError(f"could not download {stem}.gz ({'; '.join(errors)}); without "
-                            f"internet, put the four MNIST files in a folder and pass "
-                            f"--data-dir DIR or set DPTRAIN_DATA_DIR")
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # torchvision's downloader sets none: a stalled mirror would hang
+    try:
+        for stem in stems:
+            _download_one(directory, stem, mirrors, gz_md5[f"{stem}.gz"])
+    finally:
+        socket.setdefaulttimeout(timeout)
+
+
+def _download_one(directory: Path, stem: str, mirrors: tuple[str, ...], gz_md5: str) -> None:
+    errors = []
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + f"/{stem}.gz"
+        try:
+            _fetch_verified(url, directory / f"{stem}.gz", gz_md5)
+            return
+        except (OSError, urllib.error.URLError, DataError) as e:
+            errors.append(f"{url}: {getattr(e, 'reason', e)}")
+    raise DataError(f"could not download {stem}.gz ({'; '.join(errors)}); without internet, put "
+                    "the four MNIST files in a folder and pass --data-dir DIR or set "
+                    "DPTRAIN_DATA_DIR")
 
 
 def _fetch_verified(url: str, target: Path, gz_md5: str) -> None:
