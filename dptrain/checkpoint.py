@@ -27,7 +27,7 @@ from typing import Any
 from dptrain.config import Config
 from dptrain.errors import UserError
 from dptrain.manifest import InvalidManifest, check_manifest, check_plan
-from dptrain.runlog import CHECKPOINTS, SUMMARY, write_atomic
+from dptrain.runlog import CHECKPOINTS, SUMMARY, StorageError, storage_error, write_atomic
 
 META = "meta.json"
 _FOLDER = re.compile(r"epoch-(\d+)")
@@ -234,20 +234,51 @@ def write(strategy, model, optimizer, run_dir: Path, meta: dict[str, Any], keep:
 
     def together(action) -> None:
         # The same collectives on every rank, whoever fails: a failure is everyone's, at once.
-        problem = None
+        problem, full = None, None
         try:
             action()
-        except OSError as e:
-            problem = f"{e.strerror or e} ({e.filename or root})"
+        except (OSError, UserError) as e:
+            problem, full = _write_problem(e, root)
+        except BaseException as e:  # DCP wraps each rank's error (a BaseException)
+            problem, full = _write_problem(_os_error_of(e), root)
+            if problem is None:
+                raise
         if not strategy.all_agree(problem is None):
-            raise CheckpointError(f"cannot write checkpoint {root / name}: "
-                                  f"{problem or 'another rank failed'}")
+            if main:  # a full disk, say: the partial folder goes, the earlier ones stay
+                shutil.rmtree(tmp, ignore_errors=True)
+            message = f"cannot write checkpoint {root / name}: {problem or 'another rank failed'}"
+            raise CheckpointError(message) if full is None else StorageError(message, full=full)
 
     start = time.perf_counter()
     together(lambda: _fresh_folder(tmp) if main else None)
     together(lambda: strategy.save_state(model, optimizer, tmp))
     meta["metrics"][-1]["checkpoint_seconds"] = time.perf_counter() - start
     together(lambda: (_commit(tmp, root / name, meta), prune(run_dir, keep)) if main else None)
+
+
+def _write_problem(error, root: Path) -> tuple[str | None, bool | None]:
+    """What went wrong writing a checkpoint, in a few words, and whether the disk or the folder
+    is to blame (full disk: True; no permission, say: False; else None); (None, None) if
+    `error` is no write error."""
+    if isinstance(error, OSError):
+        error = storage_error(error, error.filename or root) or error
+    if isinstance(error, StorageError):  # "cannot write FILE: no space left on device"
+        return str(error).removeprefix("cannot write "), error.full
+    if isinstance(error, OSError):
+        return f"{error.strerror or error} ({error.filename or root})", None
+    if isinstance(error, UserError):
+        return str(error), None
+    return None, None
+
+
+def _os_error_of(error: BaseException) -> OSError | None:
+    """The OSError behind a torch.distributed.checkpoint failure, if that is what it is."""
+    for cause, _trace in getattr(error, "failures", {}).values():
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            return cause
+    return None
 
 
 def _fresh_folder(path: Path) -> None:

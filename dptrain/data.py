@@ -11,27 +11,30 @@ import gzip
 import hashlib
 import json
 import os
-import shutil
+import socket
 import struct
 import tempfile
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dptrain.errors import UserError
+from dptrain.runlog import umask, write_atomic
 
 # The MD5 of each file's *uncompressed* bytes, so that .gz and raw copies are checked alike.
+# Hand-written, with the stems: torchvision's table (used to download) holds the MD5s of the
+# .gz files only, and importing it costs seconds on every start.
 FILES = {
     "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb", (60000, 28, 28)),
     "train_labels": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624", (60000,)),
     "test_images": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea", (10000, 28, 28)),
     "test_labels": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637", (10000,)),
 }
-# The mirrors torchvision uses, tried in order. $DPTRAIN_MNIST_MIRRORS (space-separated) replaces them.
-MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+# Where a torchvision MNIST root (torchvision.datasets.MNIST(root)) keeps the files, below ROOT
+# or below ROOT/MNIST.
+TORCHVISION_LAYOUTS = (Path("MNIST") / "raw", Path("raw"))
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 N_PIXELS = 28 * 28
 _IDX_UBYTE = 0x08
@@ -51,6 +54,8 @@ def cache_dir() -> Path:
 
 def read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file of unsigned bytes, gzip-compressed or not, into a uint8 array."""
+    # Hand-written, not torchvision's read_image_file: that returns torch tensors, and the CLI
+    # decodes the data before it imports torch (and with precise errors for damaged files).
     return _parse_idx(_read_bytes(path), path)
 
 
@@ -96,19 +101,31 @@ def _find_file(directory: Path, stem: str) -> Path | None:
 def locate(data_dir: str = "") -> tuple[Path, str]:
     """The directory to read MNIST from and where that choice came from.
 
-    A directory named by the flag or the environment must hold the files; only the cache
-    directory is ever filled by downloading.
+    A directory named by the flag or the environment must hold the files, itself or as a
+    torchvision root (ROOT/MNIST/raw); only the cache directory is ever filled by downloading.
     """
     for directory, origin in ((data_dir, "--data-dir"),
                               (os.environ.get("DPTRAIN_DATA_DIR", ""), "$DPTRAIN_DATA_DIR")):
         if directory:
             path = Path(directory).expanduser()
+            if path.exists() and not path.is_dir():
+                raise DataError(f"{origin} {path} is a file, not a folder; point {origin} at "
+                                "the folder that holds the four MNIST files")
             if not path.is_dir():
                 raise DataError(f"MNIST directory {path} (from {origin}) does not exist; point "
                                 f"{origin} at a folder with the four MNIST files, or unset it "
                                 f"to download them into {cache_dir() / 'mnist'}")
-            return path, origin
+            return _mnist_folder(path), origin
     return cache_dir() / "mnist", "cache"
+
+
+def _mnist_folder(path: Path) -> Path:
+    """`path` itself, or the raw folder of a torchvision root below it, whichever holds MNIST's
+    files (`path` when none does, so that the error names the folder given)."""
+    for folder in (path, *(path / layout for layout in TORCHVISION_LAYOUTS)):
+        if any(_find_file(folder, stem) for stem, _, _ in FILES.values()):
+            return folder
+    return path
 
 
 def source_files(directory: Path, origin: str) -> dict[str, Path]:
@@ -120,43 +137,59 @@ def source_files(directory: Path, origin: str) -> dict[str, Path]:
         return source_files(directory, "downloaded")
     if missing:
         raise DataError(f"MNIST file {missing[0]}(.gz) is missing from {directory} (from "
-                        f"{origin}); it needs all four of {', '.join(s for s, _, _ in FILES.values())} "
-                        ", gzip-compressed or not")
+                        f"{origin}); it needs all four of {', '.join(s for s, _, _ in FILES.values())}, "
+                        "gzip-compressed or not")
     return found
 
 
 def download(directory: Path, stems: list[str], mirrors: tuple[str, ...] | None = None) -> None:
-    """Fetch `stems` (.gz) from the first mirror that has each, checking MD5s, into `directory`."""
-    mirrors = mirrors or tuple(os.environ.get("DPTRAIN_MNIST_MIRRORS", "").split()) or MIRRORS
-    md5_of = {stem: md5 for stem, md5, _ in FILES.values()}
+    """Fetch `stems` (.gz) into `directory` with torchvision's downloader, from the first of its
+    MNIST mirrors ($DPTRAIN_MNIST_MIRRORS, space-separated, replaces them) that has each file,
+    checked against torchvision's MD5 of the .gz and ours of its content."""
+    from torchvision.datasets import MNIST  # seconds to import: only when downloading
+
+    mirrors = mirrors or tuple(os.environ.get("DPTRAIN_MNIST_MIRRORS", "").split()) or \
+        tuple(MNIST.mirrors)
+    gz_md5 = dict(MNIST.resources)
     directory.mkdir(parents=True, exist_ok=True)
-    for stem in stems:
-        errors = []
-        for mirror in mirrors:
-            url = mirror.rstrip("/") + f"/{stem}.gz"
-            try:
-                _fetch_verified(url, directory / f"{stem}.gz", md5_of[stem])
-                break
-            except (OSError, urllib.error.URLError, DataError) as e:
-                errors.append(f"{url}: {getattr(e, 'reason', e)}")
-        else:
-            raise DataError(f"could not download {stem}.gz ({'; '.join(errors)}); without "
-                            f"internet, put the four MNIST files in a folder and pass "
-                            f"--data-dir DIR or set DPTRAIN_DATA_DIR")
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(60)  # torchvision's downloader sets none: a stalled mirror would hang
+    try:
+        for stem in stems:
+            _download_one(directory, stem, mirrors, gz_md5[f"{stem}.gz"])
+    finally:
+        socket.setdefaulttimeout(timeout)
 
 
-def _fetch_verified(url: str, target: Path, md5: str) -> None:
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.",
-                                     delete=False) as tmp:
+def _download_one(directory: Path, stem: str, mirrors: tuple[str, ...], gz_md5: str) -> None:
+    errors = []
+    for mirror in mirrors:
+        url = mirror.rstrip("/") + f"/{stem}.gz"
         try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                shutil.copyfileobj(response, tmp)
-            tmp.close()
-            _check_md5(_read_bytes(Path(tmp.name)), md5, shown_as=url)
-            os.replace(tmp.name, target)
-        finally:
-            if os.path.exists(tmp.name):
-                os.unlink(tmp.name)
+            _fetch_verified(url, directory / f"{stem}.gz", gz_md5)
+            return
+        except (OSError, urllib.error.URLError, DataError) as e:
+            errors.append(f"{url}: {getattr(e, 'reason', e)}")
+    raise DataError(f"could not download {stem}.gz ({'; '.join(errors)}); without internet, put "
+                    "the four MNIST files in a folder and pass --data-dir DIR or set "
+                    "DPTRAIN_DATA_DIR")
+
+
+def _fetch_verified(url: str, target: Path, gz_md5: str) -> None:
+    """Download into a private folder beside `target`; only a verified file is moved into place."""
+    from torchvision.datasets.utils import download_url
+
+    stem = target.name.removesuffix(".gz")
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        try:
+            download_url(url, tmp, target.name, md5=gz_md5)
+        except RuntimeError as e:  # torchvision's "File not found or corrupted."
+            raise DataError(f"{url}: checksum mismatch, the download is corrupt ({e})") from None
+        fetched = Path(tmp) / target.name
+        md5 = next(md5 for s, md5, _ in FILES.values() if s == stem)
+        _check_md5(_read_bytes(fetched), md5, shown_as=url)
+        os.chmod(fetched, 0o666 & ~umask())
+        os.replace(fetched, target)
 
 
 def _check_md5(raw: bytes, md5: str, shown_as: str | Path) -> None:
@@ -179,17 +212,11 @@ def load_mnist(data_dir: str = "") -> Mnist:
     """Locate, verify and decode MNIST, reusing a decoded cache keyed by the source files."""
     directory, origin = locate(data_dir)
     sources = source_files(directory, origin)
-    key = _cache_key(sources)
-    decoded = cache_dir() / "decoded"
-    paths = decoded / f"images-{key}.npy", decoded / f"labels-{key}.npy"
-    if all(p.is_file() for p in paths):
-        try:
-            # copy-on-write: writable for torch.from_numpy, shared page cache until written
-            return Mnist(*(np.load(p, mmap_mode="c") for p in paths))
-        except (OSError, ValueError):
-            pass  # a damaged cache entry is rebuilt below
-    mnist = decode(sources)
-    _save_cache(paths, mnist)
+    paths = _cache_paths(_cache_key(sources))
+    mnist = _load_cache(paths)
+    if mnist is None:  # none yet, or damaged: decode again
+        mnist = decode(sources)
+        _save_cache(paths, mnist, sources)
     return mnist
 
 
@@ -214,15 +241,82 @@ def _cache_key(sources: dict[str, Path]) -> str:
     return hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:16]
 
 
-def _save_cache(paths: tuple[Path, Path], mnist: Mnist) -> None:
-    """Best effort: an unwritable cache costs a decode per run, nothing more."""
+def _cache_paths(key: str) -> dict[str, Path]:
+    decoded = cache_dir() / "decoded"
+    return {"images": decoded / f"images-{key}.npy", "labels": decoded / f"labels-{key}.npy",
+            "record": decoded / f"mnist-{key}.json"}
+
+
+def _load_cache(paths: dict[str, Path]) -> Mnist | None:
+    """The decoded arrays, memory-mapped, when they are exactly what was written; else None.
+
+    The record beside them (written last) holds the source files' MD5s and each array file's
+    size and SHA-256, with the file's stat (size, times, inode) when its hash was last
+    confirmed. Any write changes that stat, so an unchanged one is trusted for free; a changed
+    one is hashed again (the 55 MB of images: ~35 ms here) and the cache rebuilt on mismatch.
+    """
     try:
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-        for path, array in zip(paths, (mnist.images, mnist.labels)):
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as tmp:
-                np.save(tmp, array)
-            os.replace(tmp.name, path)  # atomic: ranks racing here all see whole files
-    except OSError:
+        record = json.loads(paths["record"].read_text())
+        if record["sources"] != {stem: md5 for stem, md5, _ in FILES.values()}:
+            return None
+        confirmed = [_intact(paths[name], record["arrays"][name]) for name in ("images", "labels")]
+        if not all(confirmed):
+            return None
+        # copy-on-write: writable for torch.from_numpy, shared page cache until written
+        mnist = Mnist(*(np.load(paths[name], mmap_mode="c") for name in ("images", "labels")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    n = sum(shape[0] for _, _, shape in FILES.values()) // 2  # train + test samples
+    if (mnist.images.shape != (n, N_PIXELS) or mnist.labels.shape != (n,)
+            or mnist.images.dtype != np.uint8 or mnist.labels.dtype != np.uint8
+            or int(mnist.labels.max()) > 9):
+        return None
+    if record != json.loads(paths["record"].read_text()):  # a stat was confirmed anew
+        _write_record(paths["record"], record)
+    return mnist
+
+
+def _intact(path: Path, entry: dict) -> bool:
+    """`path` still has the size and SHA-256 of `entry`; renews entry["stat"] when re-hashed."""
+    stat = _stat(path)
+    if stat == entry["stat"]:
+        return True
+    if stat[0] != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        return False
+    entry["stat"] = stat
+    return True
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _save_cache(paths: dict[str, Path], mnist: Mnist, sources: dict[str, Path]) -> None:
+    """Best effort: an unwritable cache costs a decode per run, nothing more. Each file is
+    replaced atomically (ranks racing here all see whole files); the record comes last."""
+    record = {"sources": {stem: md5 for stem, md5, _ in FILES.values()},
+              "source_files": {key: str(path) for key, path in sources.items()}, "arrays": {}}
+    try:
+        paths["record"].parent.mkdir(parents=True, exist_ok=True)
+        for name, array in (("images", mnist.images), ("labels", mnist.labels)):
+            write_atomic(paths[name], lambda f: np.save(f, array))
+            record["arrays"][name] = {"bytes": paths[name].stat().st_size,
+                                      "sha256": _sha256(paths[name]), "stat": _stat(paths[name])}
+        _write_record(paths["record"], record)
+    except (OSError, UserError):
+        pass
+
+
+def _write_record(path: Path, record: dict) -> None:
+    try:
+        write_atomic(path, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+    except UserError:  # a read-only or full cache: the next start checks the hashes again
         pass
 
 

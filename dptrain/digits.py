@@ -24,13 +24,20 @@ class ImageError(UserError):
 
 def load_gray(path: Path) -> np.ndarray:
     """The image as float grey levels in [0, 1], transparency flattened onto white."""
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file")
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that: both are
+            # refused here, a digit photo needs far fewer pixels than a decompression bomb.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
@@ -43,6 +50,9 @@ def load_gray(path: Path) -> np.ndarray:
         raise ImageError(f"{path}: a folder, not an image file") from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read (PNG or JPEG expected)") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageError(f"{path}: too large an image to read safely (more than "
+                         f"{Image.MAX_IMAGE_PIXELS:,} pixels); scale it down") from None
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt image data
         raise ImageError(f"{path}: cannot read the image ({e})") from None
     return gray

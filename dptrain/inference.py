@@ -27,6 +27,9 @@ def load_model(run_dir: Path):
     from dptrain.safeload import first_line, torch_load
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
+        raise UserError(f"{run_dir} {what}; give the folder of a finished run")
     for name in (CONFIG, MODEL):
         if not (run_dir / name).exists():
             raise UserError(f"{run_dir}: no {name} here; give the folder of a finished run")

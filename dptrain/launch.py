@@ -8,6 +8,7 @@ and config errors stay instant.
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -19,7 +20,14 @@ import typer
 
 from dptrain.config import Config, resolve, resolve_threads, to_toml
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
-from dptrain.runlog import LAUNCH_TIME_ENV, SUMMARY, check_out_dir, err, peak_rss_bytes, write_summary
+from dptrain.runlog import (LAUNCH_TIME_ENV, LOCK_HELD_ENV, SUMMARY, RunLock, check_out_dir, err,
+                            peak_rss_bytes, write_summary)
+
+# The launcher's scratch folder (the workers' config, torchrun's error files) is
+# $TMPDIR/dptrain-<pid>-*, not inside --out: a worker must be able to report a full disk of
+# --out. A launcher killed by SIGKILL cannot remove it; the next launch removes those of
+# processes that are gone.
+SCRATCH_PREFIX = "dptrain-"
 
 
 def stopped_line(signum: int, out: Path | None, what: str) -> str:
@@ -59,6 +67,12 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
     resolve(config, mode=mode, world_size=config.launch.nproc * config.launch.nnodes,
             n_train=n_train)
     out = Path(config.run.out)
+    lock = RunLock(out)
+    if config.launch.nnodes == 1:
+        # This process outlives torchrun's restarts, so no other run can take the folder
+        # between two attempts. With several nodes rank 0 locks it, wherever it runs.
+        lock.acquire()
+        os.environ[LOCK_HELD_ENV] = str(out.resolve())
     if not resume:
         check_out_dir(out, force)
     if config.launch.rdzv_endpoint and (config.launch.rdzv_backend == "c10d"
@@ -75,18 +89,37 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
     # store shared (torch's default) they read its stale addresses and cannot connect
     # (pytorch/pytorch#135712). A store per attempt avoids that.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    with tempfile.TemporaryDirectory(prefix="dptrain-") as tmp:
+    remove_stale_scratch()
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as tmp:
         resolved = Path(tmp) / "config.toml"
         resolved.write_text(to_toml(config))
         worker = [f"--mode={mode}", f"--config={resolved}"]
         worker += (["--force"] if force else []) + ([f"--resume={resume}"] if resume else [])
-        _torchrun(torchrun_args(config) + worker_entry(mode, config) + worker, out)
+        # torchrun's error files go here too, not into a /tmp/torchelastic_* left behind.
+        _torchrun(torchrun_args(config) + [f"--log-dir={Path(tmp) / 'torchrun'}"]
+                  + worker_entry(mode, config) + worker, out)
     if (out / SUMMARY).exists():  # on the node that held rank 0: time the whole command
         summary = json.loads((out / SUMMARY).read_text())
         summary["wall_seconds"] = time.time() - started
         # The workers were forked from this process and share its pages (torch, ...).
         summary["memory"]["launcher_peak_rss_bytes"] = peak_rss_bytes()
         write_summary(out, summary)
+    lock.release()
+    os.environ.pop(LOCK_HELD_ENV, None)
+
+
+def remove_stale_scratch() -> None:
+    """Remove the scratch folders of launchers that were killed (their pid is gone)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)  # alive (or another user's): leave it
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def worker_entry(mode: str, config: Config) -> list[str]:
@@ -177,17 +210,28 @@ def _torchrun(argv: list[str], out: Path) -> None:
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    # Forked workers are stopped by torch.multiprocessing, which warns "Terminating process
+    # ... via signal SIGTERM" for each: the failure's one line says what happened.
+    logging.getLogger("torch.multiprocessing").setLevel(logging.CRITICAL)
     try:
         run(parse_args(argv))
     except ChildFailedError as e:
         rank, failure = _first_failure(e)
+        # What the worker recorded in its error file, if it could write one.
+        written = (failure.error_file_data.get("message")
+                   if os.path.isfile(failure.error_file) else None)
         if failure.exitcode == USER_ERROR_EXIT:
+            if not written:  # the worker could not write its error file and printed the line
+                raise typer.Exit(USER_ERROR_EXIT) from None
             raise UserError(failure.message) from None
         if failure.exitcode == ONE_LINE_EXIT:
             err(failure.message)
         elif failure.exitcode < 0:
             err(stopped_line(-failure.exitcode, out, f"worker rank {rank} was killed"))
         else:
+            # A forked worker's traceback is only in its error file; a fresh process printed it.
+            if isinstance(written, dict) and written.get("extraInfo", {}).get("py_callstack"):
+                print(written["extraInfo"]["py_callstack"].rstrip(), file=sys.stderr)
             err(f"worker rank {rank} failed with exit code {failure.exitcode}: "
                 f"{_first_line(failure.message)}; its traceback is above")
         raise typer.Exit(1) from None
@@ -205,12 +249,14 @@ def _first_line(message) -> str:
 
 def _first_failure(error):
     """The failure that explains the others: a user error, then a worker killed by a signal
-    other than the SIGTERM torchrun stops the rest with, then a lost peer, then the earliest."""
+    other than the SIGTERM torchrun stops the rest with, then a timed-out collective (its peers
+    then lose it), then a lost peer, then the earliest."""
     def rank_of(item):
         rank, failure = item
         code = failure.exitcode
+        timed_out = code == ONE_LINE_EXIT and "timed out" in str(failure.message)
         cause = (0 if code == USER_ERROR_EXIT else 1 if code < 0 and code != -signal.SIGTERM
-                 else 2 if code == ONE_LINE_EXIT else 3)
+                 else 2 if timed_out else 3 if code == ONE_LINE_EXIT else 4)
         return cause, failure.timestamp, rank
 
     return min(error.failures.items(), key=rank_of)

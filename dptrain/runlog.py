@@ -5,12 +5,16 @@ Every method is a no-op unless the log is active, which it is on global rank 0 o
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,9 +31,54 @@ CONFIG = "config.toml"
 MODEL = "model.pt"
 CHECKPOINTS = "checkpoints"
 STOPPED = "stopped.json"  # why training stopped with a user error (divergence, say)
+LOCK = ".dptrain.lock"  # flock'ed by the run that owns the folder; holds its pid
 
 # Set by the CLI for its workers, so that wall_seconds covers the whole command (epoch seconds).
 LAUNCH_TIME_ENV = "DPTRAIN_LAUNCH_TIME"
+# Set by the CLI for its workers when it holds the run folder's lock itself (one node): the
+# resolved folder. Rank 0 takes the lock only when no launcher holds it for that folder.
+LOCK_HELD_ENV = "DPTRAIN_OUT_LOCKED"
+
+# A write that failed for these reasons is the disk's or the folder's doing, not the program's:
+# one line (StorageError). Any other OSError stays a traceback.
+_STORAGE_REASONS = {
+    errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for its file system", errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a part of the path is a file, not a folder", errno.EIO: "input/output error",
+    errno.ELOOP: "a symbolic link where dptrain does not follow one",
+}
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # want of space: the run can go on later
+
+
+class StorageError(UserError):
+    """A run's file could not be written: the disk is full, the folder is read-only, ...
+    `full`: for want of space (the run can go on once there is room)."""
+
+    def __init__(self, message: str, *, full: bool = False):
+        super().__init__(message)
+        self.full = full
+
+
+def storage_error(error: OSError, path) -> StorageError | None:
+    """The one line for an OSError of the disk or the folder; None for any other OSError."""
+    reason = _STORAGE_REASONS.get(error.errno)
+    if reason is None:
+        return None
+    return StorageError(f"cannot write {path}: {reason}", full=error.errno in _FULL)
+
+
+@contextmanager
+def storage_errors(path):
+    """Inside the block, an OSError of the disk or the folder becomes a StorageError naming `path`
+    (or the file the error names)."""
+    try:
+        yield
+    except OSError as e:
+        problem = storage_error(e, e.filename or path)
+        if problem is None:
+            raise
+        raise problem from None
 
 
 def stopped_message(out: Path) -> str:
@@ -77,16 +126,121 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 
 def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half file."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+    """Write through a temporary file in the same folder, then rename: never a half file.
+
+    `write(f)` gets a binary file. The file's mode is what the user's umask gives a new file,
+    as with `open` (a temporary file alone would be 0600, unreadable to teammates). A full disk
+    or an unwritable folder is a StorageError naming `path`; the temporary file is removed.
+    """
+    with storage_errors(path):
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.",
+                                         delete=False) as tmp:
+            stream = _WriteErrors(tmp)
+            try:
+                os.fchmod(tmp.fileno(), 0o666 & ~umask())
+                write(stream)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            except BaseException as e:
+                os.unlink(tmp.name)
+                if stream.error is not None and not isinstance(e, OSError):
+                    # torch.save reports a failed write as "enforce fail ... unexpected pos":
+                    # the OSError beneath says what happened (no space left, say).
+                    raise stream.error from None
+                raise
+        os.replace(tmp.name, path)
+
+
+class _WriteErrors:
+    """A file whose failed writes are remembered, for writers that replace the OSError."""
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data):
         try:
-            write(tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        except BaseException:
-            os.unlink(tmp.name)
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
             raise
-    os.replace(tmp.name, path)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, hence the above)
+    os.umask(mask)
+    return mask
+
+
+class RunLock:
+    """A run's claim on its folder while it runs: an flock on OUT/.dptrain.lock, which holds the
+    holder's pid. The kernel drops the lock when the holder's process ends, by SIGKILL too, so
+    a killed run never blocks the next one; the file itself stays (deleting it would race)."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Create the folder and take the lock, or raise a UserError naming the holder."""
+        if os.environ.get(LOCK_HELD_ENV) == str(self.out.resolve()):
+            return  # this process's launcher holds it, across torchrun's restarts
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise UserError(f"--out {self.out} is a file, not a folder") from None
+        except OSError as e:
+            reason = _STORAGE_REASONS.get(e.errno) or e.strerror
+            raise UserError(f"--out {self.out}: cannot create the run folder ({reason})") from None
+        path = self.out / LOCK
+        with storage_errors(path):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"--out {self.out} is in use by another run ({self._holder()}); "
+                            "wait for it to end, or choose another folder") from None
+        except OSError as e:  # a file system without locks (some NFS set-ups): go on unlocked
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                os.close(fd)
+                raise
+        self._fd = fd
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            with storage_errors(path):
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps(holder).encode())
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _holder(self) -> str:
+        """Who holds the lock, from the file it writes just after taking it."""
+        for _ in range(40):
+            try:
+                holder = json.loads((self.out / LOCK).read_text())
+                return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                time.sleep(0.05)  # taken a moment ago: the pid is on its way
+        return "its pid is not recorded"
 
 
 class RunLog:
@@ -105,16 +259,24 @@ class RunLog:
         of the checkpoint a run resumes from; none for a fresh run), and print the plan."""
         if not self.active:
             return
+        checkpoints = self.out / CHECKPOINTS
+        if records and checkpoints.is_symlink():  # checked before anything is deleted
+            raise UserError(f"{checkpoints} is a symbolic link: dptrain writes and deletes only "
+                            "inside the run folder; move the checkpoints into it, or pass "
+                            "--force to start over")
         self.out.mkdir(parents=True, exist_ok=True)
         for stale in (SUMMARY, MODEL, STOPPED):  # a rerun must not leave old results behind
             (self.out / stale).unlink(missing_ok=True)
         if not records:  # a fresh start (forced, if there were any): no old checkpoint may count
-            shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
+            if checkpoints.is_symlink():
+                checkpoints.unlink()  # the link, never what it points to
+            shutil.rmtree(checkpoints, ignore_errors=True)
         write_atomic(self.out / CONFIG, lambda f: f.write(config_toml.encode()))
         # Exactly the checkpoint's epochs: any later ones belong to the attempt being redone.
         write_atomic(self.out / METRICS,
                      lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
-        self._metrics = open(self.out / METRICS, "a", buffering=1)
+        with storage_errors(self.out / METRICS):
+            self._metrics = open(self.out / METRICS, "a", buffering=1)
         self.console.print("[bold]dptrain[/] " + "  ".join(f"{k}={v}" for k, v in header.items()))
         if self.console.is_terminal:
             self._progress = Progress(TextColumn("[bold]epoch"), BarColumn(), MofNCompleteColumn(),
@@ -128,7 +290,10 @@ class RunLog:
         """Record why training stopped early: a restarted attempt reads it (stopped_message)."""
         if self.active:
             text = json.dumps({"message": message, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            write_atomic(self.out / STOPPED, lambda f: f.write(text.encode()))
+            try:
+                write_atomic(self.out / STOPPED, lambda f: f.write(text.encode()))
+            except StorageError:
+                pass  # a full disk, say: the run stops on that message all the same
 
     def note(self, text: str) -> None:
         """One line on the console (rich markup)."""
@@ -139,8 +304,9 @@ class RunLog:
         """Append one epoch's metrics (flushed at once) and show them."""
         if not self.active:
             return
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
+        with storage_errors(self.out / METRICS):
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
         text = (f"train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
                 f"val_acc {record['val_accuracy']:.4f}  lr {record['lr']:.4g}  "
                 f"{record['epoch_seconds']:.2f}s")
@@ -166,7 +332,10 @@ class RunLog:
             self._progress.stop()
             self._progress = None
         if self._metrics is not None:
-            self._metrics.close()
+            try:
+                self._metrics.close()
+            except OSError:
+                pass  # the line it could not write was reported when it failed (a full disk)
             self._metrics = None
 
 

@@ -160,16 +160,36 @@ class Strategy:
         """Leave the process group: after a success, only once every rank is done with it."""
 
 
+# Joining the process group (the rendezvous store, then gloo's or nccl's connections) waits at
+# least this long, whatever --timeout says: ranks of a busy machine or a cluster start seconds
+# apart. --timeout then bounds every collective.
+SETUP_TIMEOUT_S = 300.0
+
+
+class SetupFailed(Exception):
+    """This rank could not join the process group: a peer did not start or cannot be reached."""
+
+
 class _ProcessGroupStrategy(Strategy):
     def __init__(self, env: DistEnv, device: torch.device, backend: str, system: SystemConfig):
         super().__init__(env, device)
         self.backend = backend
         self.system = system
         if not dist.is_initialized():
+            setup = max(system.timeout, SETUP_TIMEOUT_S)
             # device_id binds nccl's communicator to this rank's GPU at once; gloo has none.
             bound = device if backend == "nccl" else None
-            dist.init_process_group(backend, timeout=timedelta(seconds=system.timeout),
-                                    device_id=bound)
+            try:
+                dist.init_process_group(backend, timeout=timedelta(seconds=setup),
+                                        device_id=bound)
+            except dist.DistError as e:
+                raise SetupFailed(f"could not join the process group within {setup:g} s: a "
+                                  "rank did not start or cannot reach the others") from e
+            if setup != system.timeout:
+                # dist.set_timeout is recent (2026); older torch has it as _set_pg_timeout.
+                set_timeout = getattr(dist, "set_timeout", None) or \
+                    dist.distributed_c10d._set_pg_timeout
+                set_timeout(timedelta(seconds=system.timeout))
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

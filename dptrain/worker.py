@@ -20,13 +20,14 @@ from dptrain import checkpoint
 from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_threads, to_toml
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
 from dptrain.flags import training_flags, with_flags
-from dptrain.runlog import (RunLog, check_out_dir, command_start_time, default_out_dir, err,
-                            stopped_message, write_atomic)
+from dptrain.runlog import (RunLock, RunLog, StorageError, check_out_dir, command_start_time,
+                            default_out_dir, err, stopped_message, write_atomic)
 
 # Set by the CLI: it reports a worker's user error itself, from torchelastic's error file.
 LAUNCHED_ENV = "DPTRAIN_LAUNCHED"
 # Set by the CLI when torchrun forks the workers from it (CPU runs).
 FORKED_ENV = "DPTRAIN_FORKED"
+LOST_PEER = "lost a peer"
 
 
 def keep_freed_memory() -> bool:
@@ -76,9 +77,10 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
         _check_resumable(found, skipped, resume, plan, env.world_size)
 
     strategy = make_strategy(mode, env, config.system)
+    lock = RunLock(out)  # rank 0's, taken before anything is written
     ok = False
     try:
-        _check_out_dir_together(strategy, out, force or found is not None)
+        _check_out_dir_together(strategy, out, force or found is not None, lock)
         log = RunLog(out, active=env.is_main)
         setting = {"mode": mode, "world_size": env.world_size, "backend": strategy.backend,
                    "grad_sync": strategy.grad_sync, "device": str(strategy.device),
@@ -107,8 +109,13 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
         log.finish(summary, state_dict)
         ok = True
         return summary
+    except StorageError as e:
+        if not e.full:
+            raise
+        raise StorageError(f"{e}; {_resume_hint(out)}", full=True) from None  # what is left
     finally:
         strategy.close(ok=ok)
+        lock.release()
 
 
 def _announce(log: RunLog, config: Config, plan: Plan, setting: dict, out: Path, *,
@@ -155,6 +162,14 @@ def _announce_resume(log: RunLog, found, skipped: list[str], config: Config,
                       f"{config.train.epochs}){why}")
 
 
+def _resume_hint(out: Path) -> str:
+    """After a failed write: what to resume from once the disk has room again."""
+    found, _ = checkpoint.latest(out)
+    if found is None:
+        return "no checkpoint was written; make room and start again"
+    return f"the last complete checkpoint is {found.path}: make room, then --resume {out}"
+
+
 def _plan_fields(plan: Plan) -> dict:
     return {"global_batch": plan.global_batch, "per_rank_batch": plan.per_rank_batch,
             "updates_per_epoch": plan.updates_per_epoch,
@@ -162,11 +177,13 @@ def _plan_fields(plan: Plan) -> dict:
             "lr": plan.lr, "warmup_steps": plan.warmup_steps}
 
 
-def _check_out_dir_together(strategy, out: Path, force: bool) -> None:
-    """Rank 0 checks the run folder; every rank learns the outcome, so none is left waiting."""
+def _check_out_dir_together(strategy, out: Path, force: bool, lock: RunLock) -> None:
+    """Rank 0 locks and checks the run folder; every rank learns the outcome, so none is left
+    waiting (a rank 0 that stopped alone would leave the other nodes' ranks hanging)."""
     problem = None
     if strategy.env.is_main:
         try:
+            lock.acquire()
             check_out_dir(out, force)
         except UserError as e:
             problem = e
@@ -177,12 +194,17 @@ def _check_out_dir_together(strategy, out: Path, force: bool) -> None:
 def report_user_error(message: str) -> None:
     """Hand a user error to the launcher (torchelastic's error file) or print it on rank 0."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    written = False
     if error_file:
         # Whole or absent: torchrun stops this rank with SIGTERM when a peer dies, possibly
         # mid-write, and cannot parse a half-written file (its agent then crashes).
         text = json.dumps({"message": message, "timestamp": int(time.time())})
-        write_atomic(Path(error_file), lambda f: f.write(text.encode()))
-    if not os.environ.get(LAUNCHED_ENV) and os.environ.get("RANK", "0") == "0":
+        try:
+            write_atomic(Path(error_file), lambda f: f.write(text.encode()))
+            written = True
+        except UserError:  # its disk is full too: the line goes to stderr instead
+            pass
+    if not (os.environ.get(LAUNCHED_ENV) and written) and os.environ.get("RANK", "0") == "0":
         err(message)
 
 
@@ -205,6 +227,7 @@ def _worker(mode: str, force: bool, **flags) -> None:
         signal.signal(signum, signal.SIG_DFL)
     _die_with_parent()
     restarts = restart_count()
+    config = None
     try:
         if restarts and not flags.get("resume"):
             flags["resume"] = "auto"  # a restart goes on from the newest checkpoint, if any
@@ -221,9 +244,14 @@ def _worker(mode: str, force: bool, **flags) -> None:
     except UserError as e:
         _stop(str(e), USER_ERROR_EXIT)
     except Exception as e:
-        if not _peer_failure(e):
+        failure = _peer_failure(e, config.system.timeout if config else None)
+        if not failure:
             raise  # a bug: the traceback, rank-prefixed by torchrun
-        _stop(f"rank {os.environ.get('RANK', '0')}: {_peer_failure(e)}", ONE_LINE_EXIT)
+        if failure.startswith(LOST_PEER):
+            # Only a consequence: give the peer's own failure (a timeout, a crash) the moment
+            # it needs to reach torchrun first, which reports the first failures it sees.
+            time.sleep(1.0)
+        _stop(f"rank {os.environ.get('RANK', '0')}: {failure}", ONE_LINE_EXIT)
     # The run is complete and its files are closed. Skip interpreter finalization: a gloo rank
     # was once seen to abort there ("terminate called without an active exception", SIGABRT)
     # after a finished FSDP run, which turned a good run into a failed job. A worker forked by
@@ -243,17 +271,25 @@ def _stop(message: str, status: int) -> None:
     os._exit(status)  # as after a complete run; the process group is already destroyed
 
 
-def _peer_failure(error: Exception) -> str:
-    """One line when a collective failed because a peer died or hung; "" for anything else."""
+def _peer_failure(error: Exception, timeout: float | None = None) -> str:
+    """One line when joining the process group or a collective failed because a peer died, hung
+    or could not be reached; "" for anything else. `timeout`: the run's --timeout, seconds."""
     import torch.distributed as dist
 
-    text = str(error)
-    if not isinstance(error, dist.DistError) and "gloo" not in text.lower():
+    from dptrain.strategy import SetupFailed
+
+    setup = isinstance(error, SetupFailed)
+    text = str(error.__cause__ if setup else error)
+    if not setup and not isinstance(error, dist.DistError) and "gloo" not in text.lower():
         return ""
-    detail = text.splitlines()[0].rsplit("] ", 1)[-1][:200]  # gloo's own words, without its path
+    detail = text.splitlines()[0].rsplit("] ", 1)[-1][:200] if text else ""  # without paths
+    if setup:
+        return f"{error} ({detail})"
     if "timed out" in text.lower() or "timeout" in text.lower():
-        return f"a collective timed out (--timeout): a peer is hung or dead ({detail})"
-    return f"lost a peer, which probably died ({detail})"
+        limit = f"--timeout {timeout:g} s" if timeout else "--timeout"
+        return (f"a collective timed out ({limit}): a peer is hung or dead, or the timeout is "
+                f"too short ({detail})")
+    return f"{LOST_PEER}, which probably died ({detail})"
 
 
 def _die_with_parent() -> None:

@@ -1,4 +1,9 @@
-"""Shared helpers: the real MNIST folder, a tiny IDX writer, a free port, and CLI runners."""
+"""Shared helpers: the real MNIST folder, a tiny IDX writer, a free port, and CLI runners.
+
+The suite finds MNIST the way the CLI does: $DPTRAIN_DATA_DIR, else the cache
+($DPTRAIN_CACHE_DIR/mnist or ~/.cache/dptrain/mnist), which the first run fills once from the
+mirrors. After that, nothing in the suite reaches the network.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +19,42 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dptrain import data
+
 REPO = Path(__file__).resolve().parents[1]
-MNIST_DIR = Path(os.environ.get("DPTRAIN_DATA_DIR") or REPO.parent / "shared" / "data" / "mnist").resolve()
+
+
+def mnist_location() -> tuple[Path | None, str]:
+    """(the folder the suite reads MNIST from, where it came from), as the CLI finds it; (None,
+    the reason) when $DPTRAIN_DATA_DIR names no folder."""
+    try:
+        return data.locate("")
+    except data.DataError as e:
+        return None, str(e)
+
+
+MNIST_DIR = (mnist_location()[0] or Path()).resolve()
+
+
+def provide_mnist(folder: Path | None, origin: str) -> None:
+    """Make sure `folder` holds the four .gz files (tests copy them): downloaded into the cache
+    once if that is where they belong; else pytest stops with the reason."""
+    try:
+        if folder is None:
+            raise data.DataError(origin)
+        data.source_files(folder, origin)
+    except data.DataError as e:
+        pytest.exit(f"MNIST for the tests: {e}", returncode=2)
+    missing = [stem for stem, _, _ in data.FILES.values() if not (folder / f"{stem}.gz").is_file()]
+    if missing:
+        pytest.exit(f"MNIST for the tests: {folder} has no {missing[0]}.gz; the tests need the "
+                    "four .gz files (point DPTRAIN_DATA_DIR at them)", returncode=2)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory):
-    """Real MNIST from shared/, a private decode cache, and no way to reach a real mirror."""
-    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists():
-        pytest.exit(f"MNIST not found at {MNIST_DIR}; set DPTRAIN_DATA_DIR", returncode=2)
+    """Real MNIST, a private decode cache, and no way to reach a real mirror."""
+    provide_mnist(*mnist_location())
     saved = dict(os.environ)
     os.environ["DPTRAIN_DATA_DIR"] = str(MNIST_DIR.resolve())
     os.environ["DPTRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
@@ -30,6 +62,7 @@ def _isolated_env(tmp_path_factory):
     os.environ.pop("DPTRAIN_LAUNCH_TIME", None)
     os.environ.pop("DPTRAIN_LAUNCHED", None)
     os.environ.pop("DPTRAIN_FORKED", None)
+    os.environ.pop("DPTRAIN_OUT_LOCKED", None)
     yield
     os.environ.clear()
     os.environ.update(saved)

@@ -1,7 +1,10 @@
 import functools
 import gzip
 import http.server
+import os
 import shutil
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -61,13 +64,54 @@ def test_checksum_mismatch_names_the_file(tmp_path):
 def test_missing_file_names_it_and_the_fix(tmp_path):
     directory = fake_mnist(tmp_path / "fake")
     (directory / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\(.gz\) is missing from .* --data-dir"):
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\(.gz\) is missing from .* --data-dir") as e:
         load_mnist(str(directory))
+    assert "t10k-labels-idx1-ubyte, gzip-compressed or not" in str(e.value)
 
 
 def test_missing_directory(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_mnist(str(tmp_path / "nowhere"))
+
+
+def test_a_file_given_as_the_data_dir_is_called_a_file(tmp_path):
+    archive = write_idx(tmp_path / "some.gz", np.zeros(3, np.uint8))
+    with pytest.raises(DataError, match=r"--data-dir .*some.gz is a file, not a folder") as e:
+        load_mnist(str(archive))
+    assert "does not exist" not in str(e.value)
+
+
+def torchvision_root(root, source=None):
+    """ROOT/MNIST/raw as torchvision.datasets.MNIST(ROOT, download=True) leaves it: each .gz
+    beside its extracted copy (links to the real files, or fake_mnist's)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    if source is None:
+        return fake_mnist(raw)
+    for stem, _, _ in data.FILES.values():
+        (raw / f"{stem}.gz").symlink_to(source / f"{stem}.gz")
+        (raw / stem).write_bytes(gzip.decompress((source / f"{stem}.gz").read_bytes()))
+    return raw
+
+
+def test_a_torchvision_root_is_a_data_dir(tmp_path):
+    raw = torchvision_root(tmp_path / "root", MNIST_DIR)
+    assert data.locate(str(tmp_path / "root")) == (raw, "--data-dir")
+    assert data.locate(str(tmp_path / "root" / "MNIST")) == (raw, "--data-dir")
+    assert data.locate(str(raw)) == (raw, "--data-dir")
+    assert np.array_equal(load_mnist(str(tmp_path / "root")).labels, load_mnist().labels)
+    # A damaged root is reported with the file inside it.
+    torchvision_root(tmp_path / "fake")
+    with pytest.raises(DataError, match=r"fake/MNIST/raw/train-images-idx3-ubyte.gz: checksum"):
+        load_mnist(str(tmp_path / "fake"))
+
+
+def test_names_agree_with_torchvision_and_the_cli_does_not_import_it():
+    from torchvision.datasets import MNIST
+
+    assert {name for name, _ in MNIST.resources} == {f"{s}.gz" for s, _, _ in data.FILES.values()}
+    code = "import sys, dptrain.cli, dptrain.data; sys.exit('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_lookup_order(tmp_path, monkeypatch):
@@ -89,6 +133,74 @@ def test_real_mnist_facts_and_decode_cache():
     again = load_mnist()  # from the decode cache: memory-mapped, not decoded again
     assert isinstance(again.images, np.memmap)
     assert np.array_equal(again.labels, mnist.labels)
+
+
+def damage_zeroed_images(paths):
+    images = np.load(paths["images"], mmap_mode="r+")
+    images[:] = 0
+    images.flush()
+
+
+def damage_a_label_of_200(paths):
+    labels = np.load(paths["labels"], mmap_mode="r+")
+    labels[5] = 200
+    labels.flush()
+
+
+def damage_short_labels(paths):
+    np.save(paths["labels"], np.load(paths["labels"])[:-100])
+
+
+def damage_the_record(paths):
+    paths["record"].write_text("{not json")
+
+
+@pytest.mark.parametrize("damage", [damage_zeroed_images, damage_a_label_of_200,
+                                    damage_short_labels, damage_the_record])
+def test_a_damaged_decode_cache_is_rebuilt(tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("DPTRAIN_CACHE_DIR", str(tmp_path))
+    good = load_mnist()
+    (paths,) = [data._cache_paths(p.stem.split("-", 1)[1])
+                for p in (tmp_path / "decoded").glob("mnist-*.json")]
+    damage(paths)
+    rebuilt = load_mnist()
+    assert not isinstance(rebuilt.images, np.memmap)  # decoded afresh
+    assert np.array_equal(rebuilt.labels, good.labels)
+    assert float(rebuilt.images.mean()) == pytest.approx(float(good.images.mean()))
+    assert isinstance(load_mnist().images, np.memmap)  # and cached again
+
+
+def test_the_cache_is_hashed_only_when_its_files_changed(tmp_path, monkeypatch):
+    """Every start checks size, times and inode (free); the SHA-256 (~35 ms for the images)
+    only when those changed, and a file that still matches is trusted again."""
+    monkeypatch.setenv("DPTRAIN_CACHE_DIR", str(tmp_path))
+    load_mnist()
+    real, hashed = data._sha256, []
+    monkeypatch.setattr(data, "_sha256", lambda path: hashed.append(path.name) or real(path))
+    assert isinstance(load_mnist().images, np.memmap) and hashed == []
+    (images,) = (tmp_path / "decoded").glob("images-*.npy")
+    os.utime(images)  # a new mtime, the same bytes
+    assert isinstance(load_mnist().images, np.memmap) and hashed == [images.name]
+    assert isinstance(load_mnist().images, np.memmap) and hashed == [images.name]
+
+
+def test_the_suite_finds_mnist_as_the_cli_does(tmp_path, monkeypatch, mirror):
+    """$DPTRAIN_DATA_DIR, else the cache, filled once from a mirror (here a local one)."""
+    import conftest
+
+    monkeypatch.setenv("DPTRAIN_DATA_DIR", str(tmp_path / "nowhere"))
+    assert conftest.mnist_location()[0] is None
+    raw = torchvision_root(tmp_path / "root", MNIST_DIR)
+    monkeypatch.setenv("DPTRAIN_DATA_DIR", str(tmp_path / "root"))
+    assert conftest.mnist_location() == (raw, "$DPTRAIN_DATA_DIR")
+    monkeypatch.delenv("DPTRAIN_DATA_DIR")
+    monkeypatch.setenv("DPTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DPTRAIN_MNIST_MIRRORS", f"{mirror}/good/")
+    folder, origin = conftest.mnist_location()
+    assert (folder, origin) == (tmp_path / "cache" / "mnist", "cache")
+    conftest.provide_mnist(folder, origin)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"{stem}.gz" for stem, _, _ in data.FILES.values())
 
 
 def test_uncompressed_copy_loads_too(tmp_path):

@@ -109,3 +109,48 @@ def test_mnist_images_round_trip_to_the_same_prediction(trained_run, tmp_path):
     # 40 with the 25-epoch study model. The disagreements are on digits both readings find hard:
     # accuracy against the labels is 0.905 on the originals, 0.935 on the round-tripped images.
     assert (got == expected).sum() >= 36, (got, expected)
+
+
+def png_header_only(path, width, height):
+    """A PNG that declares width x height pixels in a few bytes: Pillow's size check reads only
+    the header, so no 400-megapixel image is ever made."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_huge_image_is_one_error_line_and_the_others_are_predicted(trained_run, tmp_path, capsys):
+    """Pillow refuses 20000 x 20000 (DecompressionBombError) and warns at 10000 x 10000: both
+    are one line for that file; the drawn digit is still predicted."""
+    from rich.console import Console
+
+    from dptrain.inference import predict_files
+
+    files = [png_header_only(tmp_path / "bomb.png", 20000, 20000), draw(tmp_path / "one.png", "1"),
+             png_header_only(tmp_path / "big.png", 10000, 10000)]
+    console = Console(width=250, highlight=False)
+    assert predict_files(trained_run, files, console) is False
+    out, errors = capsys.readouterr()
+    errors = errors.strip().splitlines()
+    assert len(errors) == 2 and "Traceback" not in out
+    assert all("too large an image" in line for line in errors)
+    assert "bomb.png" in errors[0] and "big.png" in errors[1]
+    assert [line.split("│")[2].strip() for line in out.splitlines() if "one.png" in line] == ["1"]
+
+
+def test_evaluate_of_a_missing_folder_says_so(tmp_path):
+    from dptrain.errors import UserError
+    from dptrain.inference import load_model
+
+    with pytest.raises(UserError, match=r"nope does not exist; give the folder of a finished run"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="file is a file, not a run folder"):
+        load_model(tmp_path / "file")

@@ -143,7 +143,7 @@ def test_hung_peer_ends_the_job_within_the_timeout(tmp_path):
     output = (tmp_path / "log").read_text()
     assert process.returncode == 1, output
     errors = [line for line in output.splitlines() if line.startswith("dptrain: error:")]
-    assert len(errors) == 1 and "timed out (--timeout)" in errors[0], output
+    assert len(errors) == 1 and "timed out (--timeout 5 s)" in errors[0], output
     assert alive(workers) == set()
     assert (out / "checkpoints" / "epoch-0001").is_dir()
 
@@ -215,3 +215,15 @@ def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference):
     assert len(warnings) == 1 and "epoch-0003" in warnings[0], result.stdout
     assert "resuming from" in result.stdout and "epoch-0002 (epoch 2 of 3)" in result.stdout
     assert_same_run(out, reference("seq"))
+
+
+@pytest.mark.slow
+def test_fsdp_shards_and_every_run_file_honour_the_umask(reference):
+    """One rule for every file, the user's umask: DCP's shards were 0644 while the run files
+    that went through a temporary file were 0600."""
+    from dptrain.runlog import umask
+
+    files = [p for p in reference("fsdp").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".distcp" for p in files) and any(p.name == ".metadata" for p in files)
+    assert {str(p): oct(p.stat().st_mode & 0o777) for p in files} == {
+        str(p): oct(0o666 & ~umask()) for p in files}
