@@ -1,4 +1,5 @@
-"""The training flags, declared once and shared by `dptrain seq|ddp|fsdp` and `dptrain.worker`.
+"""The training flags, declared once and shared by `dptrain seq|ddp|fsdp`, `dptrain sweep` and
+`dptrain.worker`; the process-group and launch flags only where they act (not seq).
 
 Every option defaults to None ("not set"), so that the defaults live only in config.py and a
 flag overrides the config file only when it is given.
