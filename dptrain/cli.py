@@ -7,7 +7,6 @@ torch is imported only once a command needs it, so `--help` and config errors ar
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -17,9 +16,10 @@ from dptrain.checkpoint import Finished
 from dptrain.commands import register as register_study_commands
 from dptrain.config import Config
 from dptrain.errors import USER_ERROR_EXIT, UserError
-from dptrain.flags import launch_flags, training_flags, with_flags
+from dptrain.flags import (DEFAULTS_NOTE, Command, Group, launch_flags, option_names,
+                           process_group_flags, training_flags, with_flags)
 from dptrain.launch import launch, stopped_line
-from dptrain.runlog import default_out_dir, err
+from dptrain.runlog import command_start_time, default_out_dir, err
 
 
 class Stopped(Exception):
@@ -31,12 +31,12 @@ class Stopped(Exception):
 
 app = typer.Typer(
     help="Train a 784-16-16-10 MLP on MNIST sequentially, with DDP or with FSDP, and compare.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=Group)
 
 
 def _train_command(mode: str):
     def command(**flags) -> None:
-        started = time.time()
+        started = command_start_time()  # wall_seconds counts from here, in every mode
         out = None
         signal.signal(signal.SIGTERM, _raise_stopped)
         try:
@@ -65,8 +65,14 @@ def _config(mode: str, flags: dict) -> tuple[Config, str]:
     """The run's config, with --out decided here (so every message can name it), and the run
     folder to resume ("" = a fresh start)."""
     from dptrain.checkpoint import config_and_resume
+    from dptrain.config import ConfigError, ignored_by_mode
 
+    if flags["force"] and flags.get("resume") not in (None, "", "auto"):
+        raise UserError(f"--force starts --out over, --resume {flags['resume']} continues it; "
+                        "pass one of them")
     config, resume = config_and_resume(mode, flags)
+    if ignored_by_mode(mode, config):  # here already, before the data is loaded
+        raise ConfigError("; ".join(ignored_by_mode(mode, config)))
     out = Path(config.run.out) if config.run.out else default_out_dir(mode)
     return _with_out(config, out), resume
 
@@ -75,18 +81,21 @@ def _raise_stopped(signum: int, _frame) -> None:
     raise Stopped(signum)
 
 
-app.command("seq", help="Train in this process: the sequential baseline.")(
+app.command("seq", cls=Command, help="Train in this process: the sequential baseline.\n\n"
+                                      + DEFAULTS_NOTE)(
     with_flags(_train_command("seq"), training_flags))
-app.command("ddp", help="Train with DistributedDataParallel on --nproc workers (torchrun).")(
-    with_flags(_train_command("ddp"), training_flags, launch_flags))
-app.command("fsdp", help="Train with FSDP2 (fully_shard per Linear, then the root) on --nproc "
-                         "workers (torchrun).")(
-    with_flags(_train_command("fsdp"), training_flags, launch_flags))
+app.command("ddp", cls=Command, help="Train with DistributedDataParallel on --nproc workers "
+                                     "(torchrun).\n\n" + DEFAULTS_NOTE)(
+    with_flags(_train_command("ddp"), training_flags, process_group_flags, launch_flags))
+app.command("fsdp", cls=Command, help="Train with FSDP2 (fully_shard per Linear, then the root) "
+                                      "on --nproc workers (torchrun).\n\n" + DEFAULTS_NOTE)(
+    with_flags(_train_command("fsdp"), training_flags, process_group_flags, launch_flags))
 register_study_commands(app)  # sweep, plot, report, evaluate, predict
 
 
-@app.command("export", help="Write the model of a checkpoint (or of a run's newest checkpoint) "
-                             "as a plain model.pt, the format of a finished run's model.pt.")
+@app.command("export", cls=Command,
+             help="Write the model of a checkpoint (or of a run's newest checkpoint) as a plain "
+                  "model.pt, the format of a finished run's model.pt.")
 def export_command(
     source: Annotated[Path, typer.Argument(help="A checkpoint folder (RUN_DIR/checkpoints/"
                                                 "epoch-NNNN) or a run folder.")],
@@ -116,6 +125,16 @@ def _with_out(config: Config, out: Path) -> Config:
     return replace(config, run=replace(config.run, out=str(out)))
 
 
+def _usage_error_line(error) -> str:
+    """A bad flag in one line; a ddp/fsdp flag given to seq says where it belongs."""
+    command = error.ctx.info_name if error.ctx and error.ctx.parent else ""
+    name = getattr(error, "option_name", "")
+    if command == "seq" and name in option_names(process_group_flags, launch_flags):
+        return (f"{name}: seq trains in one process, without workers or a process group; "
+                f"{name} belongs to ddp and fsdp (dptrain ddp {name} ...)")
+    return f"{error.format_message()} (see dptrain{' ' + command if command else ''} --help)"
+
+
 def main() -> None:
     """Entry point: a bad flag is one line on stderr and exit status 2, like any user error."""
     try:  # recent typer vendors click
@@ -130,8 +149,7 @@ def main() -> None:
         print(e.format_message())
         status = 0
     except click_errors.UsageError as e:
-        command = f" {e.ctx.info_name}" if e.ctx and e.ctx.parent else ""
-        err(f"{e.format_message()} (see dptrain{command} --help)")
+        err(_usage_error_line(e))
         status = USER_ERROR_EXIT
     except typer.Abort:
         err("interrupted")

@@ -10,8 +10,9 @@ from typing import Annotated, Optional
 import typer
 
 from dptrain.errors import USER_ERROR_EXIT, UserError
-from dptrain.flags import config_from_flags, training_flags, with_flags
-from dptrain.runlog import default_out_dir, err
+from dptrain.flags import (Command, config_from_flags, process_group_flags, training_flags,
+                           with_flags)
+from dptrain.runlog import default_out_dir, err, make_console
 
 
 def sweep_flags(
@@ -39,7 +40,6 @@ def _user_errors(function):
 
 
 def sweep(mode: str, nproc: str, no_seq: bool, **flags) -> None:
-    from rich.console import Console
     from rich.markup import escape
 
     from dptrain.sweep import SweepInterrupted, parse_nprocs, run_sweep, sweep_table
@@ -47,7 +47,7 @@ def sweep(mode: str, nproc: str, no_seq: bool, **flags) -> None:
     counts = parse_nprocs(nproc)
     config = config_from_flags(flags)
     out = Path(flags["out"]) if flags.get("out") else default_out_dir(f"sweep-{mode}")
-    console = Console(highlight=False)
+    console = make_console(highlight=False)  # in a log, the closing hint must not wrap
     try:
         rows = run_sweep(mode, counts, config, out, with_seq=not no_seq, force=flags["force"],
                          echo=console.print)
@@ -108,16 +108,17 @@ def predict(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sweep", help="Train once per process count (plus a seq reference); write "
-                              "sweep.csv and sweep.json.")(
-        with_flags(_user_errors(sweep), sweep_flags, training_flags))
-    app.command("plot", help="Loss and validation accuracy curves of runs, as one PNG.")(
-        _wrap(plot))
-    app.command("report", help="The figures of a sweep, written into its folder.")(_wrap(report))
-    app.command("evaluate", help="Test accuracy, per-class precision/recall and the confusion "
-                                 "matrix of a trained run.")(_wrap(evaluate))
-    app.command("predict", help="Predict the digit in your own images with a trained run.")(
-        _wrap(predict))
+    app.command("sweep", cls=Command, help="Train once per process count (plus a seq reference); "
+                                           "write sweep.csv and sweep.json.")(
+        with_flags(_user_errors(sweep), sweep_flags, training_flags, process_group_flags))
+    app.command("plot", cls=Command,
+                help="Loss and validation accuracy curves of runs, as one PNG.")(_wrap(plot))
+    app.command("report", cls=Command,
+                help="The figures of a sweep, written into its folder.")(_wrap(report))
+    app.command("evaluate", cls=Command, help="Test accuracy, per-class precision/recall and the "
+                                              "confusion matrix of a trained run.")(_wrap(evaluate))
+    app.command("predict", cls=Command,
+                help="Predict the digit in your own images with a trained run.")(_wrap(predict))
 
 
 def _wrap(function):

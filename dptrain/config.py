@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -75,7 +76,7 @@ class TrainConfig:
 class SystemConfig:
     backend: str = "auto"
     device: str = "auto"
-    threads: int = 0  # intra-op threads per rank; 0 = cores // local world size
+    threads: int = 0  # intra-op threads per rank; 0 = from the work and the free cores
     timeout: float = 300.0  # seconds a collective may wait for a peer
     # How ddp sums gradients: the process group's all_reduce, or shared memory between the
     # ranks of one node (auto: shm for CPU ranks that all share one x86-64 node).
@@ -152,8 +153,8 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
     for section, values in (file_values or {}).items():
         if section == RESOLVED_SECTION:
             continue
-        if section not in merged or not isinstance(values, dict):
-            problems.append(f"{source}: unknown section [{section}] (known: {', '.join(merged)})")
+        if not isinstance(values, dict) or section not in merged:
+            problems.append(f"{source}: {_misplaced(section, values, merged)}")
             continue
         for key, value in values.items():
             if key not in merged[section]:
@@ -179,6 +180,18 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+def _misplaced(name: str, value: Any, known: dict[str, dict]) -> str:
+    """What is wrong with a top-level TOML entry that is not one of the known sections."""
+    if isinstance(value, dict):
+        return f"unknown section [{name}] (known: {', '.join(known)})"
+    if name in known:
+        return f"[{name}] must be a section of keys, got {name} = {value!r}"
+    home = next((section for section, keys in known.items() if name in keys), None)
+    if home:
+        return f"'{name}' belongs in section [{home}]: write it under a [{home}] line"
+    return f"unknown key '{name}' outside any section (known sections: {', '.join(known)})"
 
 
 def _coerce(value: Any, default: Any) -> tuple[Any, str | None]:
@@ -246,6 +259,26 @@ def validate(c: Config) -> list[str]:
         p.append(f"launch.rdzv_endpoint: expected HOST:PORT, got {c.launch.rdzv_endpoint!r}")
     if c.launch.nnodes > 1 and not c.launch.rdzv_endpoint:
         p.append("launch.rdzv_endpoint: a multi-node run needs --rdzv-endpoint HOST:PORT")
+    if c.optim.warmup_epochs and c.optim.lr_scaling == "none":
+        p.append("optim.warmup_epochs: the warmup ramps from the base lr to the scaled lr, which "
+                 "lr_scaling none leaves equal; choose an --lr-scaling rule, or no warmup")
+    return p
+
+
+def ignored_by_mode(mode: str, c: Config) -> list[str]:
+    """Settings that `mode` would silently not use: each one a problem to report."""
+    p = []
+    if mode == "fsdp" and c.system.grad_sync == "shm":
+        p.append("system.grad_sync: fsdp always sums gradients through the process group "
+                 "(reduce-scatter); shm is ddp's, so leave --grad-sync out with fsdp")
+    if mode in ("ddp", "fsdp") and not c.launch.rdzv_endpoint:
+        # One node, no endpoint: torchrun --standalone, which takes no rendezvous settings.
+        if c.launch.rdzv_id:
+            p.append("launch.rdzv_id: names a multi-node job; it needs --rdzv-endpoint HOST:PORT "
+                     "(one node meets on a free local port)")
+        if c.launch.rdzv_backend != "c10d":
+            p.append(f"launch.rdzv_backend: {c.launch.rdzv_backend} needs --rdzv-endpoint "
+                     "HOST:PORT (one node meets on a free local port)")
     return p
 
 
@@ -295,6 +328,8 @@ def resolve(config: Config, *, mode: str, world_size: int, n_train: int) -> Plan
         raise ConfigError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
     if mode == "seq" and world_size != 1:
         raise ConfigError(f"seq runs in one process, but the world size is {world_size}")
+    if ignored_by_mode(mode, config):
+        raise ConfigError("; ".join(ignored_by_mode(mode, config)))
     train = config.train
     global_batch = n_train if train.full_batch else train.batch_size
     problems = []
@@ -319,20 +354,86 @@ def resolve(config: Config, *, mode: str, world_size: int, n_train: int) -> Plan
                 warmup_steps=config.optim.warmup_epochs * updates_per_epoch)
 
 
+# Multiply-adds per rank per training step (per-rank batch x one sample's forward products,
+# step_work) from which a second intra-op thread should pay. Below it a step is too small to
+# split: threads only add synchronisation, and on a core another process keeps busy a second
+# thread made the default `dptrain seq` ~10x slower (issue 13). benchmarks/threads.py on the
+# busy 2-core VM (load 1.3-3) found 2 threads slower at every size up to 5e9, so this value is
+# an estimate for a quiet machine, 7.5x above the default model's 1.33e7 (docs/DESIGN.md); the
+# free-core check covers busy machines. Rerun threads.py on a quiet machine to move it.
+THREAD_MIN_WORK = 1e8
+
+
 def cpu_cores() -> int:
     """Cores this process may run on (its affinity mask, which a cluster scheduler may narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def resolve_threads(system: SystemConfig, local_world_size: int) -> int:
-    """Intra-op threads per rank: as configured, else one share of the node's cores."""
-    return system.threads or max(1, cpu_cores() // local_world_size)
+def step_work(hidden: tuple[int, ...], per_rank_batch: float) -> float:
+    """Multiply-adds of one rank's forward pass in one training step (backward is ~2x that)."""
+    sizes = [784, *hidden, 10]
+    return per_rank_batch * sum(a * b for a, b in zip(sizes, sizes[1:]))
 
 
-def to_toml(config: Config, resolved: dict[str, Any] | None = None) -> str:
-    """The config as TOML that `read_toml` + `build_config` read back to the same Config."""
+def free_cores(window: float = 0.1) -> float:
+    """Cores of this process's affinity mask that other processes left idle over `window`
+    seconds, from two reads of /proc/stat (its per-CPU idle and iowait ticks); all of them
+    where /proc/stat cannot be read. Costs the window: call it only when the answer matters."""
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    before = _cpu_ticks(mine)
+    if not before:
+        return float(cpu_cores())
+    time.sleep(window)
+    after = _cpu_ticks(mine)
+    idle = 0.0
+    for cpu, (idle_after, total_after) in after.items():
+        idle_before, total_before = before.get(cpu, (idle_after, total_after))
+        elapsed = total_after - total_before
+        idle += (idle_after - idle_before) / elapsed if elapsed > 0 else 1.0
+    return idle
+
+
+def _cpu_ticks(cpus: set[int]) -> dict[int, tuple[int, int]]:
+    """{cpu: (idle + iowait ticks, all ticks)} for `cpus`, from /proc/stat; {} if unreadable."""
+    ticks = {}
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            counts = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+            ticks[int(name[3:])] = (counts[3] + counts[4], sum(counts))
+    return ticks
+
+
+def resolve_threads(system: SystemConfig, plan: Plan, hidden: tuple[int, ...],
+                    local_world_size: int, *, measure_load: bool = True) -> int:
+    """Intra-op threads per rank. As configured when set; else 1 while a step is too small to
+    split (THREAD_MIN_WORK); else one rank's share of the node's cores that are free now
+    (measured over 0.1 s; `measure_load=False`: of all its cores, as a scheduler allots them)."""
+    if system.threads:
+        return system.threads
+    if step_work(hidden, math.ceil(plan.per_rank_batch)) < THREAD_MIN_WORK:
+        return 1
+    cores = min(cpu_cores(), round(free_cores())) if measure_load else cpu_cores()
+    return max(1, cores // local_world_size)
+
+
+def to_toml(config: Config, resolved: dict[str, Any] | None = None, *,
+            reusable: bool = False) -> str:
+    """The config as TOML that `read_toml` + `build_config` read back to the same Config.
+
+    reusable: a run folder's config.toml, which users pass again as --config for new runs.
+    It leaves [run] out out (it goes to [resolved]): a file reused as a template must never aim
+    the new run at the old folder, where following the --force hint would delete that run.
+    """
     lines = []
     tree = asdict(config)
+    if reusable:
+        resolved = {**(resolved or {}), "out": tree["run"].pop("out")}
+        lines.append("# Reusable as --config: a new run gets its own --out ([resolved] is ignored).")
     if resolved is not None:
         tree[RESOLVED_SECTION] = resolved
     for section, values in tree.items():

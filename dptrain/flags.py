@@ -1,4 +1,5 @@
-"""The training flags, declared once and shared by `dptrain seq|ddp|fsdp` and `dptrain.worker`.
+"""The training flags, declared once and shared by `dptrain seq|ddp|fsdp`, `dptrain sweep` and
+`dptrain.worker`; the process-group and launch flags only where they act (not seq).
 
 Every option defaults to None ("not set"), so that the defaults live only in config.py and a
 flag overrides the config file only when it is given.
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from dptrain.config import (ACTIVATIONS, BACKENDS, DEVICES, GRAD_SYNCS, LOSSES, LR_SCALINGS,
                             OPTIMIZERS, START_METHODS, Config, ConfigError)
@@ -18,25 +21,31 @@ TRAIN = "Training"
 SYSTEM = "System"
 LAUNCH = "Launch (torchrun)"
 CHECKPOINT = "Checkpoints"
+# Under each training command's description in --help.
+DEFAULTS_NOTE = ("Defaults shown are the built-in ones; a --config file may change them, and "
+                 "flags override both.")
 
 
 def _opt(help: str, default: Any = None, panel: str = TRAIN, *names: str) -> Any:
-    """An option that shows the built-in default in its help, since its own default is None."""
-    shown = f" [default: {default}]" if default not in (None, "") else ""
+    """An option that shows its built-in default as Typer shows a default, since the option's
+    own default is None ("not set": the defaults live in config.py, and a --config file may
+    replace them)."""
+    shown = f" [dim]{escape(f'[default: {default}]')}[/]" if default not in (None, "") else ""
     return typer.Option(*names, help=help + shown, rich_help_panel=panel, show_default=False)
 
 
 def training_flags(
-    config: Annotated[Optional[Path], _opt("TOML config file; flags override it", None, TRAIN,
-                                           "--config", "-c")] = None,
+    config: Annotated[Optional[Path], _opt(
+        "TOML config file: its values replace the built-in defaults; flags override it.",
+        "none", TRAIN, "--config", "-c")] = None,
     epochs: Annotated[Optional[int], _opt("Passes over the train split.", _DEFAULTS.train.epochs)] = None,
     batch_size: Annotated[Optional[int], _opt(
         "Global batch: samples per update, summed over all ranks.", _DEFAULTS.train.batch_size)] = None,
     full_batch: Annotated[Optional[bool], _opt(
         "The whole train split (42,000) as one batch: one update per epoch, as in the seed study.",
-        None, TRAIN, "--full-batch")] = None,
+        "off", TRAIN, "--full-batch")] = None,
     drop_last: Annotated[Optional[bool], _opt(
-        "Skip each epoch's short tail batch (--keep-last trains on it).", "drop", TRAIN,
+        "Skip each epoch's short tail batch (--keep-last trains on it).", "drop-last", TRAIN,
         "--drop-last/--keep-last")] = None,
     lr: Annotated[Optional[float], _opt("Base learning rate.", _DEFAULTS.optim.lr)] = None,
     lr_scaling: Annotated[Optional[str], _opt(
@@ -63,7 +72,7 @@ def training_flags(
     eval_batch_size: Annotated[Optional[int], _opt("Samples per forward pass in evaluation.",
                                                    _DEFAULTS.train.eval_batch_size)] = None,
     data_dir: Annotated[Optional[str], _opt(
-        "Folder with the four MNIST files (else $DPTRAIN_DATA_DIR, else the download cache).")] = None,
+        "Folder with the four MNIST files.", "$DPTRAIN_DATA_DIR, else the download cache")] = None,
     out: Annotated[Optional[str], _opt("Run folder.", "runs/<mode>-<timestamp>")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a finished run in --out.",
                                         rich_help_panel=TRAIN)] = False,
@@ -74,24 +83,31 @@ def training_flags(
                                         CHECKPOINT)] = None,
     resume: Annotated[Optional[str], _opt(
         "Continue RUN_DIR from its newest complete checkpoint; 'auto': continue --out if it has "
-        "one, else start it.", None, CHECKPOINT, "--resume")] = None,
+        "one, else start it.", "a fresh start", CHECKPOINT, "--resume")] = None,
     device: Annotated[Optional[str], _opt(f"{'|'.join(DEVICES)}; auto = cuda if available.",
                                           _DEFAULTS.system.device, SYSTEM)] = None,
+    threads: Annotated[Optional[int], _opt(
+        "Intra-op threads per rank. 0 = auto: 1 for a model and batch too small to split (the "
+        "default model's), else this rank's share of the cores that are free.",
+        f"{_DEFAULTS.system.threads} (auto)", SYSTEM)] = None,
+) -> None:
+    """Declares the options of every training command (seq included); never called."""
+
+
+def process_group_flags(
     backend: Annotated[Optional[str], _opt(
         f"{'|'.join(BACKENDS)}; auto = nccl on cuda, gloo on cpu.", _DEFAULTS.system.backend,
-        SYSTEM)] = None,
-    threads: Annotated[Optional[int], _opt(
-        "Intra-op threads per rank; 0 = cores // processes per node.", _DEFAULTS.system.threads,
         SYSTEM)] = None,
     timeout: Annotated[Optional[float], _opt(
         "Seconds a collective waits for a peer before the job fails.", _DEFAULTS.system.timeout,
         SYSTEM)] = None,
     grad_sync: Annotated[Optional[str], _opt(
         f"{'|'.join(GRAD_SYNCS)}: how ddp sums gradients. shm = through shared memory (CPU ranks "
-        "of one x86-64 node, ~50x faster than a gloo all_reduce); auto = shm where it applies.",
-        _DEFAULTS.system.grad_sync, SYSTEM)] = None,
+        "of one x86-64 node, ~50x faster than a gloo all_reduce); auto = shm where it applies "
+        "(fsdp always uses the collective).", _DEFAULTS.system.grad_sync, SYSTEM)] = None,
 ) -> None:
-    """Declares the shared options; never called."""
+    """Declares the options of the process group (ddp, fsdp and the worker; not seq, which has
+    none); never called."""
 
 
 def launch_flags(
@@ -101,11 +117,11 @@ def launch_flags(
     node_rank: Annotated[Optional[int], _opt(
         "This node's rank (used by the static rendezvous).", _DEFAULTS.launch.node_rank, LAUNCH)] = None,
     rdzv_endpoint: Annotated[Optional[str], _opt(
-        "HOST:PORT of the rendezvous (multi-node); single node uses a free local port.", None,
-        LAUNCH)] = None,
-    rdzv_id: Annotated[Optional[str], _opt("Job id shared by all nodes.", None, LAUNCH)] = None,
+        "HOST:PORT of the rendezvous (multi-node).", "a free local port", LAUNCH)] = None,
+    rdzv_id: Annotated[Optional[str], _opt("Job id shared by all nodes (multi-node).", "none",
+                                           LAUNCH)] = None,
     rdzv_backend: Annotated[Optional[str], _opt(
-        "c10d|static.", _DEFAULTS.launch.rdzv_backend, LAUNCH)] = None,
+        "c10d|static (multi-node).", _DEFAULTS.launch.rdzv_backend, LAUNCH)] = None,
     max_restarts: Annotated[Optional[int], _opt(
         "Restart all workers up to K times after a failure; they resume from the newest "
         "checkpoint.", _DEFAULTS.launch.max_restarts, LAUNCH)] = None,
@@ -115,6 +131,34 @@ def launch_flags(
         _DEFAULTS.launch.start_method, LAUNCH)] = None,
 ) -> None:
     """Declares the torchrun options of ddp and fsdp; never called."""
+
+
+def option_names(*declarations: Callable) -> set[str]:
+    """The flags `declarations` declare, as typed: {'--nproc', '--rdzv-id', ...}."""
+    return {"--" + p.name.replace("_", "-") for p in parameters(*declarations)}
+
+
+def _untag_flags(params: list) -> list:
+    """Typer's usual --help: no type tag on an on/off flag (`--help`, `--force`, `--full-batch`);
+    other options keep theirs (<int>, <float>, ...)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class Command(TyperCommand):
+    """A dptrain command: its flags as Typer usually shows them (_untag_flags)."""
+
+    def get_params(self, ctx) -> list:
+        return _untag_flags(super().get_params(ctx))
+
+
+class Group(TyperGroup):
+    """The `dptrain` group: its own --help as Typer usually shows it (_untag_flags)."""
+
+    def get_params(self, ctx) -> list:
+        return _untag_flags(super().get_params(ctx))
 
 
 def parameters(*declarations: Callable) -> list[inspect.Parameter]:
@@ -133,11 +177,11 @@ NOT_CONFIG = {"config", "force", "resume"}
 
 def config_from_flags(flags: dict[str, Any], base: dict[str, dict] | None = None) -> Config:
     """defaults < `base` (a config tree, e.g. a checkpoint's) < --config file < the given flags."""
-    from dptrain.config import build_config, read_toml
+    from dptrain.config import build_config
 
     path = flags.get("config")
     file_values = {section: dict(values) for section, values in (base or {}).items()}
-    for section, values in (read_toml(path) if path else {}).items():
+    for section, values in (_file_values(Path(path)) if path else {}).items():
         if isinstance(values, dict) and isinstance(file_values.get(section), dict):
             file_values[section].update(values)
         else:
@@ -145,7 +189,40 @@ def config_from_flags(flags: dict[str, Any], base: dict[str, dict] | None = None
     values = {k: v for k, v in flags.items() if k not in NOT_CONFIG}
     if values.get("hidden") is not None:
         values["hidden"] = parse_sizes(values["hidden"])
-    return build_config(file_values, values, source=str(path) if path else "config")
+    config = build_config(file_values, values, source=str(path) if path else "config")
+    unused = unused_flags({k for k, v in values.items() if v is not None}, config)
+    if unused:
+        raise ConfigError("; ".join(unused))
+    return config
+
+
+def _file_values(path: Path) -> dict[str, Any]:
+    """A --config file's values, without an `out` that names the file's own folder: a run's
+    config.toml from before `out` was left out of it must not aim a new run at that run."""
+    from dptrain.config import read_toml
+
+    values = read_toml(path)
+    run = values.get("run")
+    if isinstance(run, dict) and isinstance(run.get("out"), str) and run["out"] \
+            and Path(run["out"]).resolve() == path.resolve().parent:
+        values["run"] = {k: v for k, v in run.items() if k != "out"}
+    return values
+
+
+def unused_flags(given: set[str], c: Config) -> list[str]:
+    """Flags given on the command line that this config would silently not use.
+
+    Only flags: a config file carries every key (a run's config.toml, say), used or not.
+    """
+    rules = [
+        ("batch_size", c.train.full_batch,
+         "--batch-size is not used with --full-batch (the whole train split is the batch)"),
+        ("keep", c.run.checkpoint_every == 0,
+         "--keep is not used with --checkpoint-every 0 (no checkpoints are written)"),
+        ("ref_batch_size", c.optim.lr_scaling == "none",
+         "--ref-batch-size is not used with lr_scaling none; choose an --lr-scaling rule"),
+    ]
+    return [message for key, applies, message in rules if key in given and applies]
 
 
 def parse_sizes(text: str) -> list[int]:

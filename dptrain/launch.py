@@ -13,7 +13,6 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import typer
@@ -59,13 +58,13 @@ def torchrun_args(config: Config) -> list[str]:
 def launch(mode: str, config: Config, *, force: bool, resume: str, started: float) -> None:
     """Check everything a worker would reject, then run torchrun in this process."""
     from dptrain.data import load_mnist, split_indices
-    from dptrain.worker import LAUNCHED_ENV
+    from dptrain.worker import LAUNCHED_ENV, THREADS_ENV
 
     # Decode (or download) the data once here, so that workers only map the cache.
     mnist = load_mnist(config.data.data_dir)
     n_train = len(split_indices(len(mnist.labels), config.data.split_seed).train)
-    resolve(config, mode=mode, world_size=config.launch.nproc * config.launch.nnodes,
-            n_train=n_train)
+    plan = resolve(config, mode=mode, world_size=config.launch.nproc * config.launch.nnodes,
+                   n_train=n_train)
     out = Path(config.run.out)
     lock = RunLock(out)
     if config.launch.nnodes == 1:
@@ -79,9 +78,10 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
                                         or config.launch.node_rank == 0):
         check_rendezvous_port(config.launch.rdzv_endpoint)
 
-    threads = resolve_threads(config.system, config.launch.nproc)
+    # Chosen once here, before any worker loads the node, and the same for every worker.
+    threads = resolve_threads(config.system, plan, config.model.hidden, config.launch.nproc)
     os.environ.update({LAUNCH_TIME_ENV: repr(started), LAUNCHED_ENV: "1",
-                       "OMP_NUM_THREADS": str(threads)})
+                       THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads)})
     # torch.cuda.is_available() (here and in torchrun) then asks NVML instead of initializing
     # CUDA, which would make forked workers unable to use it.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
@@ -98,10 +98,10 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
         # torchrun's error files go here too, not into a /tmp/torchelastic_* left behind.
         _torchrun(torchrun_args(config) + [f"--log-dir={Path(tmp) / 'torchrun'}"]
                   + worker_entry(mode, config) + worker, out)
-    if (out / SUMMARY).exists():  # on the node that held rank 0: time the whole command
+    if (out / SUMMARY).exists():  # on the node that held rank 0
         summary = json.loads((out / SUMMARY).read_text())
-        summary["wall_seconds"] = time.time() - started
         # The workers were forked from this process and share its pages (torch, ...).
+        # (wall_seconds stays rank 0's: the number it printed, from `started` on.)
         summary["memory"]["launcher_peak_rss_bytes"] = peak_rss_bytes()
         write_summary(out, summary)
     lock.release()

@@ -90,16 +90,32 @@ def stopped_message(out: Path) -> str:
 
 
 def command_start_time() -> float:
-    """When the command began (epoch seconds): the CLI's start, else this process's start."""
+    """When the command began (epoch seconds): the CLI's start for the workers it launched,
+    else when this process started.
+
+    The process's start is read from /proc/self/stat (clock ticks after boot) against the
+    boot-time clock, both to 10 ms; /proc/stat's boot time is whole seconds, which made
+    wall_seconds up to a second too long. Rounded up a tick: never earlier than the start.
+    """
     if os.environ.get(LAUNCH_TIME_ENV):
         return float(os.environ[LAUNCH_TIME_ENV])
     try:  # field 22 of /proc/self/stat: start time in clock ticks after boot
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - (ticks + 1) / os.sysconf("SC_CLK_TCK")
+        return time.time() - max(age, 0.0)
+    except (OSError, ValueError, IndexError, AttributeError):
         return time.time()
+
+
+# Columns of the console when output is not a terminal (a redirect, a sweep's *.log, SLURM):
+# wide enough that no line wraps. Rich would otherwise break lines at 80 columns, mid-record.
+LOG_WIDTH = 100_000
+
+
+def make_console(**options) -> Console:
+    """Rich console for stdout: a terminal's own width, or in a log, lines that never wrap."""
+    console = Console(**options)
+    return console if console.is_terminal else Console(width=LOG_WIDTH, **options)
 
 
 def default_out_dir(mode: str) -> Path:
@@ -249,7 +265,7 @@ class RunLog:
     def __init__(self, out: Path, active: bool):
         self.out = Path(out)
         self.active = active
-        self.console = Console(stderr=False, highlight=False)
+        self.console = make_console(highlight=False)
         self._metrics = None
         self._progress: Progress | None = None
         self._task = None

@@ -19,7 +19,7 @@ import typer
 from dptrain import checkpoint
 from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_threads, to_toml
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
-from dptrain.flags import training_flags, with_flags
+from dptrain.flags import Command, process_group_flags, training_flags, with_flags
 from dptrain.runlog import (RunLock, RunLog, StorageError, check_out_dir, command_start_time,
                             default_out_dir, err, stopped_message, write_atomic)
 
@@ -28,6 +28,8 @@ LAUNCHED_ENV = "DPTRAIN_LAUNCHED"
 # Set by the CLI when torchrun forks the workers from it (CPU runs).
 FORKED_ENV = "DPTRAIN_FORKED"
 LOST_PEER = "lost a peer"
+# Set by the CLI: the intra-op threads it chose for every worker of the run.
+THREADS_ENV = "DPTRAIN_THREADS"
 
 
 def keep_freed_memory() -> bool:
@@ -62,12 +64,12 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     from dptrain.train import train
 
     env = DistEnv.from_environ()
-    threads = resolve_threads(config.system, env.local_world_size)
-    torch.set_num_threads(threads)
     keep_freed_memory()
     mnist = load_mnist(config.data.data_dir)
     split = split_indices(len(mnist.labels), config.data.split_seed)
     plan = resolve(config, mode=mode, world_size=env.world_size, n_train=len(split.train))
+    threads = rank_threads(config, plan, env.local_world_size)
+    torch.set_num_threads(threads)
     out = Path(config.run.out) if config.run.out else default_out_dir(mode)
 
     # The checkpoint is fully checked (a trial load included) before anything in the run
@@ -118,12 +120,22 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
         lock.release()
 
 
+def rank_threads(config: Config, plan: Plan, local_world_size: int) -> int:
+    """This rank's intra-op threads: the launcher's choice for the workers it starts (one look
+    at the node's free cores for all of them); else resolved here, looking at the free cores
+    only when alone on the node (sibling ranks starting beside it would count as load)."""
+    if os.environ.get(LAUNCHED_ENV) and os.environ.get(THREADS_ENV):
+        return int(os.environ[THREADS_ENV])
+    return resolve_threads(config.system, plan, config.model.hidden, local_world_size,
+                           measure_load=local_world_size == 1)
+
+
 def _announce(log: RunLog, config: Config, plan: Plan, setting: dict, out: Path, *,
               warning: str, records: list[dict]) -> None:
     """Write config.toml and metrics.jsonl's earlier epochs, and print the plan (rank 0)."""
     if warning:
         log.note(f"[yellow]warning:[/] {warning}")
-    log.start(to_toml(config, {**setting, **_plan_fields(plan)}), records,
+    log.start(to_toml(config, {**setting, **_plan_fields(plan)}, reusable=True), records,
               {**setting, "global_batch": plan.global_batch,
                "updates_per_epoch": plan.updates_per_epoch, "lr": f"{plan.lr:.6g}",
                "lr_scaling": config.optim.lr_scaling, "epochs": config.train.epochs,
@@ -308,7 +320,7 @@ def _die_with_parent() -> None:
 def main() -> None:
     # Plain tracebacks: a bug in a worker must read like any Python error, rank-prefixed by torchrun.
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command()(with_flags(_worker, mode_flag, training_flags))
+    app.command(cls=Command)(with_flags(_worker, mode_flag, training_flags, process_group_flags))
     app()
 
 

@@ -81,3 +81,20 @@ def test_gpu_check_judges_the_issue_targets():
                      "seq wall - train - import torch (s)": (1.0, True),
                      "ddp-fork epoch / seq epoch": (1.4, False),
                      "ddp-fork wall - train minus seq's (s)": (3.0, False)}
+
+
+@pytest.mark.slow
+def test_threads_times_one_and_two_threads_and_names_the_crossover():
+    result = run_script("threads.py", "--widths", "16,512", "--batches", "64", "--rounds", "1",
+                        "--min-seconds", "0.01")
+    cases = [line for line in result.stdout.splitlines() if line.lstrip().startswith("W ")]
+    assert len(cases) == 2 and all("1 thread" in c and "2 threads" in c for c in cases)
+    assert "crossover:" in result.stdout and "load average" in result.stdout
+
+
+@pytest.mark.slow
+def test_busy_runs_seq_alone_and_beside_a_busy_process():
+    result = run_script("busy.py", "--rounds", "1", "--", "--epochs", "1")
+    assert "round 1 idle" in result.stdout and "round 1 busy" in result.stdout
+    assert "threads 1" in result.stdout  # the default, in both
+    assert "busy / idle: train" in result.stdout

@@ -1,6 +1,11 @@
 """The CLI as a user meets it: help, one-line errors with exit status 2, run folders."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -25,6 +30,59 @@ def test_help_lists_the_three_modes():
     result = run_cli("ddp", "--help")
     for flag in ("--nproc", "--rdzv-endpoint", "--backend", "--full-batch", "--lr-scaling"):
         assert flag in result.stdout
+
+
+WIDE = {"COLUMNS": "200"}  # one row per option, so that a row can be read whole
+
+
+def help_rows(*command: str) -> dict[str, str]:
+    """--help of a command: {'--epochs': its row, ...}."""
+    result = run_cli(*command, "--help", env=WIDE)
+    assert result.returncode == 0, result.stderr
+    rows, name = {}, None
+    for line in result.stdout.splitlines():
+        words = line.strip("│ ").split()
+        if words and words[0].startswith("--"):
+            name = words[0]
+            rows[name] = ""
+        elif not line.startswith("│"):
+            name = None  # a panel's border, or text outside the panels
+        if name:
+            rows[name] += " " + " ".join(words)  # a long help text goes on over several lines
+    return rows
+
+
+def test_help_shows_each_flags_built_in_default_and_no_flag_type_tag():
+    from dptrain.config import Config
+
+    seq, ddp = help_rows("seq"), help_rows("ddp")
+    assert not {"--backend", "--timeout", "--grad-sync", "--nproc"} & set(seq)  # not seq's
+    assert {"--backend", "--timeout", "--grad-sync", "--nproc", "--rdzv-id"} <= set(ddp)
+    defaults = Config()
+    assert f"[default: {defaults.train.epochs}]" in ddp["--epochs"]
+    assert f"[default: {defaults.launch.nproc}]" in ddp["--nproc"]
+    assert f"[default: {defaults.optim.lr}]" in seq["--lr"]
+    assert "[default: runs/<mode>-<timestamp>]" in seq["--out"]
+    for name, row in ddp.items():  # every training and launch flag; on/off switches excepted
+        assert "[default: " in row or name in ("--help", "--force"), row
+    for command in (("seq",), ("export",), ()):
+        for row in help_rows(*command).values():
+            assert "<bool>" not in row, row
+    assert "a --config file may change them" in run_cli("seq", "--help", env=WIDE).stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["seq", "--nproc", "2"], ["seq trains in one process", "belongs to ddp and fsdp",
+                               "dptrain ddp --nproc"]),
+    (["seq", "--grad-sync", "shm"], ["--grad-sync belongs to ddp and fsdp"]),
+    (["fsdp", "--grad-sync", "shm"], ["fsdp always sums gradients through the process group"]),
+    (["ddp", "--rdzv-id", "job1"], ["launch.rdzv_id", "--rdzv-endpoint"]),
+    (["seq", "--full-batch", "--batch-size", "512"], ["--batch-size is not used with --full-batch"]),
+    (["seq", "--checkpoint-every", "0", "--keep", "3"], ["--keep is not used"]),
+    (["seq", "--force", "--resume", "runs/a"], ["--force starts --out over", "pass one of them"]),
+])
+def test_flags_a_run_would_ignore_are_refused(args, fragments):
+    assert_one_line_error(run_cli(*args), *fragments)
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -131,6 +189,7 @@ def test_full_batch_linear_lr_and_the_oversubscription_warning(tmp_path):
     assert summary["lr"] == pytest.approx(0.01 * 42000 / 1024)
     assert "lr=0.410156" in result.stdout  # the resolved lr is printed at the start
     assert "lr = 0.41015625" in (out / "config.toml").read_text()
+    assert summary["threads"] == threads  # an explicit --threads is obeyed, even past the cores
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -190,3 +249,60 @@ def test_resume_refuses_a_changed_run_and_an_unfinished_run_is_not_restarted(tmp
     (out / "summary.json").unlink()  # as if it had stopped after its checkpoint
     assert_one_line_error(run_cli("seq", "--epochs", "1", "--out", str(out)),
                           "holds the checkpoints of an unfinished run", "--resume")
+
+
+def test_a_default_run_uses_one_thread(trained_run):
+    from dptrain.config import read_toml
+
+    assert json.loads((trained_run / "summary.json").read_text())["threads"] == 1
+    assert read_toml(trained_run / "config.toml")["resolved"]["threads"] == 1
+
+
+def timed_cli(*args: str, cwd) -> tuple[subprocess.CompletedProcess, float]:
+    """`python -m dptrain ARGS` in `cwd`, and the seconds it took, measured around it."""
+    started = time.time()
+    result = subprocess.run([sys.executable, "-m", "dptrain", *args], capture_output=True,
+                            text=True, timeout=300, cwd=cwd)
+    return result, time.time() - started
+
+
+def assert_wall_seconds_is_one_number(stdout: str, summary: dict, elapsed: float) -> None:
+    """The printed wall seconds are summary.json's, and no longer than the command took."""
+    row = next(line for line in stdout.splitlines() if "wall seconds" in line)
+    assert f"{summary['wall_seconds']:.2f}" in row, row
+    assert 0 < summary["wall_seconds"] <= elapsed
+
+
+@pytest.mark.slow
+def test_a_runs_config_toml_reused_starts_a_new_run(trained_run, tmp_path):
+    from conftest import REPO
+
+    before = (trained_run / "summary.json").read_text()
+    env_path = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    os.environ["PYTHONPATH"] = env_path  # dptrain from this checkout, run from tmp_path
+    result, elapsed = timed_cli("seq", "--config", str(trained_run / "config.toml"),
+                                "--epochs", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (new,) = (tmp_path / "runs").iterdir()  # runs/seq-<timestamp>, beside the user
+    summary = json.loads((new / "summary.json").read_text())
+    assert summary["epochs"] == 1 and (trained_run / "summary.json").read_text() == before
+    assert_wall_seconds_is_one_number(result.stdout, summary, elapsed)
+
+
+@pytest.mark.slow
+def test_log_lines_never_wrap_and_wall_seconds_is_one_number(tmp_path):
+    # Output to a pipe, as in a log. A long --out and a 4-digit lr make every line exceed 80.
+    out = tmp_path / ("a-run-folder-with-a-long-name-" * 3) / "ddp"
+    result, elapsed = timed_cli("ddp", "--device", "cpu", "--epochs", "1", "--lr", "0.012345",
+                                "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("dptrain mode=ddp") and lines[0].endswith(f"out={out}")
+    epoch = re.compile(r"^epoch +1  train_loss \S+  val_loss \S+  val_acc \S+  lr 0\.0123\d  "
+                       r"\S+s$")
+    assert [line for line in lines if line.startswith("epoch")] == \
+        [line for line in lines if epoch.match(line)] != []
+    assert len(max(lines, key=len)) > 80 and lines[-1] == f"results in {out}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threads"] == 1
+    assert_wall_seconds_is_one_number(result.stdout, summary, elapsed)

@@ -1,7 +1,11 @@
 import pytest
 
-from dptrain.config import (Config, ConfigError, build_config, read_toml, resolve, resolve_lr,
-                            to_toml)
+import math
+
+from dptrain import config as config_module
+from dptrain.config import (THREAD_MIN_WORK, Config, ConfigError, SystemConfig, build_config,
+                            ignored_by_mode, read_toml, resolve, resolve_lr, resolve_threads,
+                            step_work, to_toml)
 from dptrain.flags import config_from_flags
 
 
@@ -47,6 +51,7 @@ def test_unknown_key_and_section_are_named(tmp_path):
     ('[optim]\nlr_scaling = "sqrt"\n', "optim.lr_scaling"),
     ('[launch]\nrdzv_endpoint = "head"\n', "launch.rdzv_endpoint: expected HOST:PORT"),
     ("[launch]\nnnodes = 2\n", "a multi-node run needs --rdzv-endpoint"),
+    ("[optim]\nwarmup_epochs = 2\n", "optim.warmup_epochs: the warmup ramps"),  # a no-op
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key):
@@ -126,3 +131,86 @@ def test_shipped_configs_load():
         build_config(read_toml(f), source=str(f))
     seed = build_config(read_toml(configs / "seed.toml"))
     assert (seed.model.activation, seed.train.loss, seed.optim.optimizer) == ("sigmoid", "mse", "sgd")
+
+
+def test_a_top_level_key_is_told_its_section(tmp_path):
+    path = write(tmp_path, "epochs = 2\nsplit_seed = 1\nepochz = 3\n[train]\nseed = 1\n")
+    with pytest.raises(ConfigError) as e:
+        config_from_flags({"config": path})
+    message = str(e.value)
+    assert "'epochs' belongs in section [train]" in message
+    assert "'split_seed' belongs in section [data]" in message
+    assert "unknown key 'epochz' outside any section" in message
+    assert "unknown section" not in message
+
+
+def test_a_run_config_toml_reused_never_aims_at_the_old_run(tmp_path):
+    run = tmp_path / "runs" / "orig"
+    run.mkdir(parents=True)
+    c = build_config({}, {"epochs": 3, "out": str(run)})
+    text = to_toml(c, {"world_size": 1, "threads": 1}, reusable=True)
+    (run / "config.toml").write_text(text)
+    assert read_toml(run / "config.toml")["resolved"]["out"] == str(run)
+    reused = config_from_flags({"config": run / "config.toml"})
+    assert reused.run.out == "" and reused.train.epochs == 3  # a new folder; the rest kept
+    # A run folder's config.toml written before: its out, the file's own folder, is dropped;
+    # an out naming another folder is the file's choice and stays.
+    (run / "config.toml").write_text(to_toml(c))
+    assert config_from_flags({"config": run / "config.toml"}).run.out == ""
+    other = write(tmp_path, to_toml(c))
+    assert config_from_flags({"config": other}).run.out == str(run)
+
+
+def _plan(hidden: tuple[int, ...], global_batch: int, world_size: int):
+    c = build_config({}, {"hidden": list(hidden), "batch_size": global_batch})
+    return resolve(c, mode="ddp", world_size=world_size, n_train=42000)
+
+
+def test_default_threads_follow_the_work_and_the_free_cores(monkeypatch):
+    monkeypatch.setattr(config_module, "cpu_cores", lambda: 8)
+    monkeypatch.setattr(config_module, "free_cores", lambda: 8.0)
+    auto = SystemConfig()
+    # The default model at its default batch: far too small to split, whatever the cores.
+    assert step_work((16, 16), 1024) < THREAD_MIN_WORK
+    assert resolve_threads(auto, _plan((16, 16), 1024, 1), (16, 16), 1) == 1
+    # Wide layers: twice the work a second thread needs, per rank.
+    hidden = (1024, 1024)
+    batch = math.ceil(2 * THREAD_MIN_WORK / step_work(hidden, 1))
+    assert resolve_threads(auto, _plan(hidden, batch, 1), hidden, 1) == 8
+    assert resolve_threads(auto, _plan(hidden, 2 * batch, 2), hidden, 2) == 4  # a share each
+    # The same global batch over many ranks: each rank's slice is too small again.
+    assert resolve_threads(auto, _plan(hidden, batch, 8), hidden, 8) == 1
+    # Never more than the cores other processes leave free (unless not measured).
+    monkeypatch.setattr(config_module, "free_cores", lambda: 2.9)
+    assert resolve_threads(auto, _plan(hidden, batch, 1), hidden, 1) == 3
+    assert resolve_threads(auto, _plan(hidden, 2 * batch, 2), hidden, 2) == 1
+    assert resolve_threads(auto, _plan(hidden, 2 * batch, 2), hidden, 2, measure_load=False) == 4
+    # An explicit count is obeyed, small work or not.
+    assert resolve_threads(SystemConfig(threads=3), _plan((16, 16), 1024, 1), (16, 16), 1) == 3
+
+
+def test_free_cores_counts_the_idle_ticks_of_this_process_cpus(monkeypatch):
+    reads = iter([{0: (100, 200), 1: (50, 200)}, {0: (150, 300), 1: (60, 300)}])
+    monkeypatch.setattr(config_module, "_cpu_ticks", lambda cpus: next(reads))
+    monkeypatch.setattr(config_module.time, "sleep", lambda seconds: None)
+    assert config_module.free_cores() == pytest.approx(0.5 + 0.1)
+    monkeypatch.undo()
+    assert 0 <= config_module.free_cores(0.05) <= config_module.cpu_cores() + 1e-9  # the real one
+
+
+def test_settings_a_mode_would_ignore_are_refused(tmp_path):
+    shm = build_config({}, {"grad_sync": "shm"})
+    assert ignored_by_mode("ddp", shm) == []
+    assert "fsdp always sums gradients" in ignored_by_mode("fsdp", shm)[0]
+    with pytest.raises(ConfigError, match="fsdp always sums"):
+        resolve(shm, mode="fsdp", world_size=2, n_train=42000)  # a worker started by torchrun
+    assert "launch.rdzv_id" in ignored_by_mode("ddp", build_config({}, {"rdzv_id": "job"}))[0]
+    assert ignored_by_mode("ddp", build_config({}, {"rdzv_id": "job", "rdzv_endpoint": "h:1"})) == []
+    # Flags that this config would not use; a config file may hold them (every run's does).
+    for flags, fragment in [({"full_batch": True, "batch_size": 512}, "--batch-size is not used"),
+                            ({"checkpoint_every": 0, "keep": 3}, "--keep is not used"),
+                            ({"ref_batch_size": 512}, "--ref-batch-size is not used")]:
+        with pytest.raises(ConfigError, match=fragment):
+            config_from_flags(flags)
+    path = write(tmp_path, "[train]\nfull_batch = true\nbatch_size = 512\n")
+    assert config_from_flags({"config": path}).train.full_batch
