@@ -48,7 +48,7 @@ def step_seconds(hidden: tuple[int, ...], batch: int, threads: int, samples: Sam
 
     def step() -> None:
         rows = train_rows[torch.randint(len(train_rows), (batch,), generator=rng).numpy()]
-        x, y = samples.batch(rows)
+        x, y = samples.batch(samples.rows(rows))
         loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         (loss / batch).backward()
