@@ -14,6 +14,7 @@ import difflib
 import io
 import itertools
 import json
+import platform
 import re
 import statistics
 import subprocess
@@ -25,7 +26,7 @@ from typing import Any
 
 from rich.markup import escape
 
-from dptrain.config import Config, ConfigError, build_config, read_toml, to_toml
+from dptrain.config import Config, ConfigError, build_config, cpu_cores, read_toml, to_toml
 from dptrain.errors import UserError
 from dptrain.runlog import METRICS, SUMMARY, write_atomic
 
@@ -221,7 +222,7 @@ def run_sweep(grid: Grid, config: Config, out: Path, *, force: bool = False,
         folder.mkdir(exist_ok=True)
         (folder / SWEEP_CONFIG).write_text(to_toml(cell_cfg))
         plan += [(cell, mode, n) for mode, n in grid.runs_per_cell()]
-    meta = {**grid.meta(), "complete": False}
+    meta = {**grid.meta(), "complete": False, "cores": cpu_cores(), "host": platform.node()}
     write_results(out, [], grid, {**meta, "seconds": 0.0})  # --resume needs the plan at once
     started, rows = time.time(), []
     try:
