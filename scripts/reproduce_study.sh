@@ -45,7 +45,7 @@ if $quick; then
     big=2
     ep25=1
     ep100=1
-    widths=16,16
+    widths="[16,16]"   # one list value: Hydra's brackets
     grid_nprocs=2
     rules=(--vary lr_scaling=sqrt)
     batches=1024,4096
@@ -90,7 +90,7 @@ fi
 if wanted f; then
     step "f. sections 2-3: ddp and fsdp x $grid_nprocs against seq, hidden $widths"
     "${dptrain[@]}" sweep --config $cfg/f-width-grid.toml --mode ddp,fsdp --nproc $grid_nprocs \
-        --vary hidden=$widths --out "$out/f" --force
+        --vary "hidden=$widths" --out "$out/f" --force
     "${dptrain[@]}" report "$out/f"
     $python benchmarks/cost_model.py "$out/f"
     step "f. section 2: one gradient sum, gloo against shared memory"

@@ -202,9 +202,10 @@ def test_a_vary_grid_runs_each_cell_against_its_own_seq_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_reproduce_study_quick(tmp_path):
     out = tmp_path / "study"
-    result = subprocess.run(["bash", "scripts/reproduce_study.sh", "--quick", "--out", str(out)],
-                            capture_output=True, text=True, cwd=REPO, timeout=600,
-                            env=dict(os.environ))
+    # A relative --out is the caller's folder (here tmp_path), not the repository's.
+    result = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_study.sh"), "--quick",
+                             "--out", "study"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for case in ("c", "d", "e"):
         rows = read_csv(out / case / "sweep.csv")
@@ -218,6 +219,30 @@ def test_reproduce_study_quick(tmp_path):
     # The seed rule: lr = 0.01 * (42000 / nproc) / 1024; one full-batch update per epoch.
     assert abs(float(c[1]["lr"]) - 0.01 * 21000 / 1024) < 1e-12
     assert c[1]["global_batch"] == "42000" and c[1]["updates_per_epoch"] == "1"
+    # The headers follow --quick.
+    assert "lr 0.01, 1 epoch (" in result.stdout and "25 epochs" not in result.stdout
+
+    # Sections 2-3: the width grid, its figures, the cost model and the gradient sums.
+    f = read_csv(out / "f" / "sweep.csv")
+    assert [(r["mode"], r["nproc"], r["hidden"]) for r in f] == [
+        ("seq", "1", "16,16"), ("ddp", "2", "16,16"), ("fsdp", "2", "16,16")]
+    for name in ("speedup_vs_nproc.png", "speedup_heatmap.png", "memory_vs_nproc.png",
+                 "cost_model.png"):
+        assert_png(out / "f" / name)
+    model = json.loads((out / "f" / "cost_model.json").read_text())
+    assert len(model["points"]) == 2 and all(v >= 0 for v in model["coefficients"].values())
+    sums = json.loads((out / "f" / "grad_sync.json").read_text())["rows"]
+    assert {"collective", "shm", "shm all-read", "shm rs+ag"} == set(sums[0]["seconds"])
+    # Section 4: accuracy against the global batch; the nproc check with the seed rule.
+    g = read_csv(out / "g-adam" / "sweep.csv")
+    assert [(r["lr_scaling"], r["batch_size"], r["lr"]) for r in g] == [
+        ("sqrt", "1024", "0.01"), ("sqrt", "4096", "0.02")]
+    assert_png(out / "g-adam" / "accuracy_vs_batch.png")
+    demo = read_csv(out / "g-nproc" / "sweep.csv")
+    # seed: lr = 0.01 * (4096 / nproc) / 1024, so seq and ddp x2 train differently.
+    assert [(r["mode"], float(r["lr"])) for r in demo] == [("seq", pytest.approx(0.04)),
+                                                           ("ddp", pytest.approx(0.02))]
+    assert_png(out / "g-nproc" / "accuracy_vs_batch.png")
 
 
 @pytest.mark.slow
