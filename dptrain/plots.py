@@ -311,47 +311,59 @@ def _memory_vs_nproc(plt, rows: list[dict], keys: list[str], out: Path) -> Path:
 
 
 def _accuracy_vs_batch(plt, rows: list[dict], keys: list[str], sweep_dir: Path) -> Path:
-    """Test accuracy against the global batch, one line per value of the other varied keys;
-    the seq runs make the lines, parallel runs are open markers on them."""
+    """Test accuracy against the global batch, one line per value of the other varied keys:
+    all of it on the left, the region around the reference batch's accuracy on the right.
+    The seq runs make the lines, parallel runs are open markers on them."""
     others = [k for k in keys if k not in ("batch_size", "full_batch")]
-    fig, ax = plt.subplots(figsize=(9, 5.5), constrained_layout=True)
-    for i, (label, runs) in enumerate(_cells(rows, others) if others else [("", rows)]):
-        seq = sorted((r for r in runs if r["mode"] == "seq"), key=lambda r: r["global_batch"])
-        ax.plot([r["global_batch"] for r in seq], [r["test_accuracy"] for r in seq], "o-",
-                color=f"C{i % 10}", label=label or "seq")
-        for r in (r for r in runs if r["mode"] != "seq"):
-            ax.plot(r["global_batch"], r["test_accuracy"], ls="", marker="osD^v"[r["nproc"] % 5],
-                    mfc="none", ms=11, color=f"C{i % 10}")
-    _baseline_band(ax, rows, sweep_dir)
-    batches = sorted({r["global_batch"] for r in rows})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set(xlabel="global batch (samples per update)", ylabel="final test accuracy",
-           title=f"Test accuracy against the global batch after {epochs_text(rows[0]['epochs'])}")
-    parallel = sorted({(r["mode"], r["nproc"]) for r in rows if r["mode"] != "seq"})
-    if parallel:  # one legend entry per open marker shape
-        for mode, n in parallel:
-            ax.plot([], [], ls="", marker="osD^v"[n % 5], mfc="none", ms=11, color="gray",
-                    label=f"{mode} x{n} (open markers)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", title=", ".join(others) or None)
+    base, ref = _baseline(rows, sweep_dir)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), constrained_layout=True)
+    for ax in axes:
+        _accuracy_lines(ax, rows, others)
+        if base is not None:
+            ax.axhspan(base - 0.01, base, color="gray", alpha=0.2,
+                       label=f"within 1 point of batch {ref} ({base:.4f})")
+        batches = sorted({r["global_batch"] for r in rows})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set(xlabel="global batch (samples per update)", ylabel="final test accuracy")
+        ax.grid(alpha=0.3)
+    top = max(r["test_accuracy"] for r in rows)
+    if base is not None:
+        axes[1].set_ylim(base - 0.04, top + 0.005)
+    axes[0].set_title("all runs")
+    axes[1].set_title("near the reference batch's accuracy (the band: within 1 point)")
+    axes[0].legend(fontsize="small", title=", ".join(others) or None)
+    fig.suptitle(f"Test accuracy against the global batch after {epochs_text(rows[0]['epochs'])}")
     return save(fig, plt, sweep_dir / "accuracy_vs_batch.png")
 
 
-def _baseline_band(ax, rows: list[dict], sweep_dir: Path) -> None:
-    """A band one point of accuracy below the runs at the lr rule's reference batch."""
+def _accuracy_lines(ax, rows: list[dict], others: list[str]) -> None:
+    cells = _cells(rows, others) if others else [("", rows)]
+    for i, (label, runs) in enumerate(cells):
+        seq = sorted((r for r in runs if r["mode"] == "seq"), key=lambda r: r["global_batch"])
+        # Shrinking markers: a line drawn exactly over an earlier one leaves it visible.
+        ax.plot([r["global_batch"] for r in seq], [r["test_accuracy"] for r in seq],
+                marker="osD^vPX"[i % 7], ms=11 - 6 * i / max(len(cells) - 1, 1),
+                color=f"C{i % 10}", label=label or "seq")
+        for r in (r for r in runs if r["mode"] != "seq"):
+            ax.plot(r["global_batch"], r["test_accuracy"], ls="", marker="osD^v"[r["nproc"] % 5],
+                    mfc="none", ms=13, color=f"C{i % 10}")
+    for mode, n in sorted({(r["mode"], r["nproc"]) for r in rows if r["mode"] != "seq"}):
+        ax.plot([], [], ls="", marker="osD^v"[n % 5], mfc="none", ms=13, color="gray",
+                label=f"{mode} x{n} (open markers)")
+
+
+def _baseline(rows: list[dict], sweep_dir: Path) -> tuple[float | None, int | None]:
+    """Mean test accuracy of the seq runs at the lr rule's reference batch, and that batch."""
     from dptrain.config import build_config, read_toml
     from dptrain.sweep import SWEEP_CONFIG
 
     try:
         ref = build_config(read_toml(sweep_dir / SWEEP_CONFIG)).optim.ref_batch_size
     except UserError:
-        return
+        return None, None
     at_ref = [r["test_accuracy"] for r in rows if r["global_batch"] == ref and r["mode"] == "seq"]
-    if at_ref:
-        base = sum(at_ref) / len(at_ref)
-        ax.axhspan(base - 0.01, base, color="gray", alpha=0.15,
-                   label=f"within 1 point of batch {ref} ({base:.4f})")
+    return (sum(at_ref) / len(at_ref), ref) if at_ref else (None, ref)
 
 
 def save(fig, plt, out: Path) -> Path:
