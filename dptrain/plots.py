@@ -43,6 +43,8 @@ def run_label(summary: dict) -> str:
 
 def _curves(ax_loss, ax_acc, runs: list[tuple[str, dict, list[dict]]]) -> None:
     """Train loss solid, val loss dashed in one colour per run; val accuracy beside."""
+    from matplotlib.ticker import MaxNLocator
+
     for i, (label, summary, metrics) in enumerate(runs):
         epochs = [m["epoch"] for m in metrics]
         # Markers only where there are few points: a one-epoch line would be invisible.
@@ -62,6 +64,7 @@ def _curves(ax_loss, ax_acc, runs: list[tuple[str, dict, list[dict]]]) -> None:
                               (ax_acc, "validation accuracy", "Validation accuracy")):
         if ax is not None:
             ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 0.96
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
 

@@ -26,7 +26,8 @@ from typing import Any
 
 from rich.markup import escape
 
-from dptrain.config import Config, ConfigError, build_config, cpu_cores, read_toml, to_toml
+from dptrain.config import (Config, ConfigError, build_config, cpu_cores, read_toml, section_of,
+                            to_toml)
 from dptrain.errors import UserError
 from dptrain.runlog import METRICS, SUMMARY, write_atomic
 
@@ -160,11 +161,7 @@ def _parse_value(key: str, text: str, default: Any) -> Any:
 def column_of(key: str) -> str:
     """A varied key's column: the key, or section.key where the key names a result column
     (lr: the run's lr column is the scaled one; optim.lr is the base lr that was varied)."""
-    if key not in COLUMNS:
-        return key
-    from dptrain.config import section_of
-
-    return f"{section_of(key)}.{key}"
+    return f"{section_of(key)}.{key}" if key in COLUMNS else key
 
 
 def cell_name(cell) -> str:
