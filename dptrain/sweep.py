@@ -350,6 +350,10 @@ def read_sweep(out: Path) -> dict:
 
 def grid_to_resume(out: Path) -> tuple[Grid, Config]:
     """The grid and base config of the interrupted sweep in `out`, for `--resume`."""
+    if not (out / SWEEP_JSON).exists() and (out / SUMMARY).exists():
+        mode = json.loads((out / SUMMARY).read_text()).get("mode", "ddp")
+        raise UserError(f"--resume {out}: a training run, not a sweep; continue a training run "
+                        f"with `dptrain {mode} --resume {out}`")
     meta = read_sweep(out)
     if meta.get("complete"):
         raise UserError(f"--resume {out}: this sweep is complete; nothing to resume (pass "

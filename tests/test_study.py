@@ -92,9 +92,11 @@ def test_sweep_and_report_errors(tmp_path):
 
 
 def test_report_on_a_training_run_points_to_plot(tmp_path):
-    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "summary.json").write_text('{"mode": "fsdp"}')
     assert_one_line_error(run_cli("report", str(tmp_path)), "a training run, not a sweep",
                           f"dptrain plot {tmp_path}")
+    assert_one_line_error(run_cli("sweep", "--resume", str(tmp_path)), "a training run",
+                          f"dptrain fsdp --resume {tmp_path}")
 
 
 def test_vary_parses_like_hydra_multirun():
