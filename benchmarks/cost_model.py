@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dptrain.plots import _pyplot, save  # noqa: E402
+from dptrain.plots import _pyplot, _save  # noqa: E402
 from dptrain.sweep import read_sweep  # noqa: E402
 
 TERMS = ("fixed s/step", "compute s per sample-parameter", "ddp fixed s/step",
@@ -123,7 +123,7 @@ def draw(points: list[dict], coef: np.ndarray, cores: int, out: Path) -> Path:
     a, c, l, s = coef
     fig.suptitle(f"t = {1e3 * a:.3g} ms + B·P/min(n,{cores}) × {1e12 * c:.3g} ps + "
                  f"{1e3 * l:.3g} ms (ddp) + 4P·2(n-1)/n bytes / {_rate(s)}")
-    return save(fig, plt, out)
+    return _save(fig, plt, out)
 
 
 def _rate(s: float) -> str:

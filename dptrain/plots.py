@@ -79,7 +79,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
     _curves(ax_loss, ax_acc, runs)
-    return save(fig, plt, out)
+    return _save(fig, plt, out)
 
 
 def report(sweep_dir: Path) -> list[Path]:
@@ -104,7 +104,7 @@ def report(sweep_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
         _curves(ax if with_loss else None, None if with_loss else ax, runs)
         fig.suptitle(setting(ok[0]))
-        paths.append(save(fig, plt, sweep_dir / name))
+        paths.append(_save(fig, plt, sweep_dir / name))
     paths.append(_accuracy_vs_nproc(plt, ok, modes, sweep_dir / "accuracy_vs_nproc.png"))
     paths.append(_time_vs_nproc(plt, ok, modes, sweep_dir / "time_vs_nproc.png"))
     return paths
@@ -142,7 +142,7 @@ def _accuracy_vs_nproc(plt, rows: list[dict], modes: list[str], out: Path) -> Pa
     ax.set_xticks(_nprocs(parallel) or [1])
     ax.grid(alpha=0.3)
     ax.legend()
-    return save(fig, plt, out)
+    return _save(fig, plt, out)
 
 
 def _time_vs_nproc(plt, rows: list[dict], modes: list[str], out: Path) -> Path:
@@ -179,7 +179,7 @@ def _time_vs_nproc(plt, rows: list[dict], modes: list[str], out: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:  # the speedup panel is empty without seq
             ax.legend(fontsize="small")
     fig.suptitle(setting(rows[0]))
-    return save(fig, plt, out)
+    return _save(fig, plt, out)
 
 
 def ideal_line(ax, largest: int) -> None:
@@ -252,7 +252,7 @@ def _speedup_vs_nproc(plt, rows: list[dict], keys: list[str], out: Path) -> Path
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", title=", ".join(keys))
-    return save(fig, plt, out)
+    return _save(fig, plt, out)
 
 
 def _speedup_heatmap(plt, rows: list[dict], modes: list[str], keys: list[str],
@@ -282,7 +282,7 @@ def _speedup_heatmap(plt, rows: list[dict], modes: list[str], keys: list[str],
         ax.set(xlabel="processes (nproc)", title=f"{mode}: train speedup")
     fig.colorbar(image, ax=axes[0].tolist(), label="speedup (1 = seq)")
     fig.suptitle(setting(rows[0]))
-    return save(fig, plt, out)
+    return _save(fig, plt, out)
 
 
 def _memory_vs_nproc(plt, rows: list[dict], keys: list[str], out: Path) -> Path:
@@ -310,7 +310,7 @@ def _memory_vs_nproc(plt, rows: list[dict], keys: list[str], out: Path) -> Path:
     axes[0].legend(fontsize="small", title=", ".join(keys))
     fig.suptitle("Memory and time per rank against nproc (star: seq, solid: ddp, dashed: "
                  f"fsdp; {setting(rows[0])})")
-    return save(fig, plt, out)
+    return _save(fig, plt, out)
 
 
 def _accuracy_vs_batch(plt, rows: list[dict], keys: list[str], sweep_dir: Path) -> Path:
@@ -337,7 +337,7 @@ def _accuracy_vs_batch(plt, rows: list[dict], keys: list[str], sweep_dir: Path) 
     axes[1].set_title("near the reference batch's accuracy (the band: within 1 point)")
     axes[0].legend(fontsize="small", title=", ".join(others) or None)
     fig.suptitle(f"Test accuracy against the global batch after {epochs_text(rows[0]['epochs'])}")
-    return save(fig, plt, sweep_dir / "accuracy_vs_batch.png")
+    return _save(fig, plt, sweep_dir / "accuracy_vs_batch.png")
 
 
 def _accuracy_lines(ax, rows: list[dict], others: list[str]) -> None:
@@ -369,7 +369,7 @@ def _baseline(rows: list[dict], sweep_dir: Path) -> tuple[float | None, int | No
     return (sum(at_ref) / len(at_ref), ref) if at_ref else (None, ref)
 
 
-def save(fig, plt, out: Path) -> Path:
+def _save(fig, plt, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
