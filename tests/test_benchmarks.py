@@ -57,4 +57,3 @@ def test_step_ops_times_every_operation_of_a_step():
     result = run_script("step_ops.py", "--epochs", "1")
     for name in ("gather pixels", "widen pixels", "layer 1 forward", "Adam step", "sum"):
         assert name in result.stdout
-
