@@ -16,11 +16,19 @@ from dptrain.runlog import default_out_dir, err, make_console
 
 
 def sweep_flags(
-    mode: Annotated[str, typer.Option(help="The parallel mode to sweep: ddp|fsdp.",
-                                      rich_help_panel="Sweep")] = "ddp",
-    nproc: Annotated[str, typer.Option(help="Process counts, comma-separated.",
-                                       rich_help_panel="Sweep")] = "1,2,4,6,8",
-    no_seq: Annotated[bool, typer.Option("--no-seq", help="Skip the seq reference run (then no "
+    mode: Annotated[Optional[str], typer.Option(
+        help="The parallel mode(s) to sweep: ddp, fsdp or ddp,fsdp; seq alone: a grid of seq "
+             "runs. \\[default: ddp]", show_default=False, rich_help_panel="Sweep")] = None,
+    nproc: Annotated[Optional[str], typer.Option(
+        help="Process counts, comma-separated. \\[default: 1,2,4,6,8]", show_default=False,
+        rich_help_panel="Sweep")] = None,
+    vary: Annotated[Optional[list[str]], typer.Option(
+        "--vary", metavar="KEY=V1,V2", show_default=False, rich_help_panel="Sweep",
+        help="Also vary a config key, crossed with the modes, nproc and other --vary (Hydra's "
+             "multirun syntax). Separate values with ':' when they hold commas: "
+             "--vary hidden=16,16:256,256. Each cell runs in its own folder, with its own seq "
+             "reference. Repeatable.")] = None,
+    no_seq: Annotated[bool, typer.Option("--no-seq", help="Skip the seq reference runs (then no "
                                          "speedups).", rich_help_panel="Sweep")] = False,
 ) -> None:
     """Declares the sweep's own options; never called."""
@@ -39,27 +47,62 @@ def _user_errors(function):
     return wrapped
 
 
-def sweep(mode: str, nproc: str, no_seq: bool, **flags) -> None:
+def sweep(mode: str | None, nproc: str | None, vary: list[str] | None, no_seq: bool,
+          **flags) -> None:
     from rich.markup import escape
 
-    from dptrain.sweep import SweepInterrupted, parse_nprocs, run_sweep, sweep_table
+    from dptrain.sweep import SweepInterrupted, run_sweep, sweep_table
 
-    counts = parse_nprocs(nproc)
-    config = config_from_flags(flags)
-    out = Path(flags["out"]) if flags.get("out") else default_out_dir(f"sweep-{mode}")
+    grid, config, out, resume = _sweep_plan(mode, nproc, vary, no_seq, flags)
     console = make_console(highlight=False)  # in a log, the closing hint must not wrap
     try:
-        rows = run_sweep(mode, counts, config, out, with_seq=not no_seq, force=flags["force"],
+        rows = run_sweep(grid, config, out, force=flags["force"], resume=resume,
                          echo=console.print)
     except (SweepInterrupted, KeyboardInterrupt):  # Ctrl-C reaches the runs and the sweep
-        err(f"interrupted; the runs that finished are in {out}/sweep.csv")
+        err(f"interrupted; the runs that finished are in {out}/sweep.csv; continue with "
+            f"`dptrain sweep --resume {out}`")
         raise typer.Exit(130) from None
-    console.print(sweep_table(rows))
+    console.print(sweep_table(rows, [a.key for a in grid.axes]))
     failed = [r for r in rows if r["status"] != "ok"]
     for r in failed:
-        console.print(f"[red]{r['mode']} x {r['nproc']} failed[/]: {escape(r['error'])}")
+        console.print(f"[red]{escape(r['run_dir'])} failed[/]: {escape(r['error'])}")
     console.print(f"results in [bold]{out}[/] (sweep.csv, sweep.json); "
                   f"figures: dptrain report {out}" + (f"; [red]{len(failed)} run(s) failed[/]" if failed else ""))
+
+
+def _sweep_plan(mode, nproc, vary, no_seq, flags: dict):
+    """(grid, base config, folder, resuming?) from the flags, or from the folder --resume
+    names: a sweep resumes as it was planned, so it takes no other flag."""
+    from dptrain.sweep import (DEFAULT_NPROCS, Grid, grid_to_resume, parse_modes,
+                               parse_nprocs, parse_vary)
+
+    if flags.get("resume"):
+        if flags["resume"] == "auto":
+            raise UserError("sweep --resume takes the folder of the interrupted sweep, "
+                            "e.g. --resume runs/sweep-ddp-...; 'auto' is for a training run")
+        out = Path(flags["resume"])
+        given = [name for name, value in {**flags, "mode": mode, "nproc": nproc, "vary": vary,
+                                          "no_seq": no_seq}.items()
+                 if value not in (None, False) and name not in ("resume", "out")]
+        if flags.get("out") and Path(flags["out"]).resolve() != out.resolve():
+            given.append("out")
+        if given:
+            names = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UserError(f"--resume {out} continues that sweep as it was planned; drop {names}")
+        return (*grid_to_resume(out), out, True)
+    modes = parse_modes(mode or "ddp")
+    if modes == ["seq"] and (nproc or no_seq):
+        raise UserError("--mode seq sweeps seq runs only (one process each); drop "
+                        + ("--nproc" if nproc else "--no-seq"))
+    grid = Grid(tuple(modes), tuple(parse_nprocs(nproc or DEFAULT_NPROCS)),
+                tuple(parse_vary(v) for v in vary or []), with_seq=not no_seq)
+    keys = [a.key for a in grid.axes]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--vary: a key is given twice ({', '.join(keys)}); list all its "
+                        "values in one --vary")
+    config = config_from_flags(flags)
+    out = Path(flags["out"]) if flags.get("out") else default_out_dir(f"sweep-{'-'.join(modes)}")
+    return grid, config, out, False
 
 
 def plot(
@@ -108,8 +151,10 @@ def predict(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sweep", cls=Command, help="Train once per process count (plus a seq reference); "
-                                           "write sweep.csv and sweep.json.")(
+    app.command("sweep", cls=Command,
+                help="Train once per mode and process count (plus a seq reference), in every "
+                     "cell of the --vary keys; write sweep.csv and sweep.json. --resume "
+                     "SWEEP_DIR continues an interrupted sweep.")(
         with_flags(_user_errors(sweep), sweep_flags, training_flags, process_group_flags))
     app.command("plot", cls=Command,
                 help="Loss and validation accuracy curves of runs, as one PNG.")(_wrap(plot))

@@ -20,7 +20,7 @@ MODES = ("seq", "ddp", "fsdp")
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
 LOSSES = ("cross_entropy", "mse")
 OPTIMIZERS = ("adam", "sgd")
-LR_SCALINGS = ("none", "linear", "seed")
+LR_SCALINGS = ("none", "linear", "sqrt", "seed")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 RDZV_BACKENDS = ("c10d", "static")
@@ -312,11 +312,15 @@ def resolve_lr(optim: OptimConfig, global_batch: int, world_size: int) -> float:
     """The learning rate after `optim.lr_scaling`.
 
     linear (Goyal et al. 2017): lr * global_batch / ref_batch_size.
+    sqrt: lr * sqrt(global_batch / ref_batch_size), the rule usually recommended for Adam,
+    whose steps are normalised by the gradient's running size (Malladi et al. 2022).
     seed (the seed study): lr_para = lr_seq * B_para / B_seq, with B_para the per-rank batch
     and B_seq = ref_batch_size, the batch the sequential lr was tuned for.
     """
     if optim.lr_scaling == "linear":
         return optim.lr * global_batch / optim.ref_batch_size
+    if optim.lr_scaling == "sqrt":
+        return optim.lr * math.sqrt(global_batch / optim.ref_batch_size)
     if optim.lr_scaling == "seed":
         return optim.lr * (global_batch / world_size) / optim.ref_batch_size
     return optim.lr

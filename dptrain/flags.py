@@ -50,7 +50,7 @@ def training_flags(
     lr: Annotated[Optional[float], _opt("Base learning rate.", _DEFAULTS.optim.lr)] = None,
     lr_scaling: Annotated[Optional[str], _opt(
         f"LR rule: {'|'.join(LR_SCALINGS)}. linear: lr*global_batch/ref; "
-        "seed: lr*(global_batch/world_size)/ref.", _DEFAULTS.optim.lr_scaling)] = None,
+        "sqrt: lr*sqrt(global_batch/ref); seed: lr*(global_batch/world_size)/ref.", _DEFAULTS.optim.lr_scaling)] = None,
     ref_batch_size: Annotated[Optional[int], _opt(
         "Reference batch of the LR rule.", _DEFAULTS.optim.ref_batch_size)] = None,
     warmup_epochs: Annotated[Optional[int], _opt(

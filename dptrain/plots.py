@@ -43,12 +43,14 @@ def run_label(summary: dict) -> str:
 
 def _curves(ax_loss, ax_acc, runs: list[tuple[str, dict, list[dict]]]) -> None:
     """Train loss solid, val loss dashed in one colour per run; val accuracy beside."""
+    from matplotlib.ticker import MaxNLocator
+
     for i, (label, summary, metrics) in enumerate(runs):
         epochs = [m["epoch"] for m in metrics]
         # Markers only where there are few points: a one-epoch line would be invisible.
         style = {"color": f"C{i % 10}", "marker": "o" if len(epochs) <= 12 else None, "ms": 3}
         if summary["mode"] == "seq":  # wide and pale, so that a parallel run on top shows
-            style.update(lw=4, alpha=0.4)
+            style.update(lw=4, alpha=0.4, ms=10)
         if ax_loss is not None:
             ax_loss.plot(epochs, [m["train_loss"] for m in metrics], ls="-",
                          label=f"{label} (train)", **style)
@@ -62,6 +64,7 @@ def _curves(ax_loss, ax_acc, runs: list[tuple[str, dict, list[dict]]]) -> None:
                               (ax_acc, "validation accuracy", "Validation accuracy")):
         if ax is not None:
             ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 0.96
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
 
@@ -80,66 +83,90 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
 
 
 def report(sweep_dir: Path) -> list[Path]:
-    """The four figures of a sweep, written into its folder; returns their paths."""
+    """The figures of a sweep, written into its folder; returns their paths.
+
+    A sweep over nproc alone gets curves and time/accuracy against nproc; a --vary grid gets
+    the figures of what it varies (speedup, memory, accuracy against the global batch).
+    """
     sweep_dir = Path(sweep_dir)
     meta = read_sweep(sweep_dir)
     ok = [r for r in meta["runs"] if r["status"] == "ok"]
     if not ok:
         raise UserError(f"{sweep_dir}: every run of this sweep failed; nothing to plot")
+    modes = meta.get("modes") or [meta["mode"]]  # sweeps before --vary had one mode
+    plt = _pyplot()
+    if meta.get("vary"):
+        return grid_figures(plt, ok, modes, [v["key"] for v in meta["vary"]], sweep_dir)
     runs = [(f"{r['mode']} x{r['nproc']}, lr={r['lr']:.3g}", *read_run(sweep_dir / r["run_dir"]))
             for r in ok]
-    plt = _pyplot()
     paths = []
     for name, with_loss in (("loss.png", True), ("val_accuracy.png", False)):
         fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
         _curves(ax if with_loss else None, None if with_loss else ax, runs)
-        fig.suptitle(_setting(ok[0]))
+        fig.suptitle(setting(ok[0]))
         paths.append(_save(fig, plt, sweep_dir / name))
-    paths.append(_accuracy_vs_nproc(plt, ok, meta["mode"], sweep_dir / "accuracy_vs_nproc.png"))
-    paths.append(_time_vs_nproc(plt, ok, meta["mode"], sweep_dir / "time_vs_nproc.png"))
+    paths.append(_accuracy_vs_nproc(plt, ok, modes, sweep_dir / "accuracy_vs_nproc.png"))
+    paths.append(_time_vs_nproc(plt, ok, modes, sweep_dir / "time_vs_nproc.png"))
     return paths
 
 
-def _setting(row: dict) -> str:
-    return f"{row['epochs']} epochs, global batch {row['global_batch']}"
+def setting(row: dict) -> str:
+    return f"{epochs_text(row['epochs'])}, global batch {row['global_batch']}"
 
 
-def _split(rows: list[dict], mode: str) -> tuple[list[dict], dict | None]:
-    parallel = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["nproc"])
+def epochs_text(epochs: int) -> str:
+    return f"{epochs} epoch{'s' if epochs != 1 else ''}"
+
+
+def _split(rows: list[dict], modes: list[str]) -> tuple[dict[str, list[dict]], dict | None]:
+    """The parallel runs of each mode by nproc, and the seq run (if any)."""
+    parallel = {m: sorted((r for r in rows if r["mode"] == m), key=lambda r: r["nproc"])
+                for m in modes if m != "seq"}
     return parallel, next((r for r in rows if r["mode"] == "seq"), None)
 
 
-def _accuracy_vs_nproc(plt, rows: list[dict], mode: str, out: Path) -> Path:
-    parallel, seq = _split(rows, mode)
+def _nprocs(parallel: dict[str, list[dict]]) -> list[int]:
+    return sorted({r["nproc"] for runs in parallel.values() for r in runs})
+
+
+def _accuracy_vs_nproc(plt, rows: list[dict], modes: list[str], out: Path) -> Path:
+    parallel, seq = _split(rows, modes)
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
-    ax.plot([r["nproc"] for r in parallel], [r["test_accuracy"] for r in parallel], "o-",
-            label=f"{mode} test accuracy")
+    for mode, runs in parallel.items():
+        ax.plot([r["nproc"] for r in runs], [r["test_accuracy"] for r in runs], "o-",
+                label=f"{mode} test accuracy")
     if seq is not None:
         ax.axhline(seq["test_accuracy"], color="gray", ls="--", label="seq test accuracy")
     ax.set(xlabel="processes (nproc)", ylabel="final test accuracy",
-           title=f"Final test accuracy vs processes ({_setting(rows[0])})")
-    ax.set_xticks([r["nproc"] for r in parallel])
+           title=f"Final test accuracy vs processes ({setting(rows[0])})")
+    ax.set_xticks(_nprocs(parallel) or [1])
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, plt, out)
 
 
-def _time_vs_nproc(plt, rows: list[dict], mode: str, out: Path) -> Path:
+def _time_vs_nproc(plt, rows: list[dict], modes: list[str], out: Path) -> Path:
     """Left: train and wall seconds; right: speedup and efficiency against seq (if present)."""
-    parallel, seq = _split(rows, mode)
-    nprocs = [r["nproc"] for r in parallel]
+    parallel, seq = _split(rows, modes)
+    nprocs = _nprocs(parallel)
     fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
-    for key, color, name in (("train_seconds", "C0", "train"), ("wall_seconds", "C1", "wall")):
-        ax_time.plot(nprocs, [r[key] for r in parallel], "o-", color=color, label=f"{mode} {name}")
-        if seq is not None:
-            ax_time.axhline(seq[key], color=color, ls="--", label=f"seq {name}")
-    ax_time.set(xlabel="processes (nproc)", ylabel="seconds", title="Run time vs processes")
+    for (mode, runs), ls in zip(parallel.items(), ("-", "--")):
+        for key, color, name in (("train_seconds", "C0", "train"), ("wall_seconds", "C1", "wall")):
+            ax_time.plot([r["nproc"] for r in runs], [r[key] for r in runs], "o", ls=ls,
+                         color=color, label=f"{mode} {name}")
     if seq is not None:
-        for key, style, name in (("speedup", "o-", "speedup (train)"),
-                                 ("wall_speedup", "s-", "speedup (wall)"),
-                                 ("efficiency", "o:", "efficiency (train)")):
-            ax_speed.plot(nprocs, [r[key] for r in parallel], style, label=name)
-        ax_speed.plot(nprocs, nprocs, color="gray", ls="--", lw=0.8, label="ideal speedup")
+        for key, color, name in (("train_seconds", "C0", "train"), ("wall_seconds", "C1", "wall")):
+            ax_time.axhline(seq[key], color=color, ls=":", label=f"seq {name}")
+    ax_time.set(xlabel="processes (nproc)", ylabel="seconds", title="Run time vs processes")
+    if seq is not None and nprocs:
+        for (mode, runs), ls in zip(parallel.items(), ("-", "--")):
+            x = [r["nproc"] for r in runs]
+            for key, marker, name in (("speedup", "o", "speedup (train)"),
+                                      ("wall_speedup", "s", "speedup (wall)"),
+                                      ("efficiency", "^", "efficiency (train)")):
+                ax_speed.plot(x, [r[key] for r in runs], marker=marker, ls=ls,
+                              label=f"{mode} {name}")
+        ideal_line(ax_speed, max(nprocs))
         ax_speed.set_ylim(bottom=0)
     else:
         ax_speed.text(0.5, 0.5, "no seq run in this sweep:\nno speedup", ha="center",
@@ -147,12 +174,199 @@ def _time_vs_nproc(plt, rows: list[dict], mode: str, out: Path) -> Path:
     ax_speed.set(xlabel="processes (nproc)", ylabel="ratio to seq",
                  title="Speedup (seq seconds / run seconds) and efficiency (speedup / nproc)")
     for ax in (ax_time, ax_speed):
-        ax.set_xticks(nprocs)
+        ax.set_xticks(sorted({1, *nprocs}))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # the speedup panel is empty without seq
             ax.legend(fontsize="small")
-    fig.suptitle(_setting(rows[0]))
+    fig.suptitle(setting(rows[0]))
     return _save(fig, plt, out)
+
+
+def ideal_line(ax, largest: int) -> None:
+    """Speedup = nproc, from 1 process: a visible segment even when only one nproc was run."""
+    ax.plot([1, max(largest, 2)], [1, max(largest, 2)], color="gray", ls="--", lw=1,
+            label="ideal speedup (= nproc)")
+
+
+# --- the figures of a --vary grid ---------------------------------------------------------
+
+MODE_STYLES = {"seq": dict(ls="", marker="*", ms=11), "ddp": dict(ls="-", marker="o"),
+               "fsdp": dict(ls="--", marker="s")}
+
+
+def grid_figures(plt, rows: list[dict], modes: list[str], keys: list[str],
+                 sweep_dir: Path) -> list[Path]:
+    """What a grid shows, each figure where the grid has its data: speedup against nproc (one
+    line per cell) and as a cell x nproc heatmap; memory and time per epoch against nproc; test
+    accuracy against the global batch (one line per value of the other varied keys)."""
+    parallel = [r for r in rows if r["mode"] != "seq"]
+    paths = []
+    if any(r.get("speedup") for r in parallel):
+        paths.append(_speedup_vs_nproc(plt, rows, keys, sweep_dir / "speedup_vs_nproc.png"))
+        paths.append(_speedup_heatmap(plt, rows, modes, keys, sweep_dir / "speedup_heatmap.png"))
+    if parallel and any(r.get("peak_rss_bytes") for r in rows):
+        paths.append(_memory_vs_nproc(plt, rows, keys, sweep_dir / "memory_vs_nproc.png"))
+    if {"batch_size", "full_batch"} & set(keys):
+        paths.append(_accuracy_vs_batch(plt, rows, keys, sweep_dir))
+    if not paths:
+        raise UserError(f"{sweep_dir}: this grid has no speedups (no seq run), no memory and no "
+                        "varied batch to draw")
+    return paths
+
+
+def _cells(rows: list[dict], keys: list[str]) -> list[tuple[str, list[dict]]]:
+    """(label, rows) per cell, in the sweep's order; the label is the varied values."""
+    cells: dict[str, list[dict]] = {}
+    for r in rows:
+        cells.setdefault(_values_label(r, keys), []).append(r)
+    return list(cells.items())
+
+
+def _values_label(row: dict, keys: list[str]) -> str:
+    def text(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return ", ".join(f"{k}={text(row['vary'][k])}" for k in keys)
+
+
+def _by_mode(runs: list[dict]) -> dict[str, list[dict]]:
+    modes: dict[str, list[dict]] = {}
+    for r in sorted(runs, key=lambda r: r["nproc"]):
+        modes.setdefault(r["mode"], []).append(r)
+    return modes
+
+
+def _speedup_vs_nproc(plt, rows: list[dict], keys: list[str], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 5.5), constrained_layout=True)
+    nprocs = sorted({r["nproc"] for r in rows if r["mode"] != "seq"})
+    for i, (label, runs) in enumerate(_cells(rows, keys)):
+        for mode, line in _by_mode(runs).items():
+            if mode != "seq":
+                ax.plot([r["nproc"] for r in line], [r["speedup"] for r in line],
+                        color=f"C{i % 10}", label=f"{label} ({mode})", **MODE_STYLES[mode])
+    ideal_line(ax, max(nprocs))
+    ax.axhline(1, color="black", lw=0.8, label="as fast as seq")
+    ax.set(xlabel="processes (nproc)", ylabel="train speedup (seq train s / run train s)",
+           title=f"Train speedup against nproc, seq of the same cell = 1 ({setting(rows[0])})")
+    ax.set_xticks(sorted({1, *nprocs}))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", title=", ".join(keys))
+    return _save(fig, plt, out)
+
+
+def _speedup_heatmap(plt, rows: list[dict], modes: list[str], keys: list[str],
+                     out: Path) -> Path:
+    """One panel per parallel mode: a row per cell, a column per nproc, the train speedup."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    cells = _cells(rows, keys)
+    nprocs = sorted({r["nproc"] for r in rows if r["mode"] != "seq"})
+    parallel_modes = [m for m in modes if m != "seq"]
+    values = {(label, r["mode"], r["nproc"]): r.get("speedup") for label, runs in cells
+              for r in runs}
+    top = max([v for v in values.values() if v] + [2.0])
+    norm = TwoSlopeNorm(vmin=0, vcenter=1, vmax=top)  # red: slower than seq; blue: faster
+    fig, axes = plt.subplots(1, len(parallel_modes), squeeze=False, constrained_layout=True,
+                             figsize=(2.2 + 1.3 * len(nprocs) * len(parallel_modes),
+                                      1.6 + 0.5 * len(cells)))
+    for ax, mode in zip(axes[0], parallel_modes):
+        grid = [[values.get((label, mode, n)) for n in nprocs] for label, _ in cells]
+        image = ax.imshow([[float("nan") if v is None else v for v in line] for line in grid],
+                          cmap="RdBu", norm=norm, aspect="auto")
+        for y, line in enumerate(grid):
+            for x, v in enumerate(line):
+                ax.text(x, y, "-" if v is None else f"{v:.2f}", ha="center", va="center")
+        ax.set_xticks(range(len(nprocs)), [str(n) for n in nprocs])
+        ax.set_yticks(range(len(cells)), [label for label, _ in cells])
+        ax.set(xlabel="processes (nproc)", title=f"{mode}: train speedup")
+    fig.colorbar(image, ax=axes[0].tolist(), label="speedup (1 = seq)")
+    fig.suptitle(setting(rows[0]))
+    return _save(fig, plt, out)
+
+
+def _memory_vs_nproc(plt, rows: list[dict], keys: list[str], out: Path) -> Path:
+    """Per rank: parameter + gradient + optimizer bytes, peak RSS, and seconds per epoch."""
+    panels = (("model state per rank, MB (params + grads + optimizer)",
+               lambda r: (r["param_bytes"] + r["grad_bytes"] + r["optimizer_bytes"]) / 1e6),
+              ("peak RSS per rank, MB (the largest rank)", lambda r: r["peak_rss_bytes"] / 1e6),
+              ("seconds per epoch (training steps)", lambda r: r.get("epoch_seconds")))
+    from matplotlib.ticker import LogFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), constrained_layout=True)
+    nprocs = sorted({r["nproc"] for r in rows})
+    for ax, (ylabel, value) in zip(axes, panels):
+        for i, (label, runs) in enumerate(_cells(rows, keys)):
+            for mode, line in _by_mode(runs).items():
+                if all(r.get("param_bytes") is not None for r in line):
+                    ax.plot([r["nproc"] for r in line], [value(r) for r in line],
+                            color=f"C{i % 10}", label=f"{label} ({mode})", **MODE_STYLES[mode])
+        ax.set(xlabel="processes (nproc)", ylabel=ylabel, yscale="log")
+        # Plain numbers (0.5, 20, 300), minor ticks labelled too where a panel spans little.
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 1)))
+        ax.set_xticks(nprocs)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize="small", title=", ".join(keys))
+    fig.suptitle("Memory and time per rank against nproc (star: seq, solid: ddp, dashed: "
+                 f"fsdp; {setting(rows[0])})")
+    return _save(fig, plt, out)
+
+
+def _accuracy_vs_batch(plt, rows: list[dict], keys: list[str], sweep_dir: Path) -> Path:
+    """Test accuracy against the global batch, one line per value of the other varied keys:
+    all of it on the left, the region around the reference batch's accuracy on the right.
+    The seq runs make the lines, parallel runs are open markers on them."""
+    others = [k for k in keys if k not in ("batch_size", "full_batch")]
+    base, ref = _baseline(rows, sweep_dir)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), constrained_layout=True)
+    for ax in axes:
+        _accuracy_lines(ax, rows, others)
+        if base is not None:
+            ax.axhspan(base - 0.01, base, color="gray", alpha=0.2,
+                       label=f"within 1 point of batch {ref} ({base:.4f})")
+        batches = sorted({r["global_batch"] for r in rows})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set(xlabel="global batch (samples per update)", ylabel="final test accuracy")
+        ax.grid(alpha=0.3)
+    top = max(r["test_accuracy"] for r in rows)
+    if base is not None:
+        axes[1].set_ylim(base - 0.04, top + 0.005)
+    axes[0].set_title("all runs")
+    axes[1].set_title("near the reference batch's accuracy (the band: within 1 point)")
+    axes[0].legend(fontsize="small", title=", ".join(others) or None)
+    fig.suptitle(f"Test accuracy against the global batch after {epochs_text(rows[0]['epochs'])}")
+    return _save(fig, plt, sweep_dir / "accuracy_vs_batch.png")
+
+
+def _accuracy_lines(ax, rows: list[dict], others: list[str]) -> None:
+    cells = _cells(rows, others) if others else [("", rows)]
+    for i, (label, runs) in enumerate(cells):
+        seq = sorted((r for r in runs if r["mode"] == "seq"), key=lambda r: r["global_batch"])
+        # Shrinking markers: a line drawn exactly over an earlier one leaves it visible.
+        ax.plot([r["global_batch"] for r in seq], [r["test_accuracy"] for r in seq],
+                marker="osD^vPX"[i % 7], ms=11 - 6 * i / max(len(cells) - 1, 1),
+                color=f"C{i % 10}", label=label or "seq")
+        for r in (r for r in runs if r["mode"] != "seq"):
+            ax.plot(r["global_batch"], r["test_accuracy"], ls="", marker="osD^v"[r["nproc"] % 5],
+                    mfc="none", ms=13, color=f"C{i % 10}")
+    for mode, n in sorted({(r["mode"], r["nproc"]) for r in rows if r["mode"] != "seq"}):
+        ax.plot([], [], ls="", marker="osD^v"[n % 5], mfc="none", ms=13, color="gray",
+                label=f"{mode} x{n} (open markers)")
+
+
+def _baseline(rows: list[dict], sweep_dir: Path) -> tuple[float | None, int | None]:
+    """Mean test accuracy of the seq runs at the lr rule's reference batch, and that batch."""
+    from dptrain.config import build_config, read_toml
+    from dptrain.sweep import SWEEP_CONFIG
+
+    try:
+        ref = build_config(read_toml(sweep_dir / SWEEP_CONFIG)).optim.ref_batch_size
+    except UserError:
+        return None, None
+    at_ref = [r["test_accuracy"] for r in rows if r["global_batch"] == ref and r["mode"] == "seq"]
+    return (sum(at_ref) / len(at_ref), ref) if at_ref else (None, ref)
 
 
 def _save(fig, plt, out: Path) -> Path:

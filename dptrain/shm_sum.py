@@ -1,12 +1,21 @@
 """Summing DDP gradients through shared memory, for ranks that share one node's CPUs.
 
 A gloo all_reduce of this model's 13k gradients costs ~0.6 ms between two local processes
-(TCP loopback, a wake-up per message): as much as a whole training step on one core. Here each
-rank copies its gradients into its own slot of a shared buffer, raises its flag, waits until
-every flag is up, and adds the slots in rank order: ~10 us, and bit-identical on every rank.
+(TCP loopback, a wake-up per message): as much as a whole training step on one core. Here the
+ranks sum through one shared buffer instead, in rounds of at most `round_elements` each:
 
-Two slot sets alternate by call, so a fast rank writing call k+1 never touches the set a slow
-rank still reads for call k: it cannot start call k+2 before every rank has arrived at k+1.
+1. every rank copies its piece of the gradients into its own input slot; all wait for all;
+2. small pieces, or 2 ranks: every rank adds all the slots itself, in rank order. Otherwise
+   (reduce-scatter + all-gather): each rank adds the slots' values of its 1/N of the piece, in
+   rank order, into a shared result; all wait for all; every rank copies the whole result.
+
+Each rank then reads about 2 pieces per round (its 1/N of every slot, then the result) instead of
+N; with 2 ranks adding both slots costs as much and saves a wait. Every element is added in rank
+order by one rank (or alike by all), so the sums are bit-identical on every rank. The buffer is
+at most BUFFER_BYTES, however large the model and N: the rounds stream the gradients through it.
+
+Two slot sets alternate by round, so a fast rank writing round k+1 never touches the set a slow
+rank still reads for round k: it cannot start round k+2 before every rank has finished round k.
 The plain loads and stores this relies on are ordered on x86-64 (total store order); other
 machines use the process group's all_reduce.
 """
@@ -25,7 +34,13 @@ import torch
 import torch.distributed as dist
 
 FLAG_STRIDE = 8  # one int64 flag per 64-byte cache line: no false sharing between ranks
+LINE = 16  # float32 elements per cache line: slots and each rank's share start on one
 SPIN_SECONDS = 200e-6  # then sleep between checks, so that oversubscribed ranks let others run
+# The whole mapping (2 sets of N input slots and a result), whatever the model and N.
+BUFFER_BYTES = 16 << 20
+# Below this many elements a round is latency-bound: every rank adds all slots (one wait, not
+# two). Measured with benchmarks/grad_sync.py (docs/STUDY.md, section 2).
+ALL_READ_BELOW = 1 << 16
 
 
 def supported() -> bool:
@@ -38,41 +53,78 @@ class SharedMemorySum:
     Create on every rank together (it runs two process-group collectives).
     """
 
-    def __init__(self, numel: int, rank: int, world_size: int, timeout_s: float):
-        self.numel, self.rank, self.world_size, self.timeout_s = numel, rank, world_size, timeout_s
-        self.calls = 0
-        slots = 2 * world_size * numel
-        self._map = _shared_map(4 * slots + 8 * FLAG_STRIDE * world_size)
-        self._slots = torch.frombuffer(self._map, dtype=torch.float32, count=slots).view(
-            2, world_size, numel)
-        self._flags = np.frombuffer(self._map, dtype=np.int64, offset=4 * slots)[::FLAG_STRIDE]
+    def __init__(self, numel: int, rank: int, world_size: int, timeout_s: float, *,
+                 round_elements: int | None = None, all_read_below: int | None = None):
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        if all_read_below is None:  # 2 ranks: adding both slots reads no more than sharing
+            all_read_below = ALL_READ_BELOW if world_size > 2 else 1 << 62
+        self.all_read_below = all_read_below
+        most = BUFFER_BYTES // (4 * 2 * (world_size + 1)) // LINE * LINE
+        self.round_elements = _whole_lines(min(numel, round_elements or most))
+        self.rounds = self.phase = 0
+        slot_floats = 2 * (world_size + 1) * self.round_elements
+        self._map = _shared_map(4 * slot_floats + 8 * FLAG_STRIDE * world_size)
+        slots = torch.frombuffer(self._map, dtype=torch.float32, count=slot_floats).view(
+            2, world_size + 1, self.round_elements)
+        self._inputs, self._results = slots[:, :world_size], slots[:, world_size]
+        self._flags = np.frombuffer(self._map, dtype=np.int64, offset=4 * slot_floats)[::FLAG_STRIDE]
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Replace `tensor` (float32, CPU, contiguous) by its sum over the ranks; returns it."""
-        n = tensor.numel()
-        self.calls += 1
-        slots = self._slots[self.calls % 2, :, :n]
-        slots[self.rank].copy_(tensor.view(-1))
-        self._flags[self.rank] = self.calls
-        self._wait_for_all()
+        if self.world_size == 1:
+            return tensor
         flat = tensor.view(-1)
-        flat.copy_(slots[0])
-        for other in slots[1:]:  # the same order on every rank: identical sums
-            flat.add_(other)
+        for start in range(0, flat.numel(), self.round_elements):
+            self._round(flat[start:start + self.round_elements])
         return tensor
 
-    def _wait_for_all(self) -> None:
+    def _round(self, piece: torch.Tensor) -> None:
+        n = piece.numel()
+        inputs = self._inputs[self.rounds % 2, :, :n]
+        self.rounds += 1
+        inputs[self.rank].copy_(piece)
+        self._arrive()
+        if n < self.all_read_below:
+            _add_in_rank_order(inputs, out=piece)
+            return
+        result = self._results[(self.rounds - 1) % 2, :n]
+        lo, hi = self.share(n)
+        _add_in_rank_order(inputs[:, lo:hi], out=result[lo:hi])
+        self._arrive()
+        piece.copy_(result)
+
+    def share(self, n: int) -> tuple[int, int]:
+        """This rank's part [lo, hi) of an n-element round: about n / N, in whole cache lines."""
+        lines = -(-n // LINE)
+        lo, hi = (min(n, LINE * (lines * r // self.world_size)) for r in (self.rank, self.rank + 1))
+        return lo, hi
+
+    def _arrive(self) -> None:
+        """Raise this rank's flag to the next phase, then wait until every rank's is there."""
+        self.phase += 1
+        self._flags[self.rank] = self.phase
         start = time.perf_counter()
-        while (self._flags < self.calls).any():
+        while (self._flags < self.phase).any():
             waited = time.perf_counter() - start
             if waited > self.timeout_s:  # as a gloo collective would: a DistError
-                late = np.flatnonzero(self._flags < self.calls).tolist()
+                late = np.flatnonzero(self._flags < self.phase).tolist()
                 raise dist.DistError(f"shared-memory gradient sum timed out: rank {self.rank} "
                                      f"waited {waited:.0f} s for rank(s) {late}")
             if waited > SPIN_SECONDS:
                 time.sleep(50e-6)
             else:
                 os.sched_yield()
+
+
+def _whole_lines(n: int) -> int:
+    return max(LINE, -(-n // LINE) * LINE)
+
+
+def _add_in_rank_order(slots: torch.Tensor, *, out: torch.Tensor) -> None:
+    """out = slots[0] + slots[1] + ... in this order: the same bits whoever computes it."""
+    torch.add(slots[0], slots[1], out=out)
+    for other in slots[2:]:
+        out.add_(other)
 
 
 def _shared_map(size: int) -> mmap.mmap:

@@ -1,59 +1,114 @@
 #!/usr/bin/env bash
-# Reproduce the seed study (cases a-c) and go beyond it (d, e); see docs/STUDY.md.
+# Reproduce the seed study (cases a-c), go beyond it (d, e), and answer the study's part 2:
+# when data parallelism pays (f, section 2), what FSDP saves (f, section 3), how to scale the
+# lr with the batch (g, section 4). See docs/STUDY.md.
 #
-#   scripts/reproduce_study.sh [--quick] [--out DIR]      (DIR defaults to runs/study)
+#   scripts/reproduce_study.sh [--quick] [--out DIR] [--only CASES]   (DIR defaults to runs/study)
 #
-# --quick: 1 epoch per run and nproc 2 instead of 1,2,4,6,8 (8 becomes 2): a smoke test of
-# the whole pipeline in under a minute, not a result. Runs are replaced (--force) when rerun.
-# Set DPTRAIN to choose the command (default: python -m dptrain).
+# --quick: 1 epoch per run, nproc 2 instead of 1,2,4,6,8 (8 becomes 2), and small grids: a smoke
+# test of the whole pipeline in about a minute, not a result. --only: a comma-separated subset
+# of a,b,c,d,e,f,g (b and e also draw on a and c's runs). Runs are replaced (--force) when rerun.
+# Set DPTRAIN to choose the command (default: python -m dptrain), PYTHON for the benchmarks.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 out=runs/study
 quick=false
+only=a,b,c,d,e,f,g
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) quick=true; shift ;;
         --out) out="$2"; shift 2 ;;
-        *) echo "usage: $0 [--quick] [--out DIR]" >&2; exit 2 ;;
+        --only) only="$2"; shift 2 ;;
+        *) echo "usage: $0 [--quick] [--out DIR] [--only a,b,c,d,e,f,g]" >&2; exit 2 ;;
     esac
 done
+# A relative --out means the caller's folder, not the repository's.
+[[ "$out" = /* ]] || out="$PWD/$out"
+cd "$(dirname "$0")/.."
 
 read -r -a dptrain <<< "${DPTRAIN:-python -m dptrain}"
+python=${PYTHON:-python}
 nprocs=1,2,4,6,8
 big=8          # the seed study's process count
+ep25=25        # the seed study's epochs (cases a, d)
+ep100=100      # its longer runs (cases b, c, e)
+# Sections 2 and 3: widths x nproc (seq is every cell's n = 1); section 4: the lr rules.
+widths=16,16:256,256:1024,1024:4096,4096
+grid_nprocs=2,4
+rules=(--vary lr_scaling=none,linear,sqrt --vary warmup_epochs=0,5)
+batches=256,512,1024,2048,4096,8192,16384,42000
+sync_args=()
+optimizers=(adam sgd)
 extra=(--force)
 if $quick; then
     nprocs=2
     big=2
+    ep25=1
+    ep100=1
+    widths="[16,16]"   # one list value: Hydra's brackets
+    grid_nprocs=2
+    rules=(--vary lr_scaling=sqrt)
+    batches=1024,4096
+    sync_args=(--nproc 2 --sizes 13002 --repeats 1)
+    optimizers=(adam)
     extra+=(--epochs 1)
-    echo "quick: 1 epoch per run, nproc 2 (+ seq): a smoke test, not a result"
+    echo "quick: 1 epoch per run, nproc 2 (+ seq), small grids: a smoke test, not a result"
 fi
 cfg=configs/study
 started=$SECONDS
 step() { echo; echo "=== $* ($((SECONDS - started)) s)"; }
+wanted() { [[ ",$only," == *",$1,"* ]]; }
+epochs() { if [[ $1 == 1 ]]; then echo "1 epoch"; else echo "$1 epochs"; fi; }
 
-step "a. seed Fig. 6: seq at batch 1024 vs ddp x$big full batch, lr 0.01, 25 epochs"
-"${dptrain[@]}" seq --config $cfg/a-seq.toml --out "$out/a/seq" "${extra[@]}"
-"${dptrain[@]}" ddp --config $cfg/a-full-batch.toml --nproc $big --out "$out/a/ddp-full-batch" "${extra[@]}"
-"${dptrain[@]}" plot "$out/a/seq" "$out/a/ddp-full-batch" --out "$out/a/loss.png"
-
-step "b. seed Fig. 7: ddp x$big full batch with the seed's lr rule, 100 epochs"
-"${dptrain[@]}" ddp --config $cfg/b-seed-rule.toml --nproc $big --out "$out/b/ddp-seed-rule" "${extra[@]}"
-"${dptrain[@]}" plot "$out/a/seq" "$out/a/ddp-full-batch" "$out/b/ddp-seed-rule" --out "$out/b/loss.png"
-
-step "c. seed Figs. 8-9: full-batch sweep, seed's lr rule, nproc $nprocs"
-"${dptrain[@]}" sweep --config $cfg/c-seed-sweep.toml --nproc $nprocs --out "$out/c" "${extra[@]}"
-
-step "d. constant global batch 1024: ddp sweep over nproc $nprocs"
-"${dptrain[@]}" sweep --config $cfg/d-constant-batch.toml --nproc $nprocs --out "$out/d" "${extra[@]}"
-
-step "e. full batch, linear lr rule with warmup, nproc $nprocs"
-"${dptrain[@]}" sweep --config $cfg/e-linear-warmup.toml --nproc $nprocs --out "$out/e" "${extra[@]}"
-"${dptrain[@]}" plot "$out/c/ddp-$big" "$out/e/ddp-$big" --out "$out/e/seed_vs_linear.png"
-
-step "figures"
-for sweep in c d e; do
-    "${dptrain[@]}" report "$out/$sweep"
-done
+if wanted a; then
+    step "a. seed Fig. 6: seq at batch 1024 vs ddp x$big full batch, lr 0.01, $(epochs $ep25)"
+    "${dptrain[@]}" seq --config $cfg/a-seq.toml --out "$out/a/seq" "${extra[@]}"
+    "${dptrain[@]}" ddp --config $cfg/a-full-batch.toml --nproc $big --out "$out/a/ddp-full-batch" "${extra[@]}"
+    "${dptrain[@]}" plot "$out/a/seq" "$out/a/ddp-full-batch" --out "$out/a/loss.png"
+fi
+if wanted b; then
+    step "b. seed Fig. 7: ddp x$big full batch with the seed's lr rule, $(epochs $ep100)"
+    "${dptrain[@]}" ddp --config $cfg/b-seed-rule.toml --nproc $big --out "$out/b/ddp-seed-rule" "${extra[@]}"
+    "${dptrain[@]}" plot "$out/a/seq" "$out/a/ddp-full-batch" "$out/b/ddp-seed-rule" --out "$out/b/loss.png"
+fi
+if wanted c; then
+    step "c. seed Figs. 8-9: full-batch sweep, seed's lr rule, nproc $nprocs, $(epochs $ep100)"
+    "${dptrain[@]}" sweep --config $cfg/c-seed-sweep.toml --nproc $nprocs --out "$out/c" "${extra[@]}"
+    "${dptrain[@]}" report "$out/c"
+fi
+if wanted d; then
+    step "d. constant global batch 1024: ddp sweep over nproc $nprocs, $(epochs $ep25)"
+    "${dptrain[@]}" sweep --config $cfg/d-constant-batch.toml --nproc $nprocs --out "$out/d" "${extra[@]}"
+    "${dptrain[@]}" report "$out/d"
+fi
+if wanted e; then
+    step "e. full batch, linear lr rule with warmup, nproc $nprocs, $(epochs $ep100)"
+    "${dptrain[@]}" sweep --config $cfg/e-linear-warmup.toml --nproc $nprocs --out "$out/e" "${extra[@]}"
+    "${dptrain[@]}" plot "$out/c/ddp-$big" "$out/e/ddp-$big" --out "$out/e/seed_vs_linear.png"
+    "${dptrain[@]}" report "$out/e"
+fi
+if wanted f; then
+    step "f. sections 2-3: ddp and fsdp x $grid_nprocs against seq, hidden $widths"
+    "${dptrain[@]}" sweep --config $cfg/f-width-grid.toml --mode ddp,fsdp --nproc $grid_nprocs \
+        --vary "hidden=$widths" --out "$out/f" --force
+    "${dptrain[@]}" report "$out/f"
+    $python benchmarks/cost_model.py "$out/f"
+    step "f. section 2: one gradient sum, gloo against shared memory"
+    $python benchmarks/grad_sync.py "${sync_args[@]}" --json "$out/f/grad_sync.json" \
+        | tee "$out/f/grad_sync.txt"
+fi
+if wanted g; then
+    for optimizer in "${optimizers[@]}"; do
+        step "g. section 4: $optimizer, lr rules x global batch $batches (seq)"
+        "${dptrain[@]}" sweep --config $cfg/g-lr-$optimizer.toml --mode seq "${rules[@]}" \
+            --vary batch_size=$batches --out "$out/g-$optimizer" "${extra[@]}"
+        "${dptrain[@]}" report "$out/g-$optimizer"
+    done
+    demo=(--nproc 2,4 --vary lr_scaling=none,linear,sqrt,seed --vary batch_size=4096,42000)
+    $quick && demo=(--nproc 2 --vary lr_scaling=seed --vary batch_size=4096)
+    step "g. section 4: the rules at seq and ddp ${demo[1]}: nproc does not enter (but for seed)"
+    "${dptrain[@]}" sweep --config $cfg/g-lr-adam.toml --mode ddp "${demo[@]}" \
+        --out "$out/g-nproc" "${extra[@]}"
+    "${dptrain[@]}" report "$out/g-nproc"
+fi
 echo "study done in $((SECONDS - started)) s; results in $out"

@@ -48,7 +48,7 @@ def test_unknown_key_and_section_are_named(tmp_path):
     ('[model]\nactivation = "gelu"\n', "model.activation: expected one of relu, sigmoid, tanh"),
     ("[model]\nhidden = [16, 0]\n", "model.hidden"),
     ("[launch]\nnproc = 0\n", "launch.nproc: must be >= 1"),
-    ('[optim]\nlr_scaling = "sqrt"\n', "optim.lr_scaling"),
+    ('[optim]\nlr_scaling = "cube"\n', "optim.lr_scaling: expected one of none, linear, sqrt, seed"),
     ('[launch]\nrdzv_endpoint = "head"\n', "launch.rdzv_endpoint: expected HOST:PORT"),
     ("[launch]\nnnodes = 2\n", "a multi-node run needs --rdzv-endpoint"),
     ("[optim]\nwarmup_epochs = 2\n", "optim.warmup_epochs: the warmup ramps"),  # a no-op
@@ -92,6 +92,20 @@ def test_lr_rules_with_numbers():
     # The seed study: 8 processes, each its whole 5,250-sample shard: 0.01 * 5250 / 1024.
     assert resolve_lr(seed, 42000, 8) == pytest.approx(0.05126953125)
     assert resolve_lr(seed, 1024, 1) == pytest.approx(0.01)
+
+
+def test_sqrt_rule_scales_with_the_root_of_the_global_batch_only():
+    sqrt = build_config({}, {"lr_scaling": "sqrt", "lr": 0.01, "ref_batch_size": 1024}).optim
+    assert resolve_lr(sqrt, 4096, 4) == pytest.approx(0.02)  # 0.01 * sqrt(4)
+    assert resolve_lr(sqrt, 256, 1) == pytest.approx(0.005)  # 0.01 * sqrt(1/4)
+    assert resolve_lr(sqrt, 1024, 8) == 0.01  # at the reference batch: the base lr
+    # The world size does not enter: the same global batch on 1 or 8 ranks, the same lr.
+    assert resolve_lr(sqrt, 42000, 1) == resolve_lr(sqrt, 42000, 8) == pytest.approx(
+        0.01 * (42000 / 1024) ** 0.5)
+    # Warmup ramps to the sqrt-scaled lr like to any other.
+    c = build_config({}, {"lr_scaling": "sqrt", "warmup_epochs": 1, "batch_size": 4096})
+    plan = resolve(c, mode="ddp", world_size=2, n_train=42000)
+    assert plan.lr == pytest.approx(0.02) and plan.lr_at(0) == 0.01 and plan.lr_at(10) == plan.lr
 
 
 def test_warmup_ramps_linearly_from_base_to_scaled_lr():

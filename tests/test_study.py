@@ -54,7 +54,7 @@ def test_sweep_records_a_failed_run_and_goes_on(tmp_path):
     for name in ("seq-1", "ddp-2"):
         assert (sweep / name / "summary.json").exists() and (sweep / name / "model.pt").exists()
     assert json.loads((sweep / "sweep.json").read_text())["runs"][1]["status"] == "failed"
-    assert "ddp x 1 failed" in result.stdout
+    assert "ddp-1 failed" in result.stdout
 
     # The sweep's figures, and a plot of two of its runs.
     result = run_cli("report", str(sweep))
@@ -73,18 +73,136 @@ def test_sweep_records_a_failed_run_and_goes_on(tmp_path):
 def test_sweep_and_report_errors(tmp_path):
     assert_one_line_error(run_cli("sweep", "--nproc", "1,x"), "--nproc")
     assert_one_line_error(run_cli("sweep", "--nproc", "0,2"), "--nproc")
-    assert_one_line_error(run_cli("sweep", "--mode", "seq"), "--mode")
+    assert_one_line_error(run_cli("sweep", "--mode", "seq,ddp"), "--mode")
+    assert_one_line_error(run_cli("sweep", "--mode", "seq", "--nproc", "2"), "--mode seq", "--nproc")
     assert_one_line_error(run_cli("sweep", "--lr", "-1"), "optim.lr")
+    assert_one_line_error(run_cli("sweep", "--vary", "bach_size=1,2"), "did you mean batch_size?")
+    assert_one_line_error(run_cli("sweep", "--vary", "hidden=16,16"), "':'")
+    assert_one_line_error(run_cli("sweep", "--vary", "nproc=1,2"), "use --nproc")
+    assert_one_line_error(run_cli("sweep", "--vary", "lr=0.1,x"), "--vary lr: expected a number")
+    # Every cell's config is checked before any run starts.
+    assert_one_line_error(run_cli("sweep", "--vary", "lr_scaling=none,cube", "--out",
+                                  str(tmp_path / "s")), "optim.lr_scaling", "cube")
+    assert not (tmp_path / "s").exists()
     assert_one_line_error(run_cli("report", str(tmp_path)), "no sweep.json")
+    assert_one_line_error(run_cli("report", str(tmp_path / "nope")), "no such folder")
     assert_one_line_error(run_cli("plot", str(tmp_path)), "not a finished run folder")
+    assert_one_line_error(run_cli("sweep", "--resume", str(tmp_path)), "no sweep.json")
+    assert_one_line_error(run_cli("sweep", "--resume", "auto"), "folder of the interrupted sweep")
+
+
+def test_report_on_a_training_run_points_to_plot(tmp_path):
+    (tmp_path / "summary.json").write_text('{"mode": "fsdp"}')
+    assert_one_line_error(run_cli("report", str(tmp_path)), "a training run, not a sweep",
+                          f"dptrain plot {tmp_path}")
+    assert_one_line_error(run_cli("sweep", "--resume", str(tmp_path)), "a training run",
+                          f"dptrain fsdp --resume {tmp_path}")
+
+
+def test_vary_parses_like_hydra_multirun():
+    from dptrain.config import Config
+    from dptrain.sweep import Grid, cell_config, cell_name, column_of, parse_vary
+
+    assert parse_vary("batch_size=256,1024").values == (256, 1024)
+    assert parse_vary("train.batch_size=256").values == (256,)  # section.key works too
+    assert parse_vary("hidden=16,16:256,256").values == ((16, 16), (256, 256))
+    assert parse_vary("hidden=[16,16],[8]").values == ((16, 16), (8,))  # Hydra's list syntax
+    assert parse_vary("full_batch=true,false").values == (True, False)
+    assert parse_vary("lr=0.1,1e-3").values == (0.1, 0.001)
+    assert parse_vary("lr_scaling=none:sqrt").texts == ("none", "sqrt")
+    grid = Grid(("ddp", "fsdp"), (1, 2), (parse_vary("hidden=16,16:256,256"),
+                                          parse_vary("lr=0.1,0.01")))
+    cells = grid.cells()
+    assert [cell_name(c) for c in cells] == ["hidden=16-16,lr=0.1", "hidden=16-16,lr=0.01",
+                                             "hidden=256-256,lr=0.1", "hidden=256-256,lr=0.01"]
+    assert grid.runs_per_cell() == [("seq", 1), ("ddp", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)]
+    assert Grid(("seq",), (1, 2)).runs_per_cell() == [("seq", 1)]
+    config = cell_config(Config(), cells[2])
+    assert config.model.hidden == (256, 256) and config.optim.lr == 0.1
+    # Every run of a cell, seq included, gets the same explicit threads per process.
+    assert config.system.threads == 1
+    threads4 = cell_config(Config(), (( parse_vary("threads=4"), 0),))
+    assert threads4.system.threads == 4
+    # A varied key that is also a result column gets its section: lr is the scaled lr.
+    assert (column_of("lr"), column_of("hidden"), column_of("threads")) == (
+        "optim.lr", "hidden", "system.threads")
+
+
+def test_speedups_compare_each_run_with_the_seq_run_of_its_cell():
+    from dptrain.sweep import add_speedups
+
+    rows = [{"mode": "seq", "nproc": 1, "cell": "a", "status": "ok", "train_seconds": 10.0,
+             "wall_seconds": 12.0},
+            {"mode": "ddp", "nproc": 2, "cell": "a", "status": "ok", "train_seconds": 5.0,
+             "wall_seconds": 6.0},
+            {"mode": "seq", "nproc": 1, "cell": "b", "status": "ok", "train_seconds": 1.0,
+             "wall_seconds": 2.0},
+            {"mode": "ddp", "nproc": 2, "cell": "b", "status": "ok", "train_seconds": 2.0,
+             "wall_seconds": 4.0},
+            {"mode": "ddp", "nproc": 2, "cell": "c", "status": "ok", "train_seconds": 2.0,
+             "wall_seconds": 4.0}]
+    add_speedups(rows)
+    assert [r["speedup"] for r in rows] == [1.0, 2.0, 1.0, 0.5, None]  # c has no seq run
+    assert [r["wall_efficiency"] for r in rows[:4]] == [1.0, 1.0, 1.0, 0.25]
+
+
+@pytest.mark.slow
+def test_a_vary_grid_runs_each_cell_against_its_own_seq_and_resumes(tmp_path):
+    sweep = tmp_path / "grid"
+    result = run_cli("sweep", "--mode", "ddp", "--nproc", "2", "--vary",
+                     "batch_size=2048,4096", "--epochs", "1", "--device", "cpu",
+                     "--out", str(sweep))
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = read_csv(sweep / "sweep.csv")
+    assert list(rows[0])[:4] == ["mode", "nproc", "batch_size", "status"]
+    assert [(r["batch_size"], r["mode"], r["nproc"], r["status"]) for r in rows] == [
+        (b, m, n, "ok") for b in ("2048", "4096") for m, n in (("seq", "1"), ("ddp", "2"))]
+    for r in rows:
+        assert r["global_batch"] == r["batch_size"]  # the cell's value reached the run
+        assert r["run_dir"] == f"batch_size={r['batch_size']}/{r['mode']}-{r['nproc']}"
+        assert (sweep / r["run_dir"] / "summary.json").exists()
+        assert r["threads"] == "1"  # seq and the parallel runs alike
+        assert int(r["peak_rss_bytes"]) > 50e6 and float(r["epoch_seconds"]) > 0
+        seq = next(s for s in rows if s["mode"] == "seq" and s["batch_size"] == r["batch_size"])
+        speedup = float(seq["train_seconds"]) / float(r["train_seconds"])
+        assert abs(float(r["speedup"]) - speedup) < 1e-9
+        # At an equal global batch every mode computes the seq run.
+        assert r["test_accuracy"][:6] == seq["test_accuracy"][:6]
+    assert rows[0]["test_accuracy"] != rows[2]["test_accuracy"]  # the two batches differ
+
+    result = run_cli("report", str(sweep))
+    assert result.returncode == 0, result.stderr
+    for name in ("speedup_vs_nproc.png", "speedup_heatmap.png", "memory_vs_nproc.png",
+                 "accuracy_vs_batch.png"):
+        assert_png(sweep / name)
+
+    # An interrupted sweep: the last run lost its summary (its checkpoint is complete).
+    meta = json.loads((sweep / "sweep.json").read_text())
+    (sweep / "sweep.json").write_text(json.dumps({**meta, "complete": False,
+                                                  "runs": meta["runs"][:3]}))
+    (sweep / "batch_size=4096" / "ddp-2" / "summary.json").unlink()
+    kept = (sweep / "batch_size=2048" / "seq-1" / "summary.json").stat().st_mtime_ns
+    assert_one_line_error(run_cli("sweep", "--resume", str(sweep), "--epochs", "2"),
+                          "as it was planned", "--epochs")
+    result = run_cli("sweep", "--resume", str(sweep))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("(finished before; kept)") == 3
+    assert (sweep / "batch_size=2048" / "seq-1" / "summary.json").stat().st_mtime_ns == kept
+    assert "resuming from" in (sweep / "batch_size=4096" / "ddp-2.log").read_text()
+    after = read_csv(sweep / "sweep.csv")
+    assert [r["status"] for r in after] == ["ok"] * 4
+    assert after[3]["test_accuracy"] == rows[3]["test_accuracy"]
+    assert json.loads((sweep / "sweep.json").read_text())["complete"] is True
+    assert_one_line_error(run_cli("sweep", "--resume", str(sweep)), "complete")
 
 
 @pytest.mark.slow
 def test_reproduce_study_quick(tmp_path):
     out = tmp_path / "study"
-    result = subprocess.run(["bash", "scripts/reproduce_study.sh", "--quick", "--out", str(out)],
-                            capture_output=True, text=True, cwd=REPO, timeout=600,
-                            env=dict(os.environ))
+    # A relative --out is the caller's folder (here tmp_path), not the repository's.
+    result = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_study.sh"), "--quick",
+                             "--out", "study"], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for case in ("c", "d", "e"):
         rows = read_csv(out / case / "sweep.csv")
@@ -98,6 +216,33 @@ def test_reproduce_study_quick(tmp_path):
     # The seed rule: lr = 0.01 * (42000 / nproc) / 1024; one full-batch update per epoch.
     assert abs(float(c[1]["lr"]) - 0.01 * 21000 / 1024) < 1e-12
     assert c[1]["global_batch"] == "42000" and c[1]["updates_per_epoch"] == "1"
+    # The headers follow --quick.
+    assert "lr 0.01, 1 epoch (" in result.stdout and "25 epochs" not in result.stdout
+
+    # Sections 2-3: the width grid, its figures, the cost model and the gradient sums.
+    f = read_csv(out / "f" / "sweep.csv")
+    assert [(r["mode"], r["nproc"], r["hidden"]) for r in f] == [
+        ("seq", "1", "16,16"), ("ddp", "2", "16,16"), ("fsdp", "2", "16,16")]
+    for name in ("speedup_vs_nproc.png", "speedup_heatmap.png", "memory_vs_nproc.png",
+                 "cost_model.png"):
+        assert_png(out / "f" / name)
+    # FSDP holds half of the parameters, gradients and Adam state on each of its 2 ranks.
+    for key in ("param_bytes", "grad_bytes", "optimizer_bytes"):
+        assert int(f[2][key]) < 0.6 * int(f[1][key]), key
+    model = json.loads((out / "f" / "cost_model.json").read_text())
+    assert len(model["points"]) == 2 and all(v >= 0 for v in model["coefficients"].values())
+    sums = json.loads((out / "f" / "grad_sync.json").read_text())["rows"]
+    assert {"collective", "shm", "shm all-read", "shm rs+ag"} == set(sums[0]["seconds"])
+    # Section 4: accuracy against the global batch; the nproc check with the seed rule.
+    g = read_csv(out / "g-adam" / "sweep.csv")
+    assert [(r["lr_scaling"], r["batch_size"], r["lr"]) for r in g] == [
+        ("sqrt", "1024", "0.01"), ("sqrt", "4096", "0.02")]
+    assert_png(out / "g-adam" / "accuracy_vs_batch.png")
+    demo = read_csv(out / "g-nproc" / "sweep.csv")
+    # seed: lr = 0.01 * (4096 / nproc) / 1024, so seq and ddp x2 train differently.
+    assert [(r["mode"], float(r["lr"])) for r in demo] == [("seq", pytest.approx(0.04)),
+                                                           ("ddp", pytest.approx(0.02))]
+    assert_png(out / "g-nproc" / "accuracy_vs_batch.png")
 
 
 @pytest.mark.slow
