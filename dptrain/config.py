@@ -359,13 +359,12 @@ def resolve(config: Config, *, mode: str, world_size: int, n_train: int) -> Plan
 
 
 # Multiply-adds per rank per training step (per-rank batch x one sample's forward products,
-# step_work) from which a second intra-op thread should pay. Below it a step is too small to
-# split: threads only add synchronisation, and on a core another process keeps busy a second
-# thread made the default `dptrain seq` ~10x slower (issue 13). benchmarks/threads.py on the
-# busy 2-core VM (load 1.3-3) found 2 threads slower at every size up to 5e9, so this value is
-# an estimate for a quiet machine, 7.5x above the default model's 1.33e7 (docs/DESIGN.md); the
-# free-core check covers busy machines. Rerun threads.py on a quiet machine to move it.
-THREAD_MIN_WORK = 1e8
+# step_work) from which a second intra-op thread is used, when a core is free for it.
+# benchmarks/threads.py on the quiet 2-core VM (load ~1): from 1.7e7 up, 2 threads were at
+# least 1.5x faster in every case (1.65-1.94x from 5e7); below, 1.0-1.48x (the default model at
+# batch 1024, 1.33e7: 1.29x). A second thread whose core another process takes made the default
+# `dptrain seq` 10-25x slower (issue 13), so it must buy more than a few tens of percent.
+THREAD_MIN_WORK = 2e7
 
 
 def cpu_cores() -> int:
