@@ -259,9 +259,6 @@ def validate(c: Config) -> list[str]:
         p.append(f"launch.rdzv_endpoint: expected HOST:PORT, got {c.launch.rdzv_endpoint!r}")
     if c.launch.nnodes > 1 and not c.launch.rdzv_endpoint:
         p.append("launch.rdzv_endpoint: a multi-node run needs --rdzv-endpoint HOST:PORT")
-    if c.optim.warmup_epochs and c.optim.lr_scaling == "none":
-        p.append("optim.warmup_epochs: the warmup ramps from the base lr to the scaled lr, which "
-                 "lr_scaling none leaves equal; choose an --lr-scaling rule, or no warmup")
     return p
 
 

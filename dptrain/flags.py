@@ -221,6 +221,10 @@ def unused_flags(given: set[str], c: Config) -> list[str]:
          "--keep is not used with --checkpoint-every 0 (no checkpoints are written)"),
         ("ref_batch_size", c.optim.lr_scaling == "none",
          "--ref-batch-size is not used with lr_scaling none; choose an --lr-scaling rule"),
+        # A flag only: a sweep that crosses rules with warmups, or a config file, may hold it.
+        ("warmup_epochs", c.optim.warmup_epochs and c.optim.lr_scaling == "none",
+         "--warmup-epochs is not used with lr_scaling none (the warmup ramps from the base lr "
+         "to the scaled lr, which none leaves equal); choose an --lr-scaling rule"),
     ]
     return [message for key, applies, message in rules if key in given and applies]
 

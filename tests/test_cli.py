@@ -79,6 +79,7 @@ def test_help_shows_each_flags_built_in_default_and_no_flag_type_tag():
     (["ddp", "--rdzv-id", "job1"], ["launch.rdzv_id", "--rdzv-endpoint"]),
     (["seq", "--full-batch", "--batch-size", "512"], ["--batch-size is not used with --full-batch"]),
     (["seq", "--checkpoint-every", "0", "--keep", "3"], ["--keep is not used"]),
+    (["seq", "--warmup-epochs", "2"], ["--warmup-epochs is not used with lr_scaling none"]),
     (["seq", "--force", "--resume", "runs/a"], ["--force starts --out over", "pass one of them"]),
 ])
 def test_flags_a_run_would_ignore_are_refused(args, fragments):

@@ -51,11 +51,17 @@ def test_unknown_key_and_section_are_named(tmp_path):
     ('[optim]\nlr_scaling = "cube"\n', "optim.lr_scaling: expected one of none, linear, sqrt, seed"),
     ('[launch]\nrdzv_endpoint = "head"\n', "launch.rdzv_endpoint: expected HOST:PORT"),
     ("[launch]\nnnodes = 2\n", "a multi-node run needs --rdzv-endpoint"),
-    ("[optim]\nwarmup_epochs = 2\n", "optim.warmup_epochs: the warmup ramps"),  # a no-op
 ])
 def test_bad_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key):
         config_from_flags({"config": write(tmp_path, text)})
+
+
+def test_a_warmup_with_no_lr_rule_is_accepted_from_a_file():
+    """A no-op, but a sweep crossing rules with warmups holds it (only the flag is refused)."""
+    config = build_config({"optim": {"warmup_epochs": 2}})
+    plan = resolve(config, mode="seq", world_size=1, n_train=42000)
+    assert plan.lr_at(0) == plan.lr_at(100) == config.optim.lr
 
 
 def test_all_problems_are_reported_together():
