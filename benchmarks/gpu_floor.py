@@ -54,24 +54,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def eager_epochs(device: torch.device, epochs: int) -> list[float]:
-    model, optimizer, images, labels = setup(device)
-    updates = len(labels) // BATCH
+def timed_epochs(device: torch.device, epochs: int, n: int, update) -> list[float]:
+    """Seconds of each epoch after a warm-up one: a permutation on the device, then
+    `update(batch_rows)` per batch, the device synchronized only around the epoch."""
     seconds = []
     for _ in range(epochs + 1):
         sync(device)
         start = time.perf_counter()
-        order = torch.randperm(len(labels), device=device)
-        for k in range(updates):
-            step(model, optimizer, images, labels, order[k * BATCH:(k + 1) * BATCH])
+        order = torch.randperm(n, device=device)
+        for k in range(n // BATCH):
+            update(order[k * BATCH:(k + 1) * BATCH])
         sync(device)
         seconds.append(time.perf_counter() - start)
     return seconds[1:]
 
 
+def eager_epochs(device: torch.device, epochs: int) -> list[float]:
+    model, optimizer, images, labels = setup(device)
+    return timed_epochs(device, epochs, len(labels),
+                        lambda rows: step(model, optimizer, images, labels, rows))
+
+
 def graph_epochs(device: torch.device, epochs: int) -> list[float]:
     model, optimizer, images, labels = setup(device)
-    updates = len(labels) // BATCH
     index = torch.arange(BATCH, device=device)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -82,17 +87,12 @@ def graph_epochs(device: torch.device, epochs: int) -> list[float]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step(model, optimizer, images, labels, index)
-    seconds = []
-    for _ in range(epochs + 1):
-        sync(device)
-        start = time.perf_counter()
-        order = torch.randperm(len(labels), device=device)
-        for k in range(updates):
-            index.copy_(order[k * BATCH:(k + 1) * BATCH])
-            graph.replay()
-        sync(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds[1:]
+
+    def replay(rows: torch.Tensor) -> None:
+        index.copy_(rows)
+        graph.replay()
+
+    return timed_epochs(device, epochs, len(labels), replay)
 
 
 def main() -> None:
