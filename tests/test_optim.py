@@ -11,18 +11,19 @@ import pytest
 from dptrain.optim import FusedAdam, FusedSGD
 
 
-def test_same_steps_and_state_as_torch_fused_adam():
+def assert_same_as_torch(make_ours, make_theirs, lr: float) -> None:
+    """20 steps of both on the same gradients, the lr changing each step as the loop's warmup
+    does: the same parameters and state, to the bit; torch's state loads into ours."""
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(16, 784)), torch.nn.Parameter(torch.randn(16))]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    a = FusedAdam(ours, lr=0.01, weight_decay=0.1)
-    b = torch.optim.Adam(theirs, lr=0.01, weight_decay=0.1, fused=True)
+    a, b = make_ours(ours), make_theirs(theirs)
     for step in range(20):
         for p, q in zip(ours, theirs):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
-        for optimizer in (a, b):  # a warmup-like lr schedule, as the loop sets it
-            optimizer.param_groups[0]["lr"] = 0.01 * (step + 1) / 20
+        for optimizer in (a, b):
+            optimizer.param_groups[0]["lr"] = lr * (step + 1) / 20
             optimizer.step()
             optimizer.zero_grad()
     assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
@@ -31,30 +32,22 @@ def test_same_steps_and_state_as_torch_fused_adam():
     for index, state in sb["state"].items():
         assert sa["state"][index].keys() == state.keys()
         assert all(torch.equal(sa["state"][index][k], v) for k, v in state.items())
-    a.load_state_dict(sb)  # torch's state loads into ours
+    a.load_state_dict(sb)
+
+
+def test_same_steps_and_state_as_torch_fused_adam():
+    assert_same_as_torch(lambda ps: FusedAdam(ps, lr=0.01, weight_decay=0.1),
+                         lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1, fused=True),
+                         lr=0.01)
 
 
 @pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.9, 1e-3)])
 def test_same_steps_and_state_as_torch_sgd(momentum, weight_decay):
-    torch.manual_seed(0)
-    ours = [torch.nn.Parameter(torch.randn(16, 784)), torch.nn.Parameter(torch.randn(16))]
-    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    a = FusedSGD(ours, lr=0.1, momentum=momentum, weight_decay=weight_decay)
-    b = torch.optim.SGD(theirs, lr=0.1, momentum=momentum, weight_decay=weight_decay, fused=True)
-    for step in range(20):
-        for p, q in zip(ours, theirs):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        for optimizer in (a, b):
-            optimizer.param_groups[0]["lr"] = 0.1 * (step + 1) / 20
-            optimizer.step()
-            optimizer.zero_grad()
-    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa["param_groups"] == sb["param_groups"]
-    for index, state in sb["state"].items():
-        assert torch.equal(sa["state"][index]["momentum_buffer"], state["momentum_buffer"])
-    a.load_state_dict(sb)  # torch's state loads into ours
+    assert_same_as_torch(
+        lambda ps: FusedSGD(ps, lr=0.1, momentum=momentum, weight_decay=weight_decay),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=momentum, weight_decay=weight_decay,
+                                   fused=True),
+        lr=0.1)
 
 
 def test_seq_training_never_imports_dynamo():
