@@ -246,7 +246,11 @@ def write(strategy, model, optimizer, run_dir: Path, meta: dict[str, Any], keep:
         if not strategy.all_agree(problem is None):
             if main:  # a full disk, say: the partial folder goes, the earlier ones stay
                 shutil.rmtree(tmp, ignore_errors=True)
-            message = f"cannot write checkpoint {root / name}: {problem or 'another rank failed'}"
+            # Every rank raises the first failing rank's words, so that whichever rank's error
+            # the launcher shows names the cause (only a failing run pays this collective).
+            problem, full = next(((p, f) for p, f in strategy.gather_object((problem, full))
+                                  if p is not None), (problem, full))
+            message = f"cannot write checkpoint {root / name}: {problem}"
             raise CheckpointError(message) if full is None else StorageError(message, full=full)
 
     start = time.perf_counter()

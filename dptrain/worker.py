@@ -200,7 +200,10 @@ def _check_out_dir_together(strategy, out: Path, force: bool, lock: RunLock) -> 
         except UserError as e:
             problem = e
     if not strategy.all_agree(problem is None):
-        raise problem or UserError("rank 0 refused the run folder")
+        # Every rank raises rank 0's words: the launcher may show any rank's error. (Every
+        # rank joins the gather, rank 0 too.)
+        words = strategy.gather_object(str(problem) if problem else None)[0]
+        raise problem or UserError(words)
 
 
 def report_user_error(message: str) -> None:
