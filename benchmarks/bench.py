@@ -33,7 +33,7 @@ import torch
 
 from dptrain.config import Config, cpu_cores, resolve
 from step_ops import measure as measure_step_ops
-from dptrain.data import load_mnist, locate, source_files, split_indices
+from dptrain.components.data import load_mnist, locate, source_files, split_indices
 
 MB = 2**20
 CLI = [sys.executable, "-m", "dptrain"]
@@ -93,7 +93,7 @@ def bare_import() -> dict:
     imports torch._dynamo, which DDP's constructor and FSDP's DTensors import)."""
     result = {}
     for name, code in (("torch", "import torch"), ("torch+dynamo", "import torch, torch._dynamo")):
-        # VmHWM, as the workers report it (dptrain.strategy.peak_rss_bytes).
+        # VmHWM, as the workers report it (dptrain.distributed.strategy.peak_rss_bytes).
         probe = (f"{code}; print(next(int(l.split()[1]) for l in open('/proc/self/status') "
                  "if l.startswith('VmHWM:')))")
         start = time.perf_counter()

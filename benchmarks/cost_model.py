@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dptrain.plots import _pyplot, _save  # noqa: E402
-from dptrain.sweep import read_sweep  # noqa: E402
+from dptrain.study.plots import _pyplot, _save  # noqa: E402
+from dptrain.study.sweep import read_sweep  # noqa: E402
 
 TERMS = ("fixed s/step", "compute s per sample-parameter", "ddp fixed s/step",
          "all-reduce s/byte")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dptrain.data import load_mnist, split_indices
+from dptrain.components.data import load_mnist, split_indices
 
 BATCH = 1024
 

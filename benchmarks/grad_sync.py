@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dptrain.shm_sum import SharedMemorySum  # noqa: E402
+from dptrain.distributed.shm_sum import SharedMemorySum  # noqa: E402
 
 METHODS = ("collective", "shm", "shm all-read", "shm rs+ag")
 

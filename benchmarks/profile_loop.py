@@ -21,10 +21,10 @@ import torch
 
 from bench import gemm_floor, pixel_floor
 from dptrain.config import Config, SystemConfig, resolve
-from dptrain.data import epoch_order, load_mnist, split_indices
-from dptrain.model import MLP
-from dptrain.strategy import DistEnv, make_strategy
-from dptrain.step import NonFiniteGuard, make_optimizer
+from dptrain.components.data import epoch_order, load_mnist, split_indices
+from dptrain.components.model import MLP
+from dptrain.distributed.strategy import DistEnv, make_strategy
+from dptrain.components.step import NonFiniteGuard, make_optimizer
 from dptrain.train import Samples, global_batches, rank_slice
 
 

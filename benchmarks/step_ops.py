@@ -2,7 +2,7 @@
 
     DPTRAIN_DATA_DIR=../shared/data/mnist python benchmarks/step_ops.py [--epochs 8]
 
-The same operations, in the same order, as the fused training loss (dptrain.model), its
+The same operations, in the same order, as the fused training loss (dptrain.components.model), its
 backward and FusedAdam, on the default model, the real data order and batch; written out flat
 without autograd, so that each can be timed in place: after the others, with the caches as a
 real step leaves them. The medians over all steps after a warm-up epoch, and their sum.
@@ -18,9 +18,9 @@ from collections import defaultdict
 import torch
 
 from dptrain.config import Config, resolve
-from dptrain.data import epoch_order, load_mnist, split_indices
-from dptrain.model import MLP
-from dptrain.optim import FusedAdam
+from dptrain.components.data import epoch_order, load_mnist, split_indices
+from dptrain.components.model import MLP
+from dptrain.components.optim import FusedAdam
 from dptrain.train import global_batches
 
 

@@ -28,9 +28,9 @@ import time
 import torch
 
 from dptrain.config import THREAD_MIN_WORK, cpu_cores, step_work
-from dptrain.data import load_mnist, split_indices
-from dptrain.model import MLP
-from dptrain.optim import FusedAdam
+from dptrain.components.data import load_mnist, split_indices
+from dptrain.components.model import MLP
+from dptrain.components.optim import FusedAdam
 from dptrain.train import Samples
 
 N_TRAIN = 42_000  # the train split

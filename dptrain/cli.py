@@ -12,14 +12,14 @@ from typing import Annotated
 
 import typer
 
-from dptrain.checkpoint import Finished
+from dptrain.storage.checkpoint import Finished
 from dptrain.commands import register as register_study_commands
 from dptrain.config import Config
 from dptrain.errors import USER_ERROR_EXIT, UserError
 from dptrain.flags import (DEFAULTS_NOTE, Command, Group, launch_flags, option_names,
                            process_group_flags, training_flags, with_flags)
-from dptrain.launch import launch, stopped_line
-from dptrain.runlog import command_start_time, default_out_dir, err
+from dptrain.distributed.launch import launch, stopped_line
+from dptrain.storage.runlog import command_start_time, default_out_dir, err
 
 
 class Stopped(Exception):
@@ -64,7 +64,7 @@ def _train_command(mode: str):
 def _config(mode: str, flags: dict) -> tuple[Config, str]:
     """The run's config, with --out decided here (so every message can name it), and the run
     folder to resume ("" = a fresh start)."""
-    from dptrain.checkpoint import config_and_resume
+    from dptrain.storage.checkpoint import config_and_resume
     from dptrain.config import ConfigError, ignored_by_mode
 
     if flags["force"] and flags.get("resume") not in (None, "", "auto"):
@@ -102,7 +102,7 @@ def export_command(
     out: Annotated[Path, typer.Option("--out", help="The file to write.")] = Path("model.pt"),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
-    from dptrain.checkpoint import export
+    from dptrain.storage.checkpoint import export
 
     try:
         if out.exists() and not force:

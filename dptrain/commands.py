@@ -12,7 +12,7 @@ import typer
 from dptrain.errors import USER_ERROR_EXIT, UserError
 from dptrain.flags import (Command, config_from_flags, process_group_flags, training_flags,
                            with_flags)
-from dptrain.runlog import default_out_dir, err, make_console
+from dptrain.storage.runlog import default_out_dir, err, make_console
 
 
 def sweep_flags(
@@ -51,7 +51,7 @@ def sweep(mode: str | None, nproc: str | None, vary: list[str] | None, no_seq: b
           **flags) -> None:
     from rich.markup import escape
 
-    from dptrain.sweep import SweepInterrupted, run_sweep, sweep_table
+    from dptrain.study.sweep import SweepInterrupted, run_sweep, sweep_table
 
     grid, config, out, resume = _sweep_plan(mode, nproc, vary, no_seq, flags)
     console = make_console(highlight=False)  # in a log, the closing hint must not wrap
@@ -73,8 +73,8 @@ def sweep(mode: str | None, nproc: str | None, vary: list[str] | None, no_seq: b
 def _sweep_plan(mode, nproc, vary, no_seq, flags: dict):
     """(grid, base config, folder, resuming?) from the flags, or from the folder --resume
     names: a sweep resumes as it was planned, so it takes no other flag."""
-    from dptrain.sweep import (DEFAULT_NPROCS, Grid, grid_to_resume, parse_modes,
-                               parse_nprocs, parse_vary)
+    from dptrain.study.sweep import (DEFAULT_NPROCS, Grid, grid_to_resume, parse_modes,
+                                     parse_nprocs, parse_vary)
 
     if flags.get("resume"):
         if flags["resume"] == "auto":
@@ -109,7 +109,7 @@ def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to draw on one figure.")],
     out: Annotated[Path, typer.Option(help="The PNG to write.")] = Path("plot.png"),
 ) -> None:
-    from dptrain.plots import plot_runs
+    from dptrain.study.plots import plot_runs
 
     print(f"wrote {plot_runs(run_dirs, out)}")
 
@@ -117,7 +117,7 @@ def plot(
 def report(
     sweep_dir: Annotated[Path, typer.Argument(help="A folder written by `dptrain sweep`.")],
 ) -> None:
-    from dptrain.plots import report as draw
+    from dptrain.study.plots import report as draw
 
     for path in draw(sweep_dir):
         print(f"wrote {path}")
@@ -130,12 +130,12 @@ def evaluate(
     data_dir: Annotated[Optional[str], typer.Option(
         help="MNIST folder (else the run's data_dir, $DPTRAIN_DATA_DIR, the cache).")] = None,
 ) -> None:
-    from dptrain.inference import evaluate_run, print_evaluation
+    from dptrain.inference.evaluate import evaluate_run, print_evaluation
 
     result = evaluate_run(run_dir, data_dir)
     print_evaluation(result)
     if confusion_png is not None:
-        from dptrain.inference import save_confusion_png
+        from dptrain.inference.evaluate import save_confusion_png
 
         print(f"wrote {save_confusion_png(result, confusion_png)}")
 
@@ -144,7 +144,7 @@ def predict(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (model.pt, config.toml).")],
     images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files of single digits.")],
 ) -> None:
-    from dptrain.inference import predict_files
+    from dptrain.inference.evaluate import predict_files
 
     if not predict_files(run_dir, images):
         raise typer.Exit(USER_ERROR_EXIT)

@@ -15,15 +15,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from dptrain import checkpoint
-from dptrain.checkpoint import Checkpoint
+from dptrain.storage import checkpoint
+from dptrain.storage.checkpoint import Checkpoint
 from dptrain.config import Config, Plan
-from dptrain.data import Mnist, Split, epoch_order, shard_bounds
+from dptrain.components.data import Mnist, Split, epoch_order, shard_bounds
 from dptrain.errors import UserError
-from dptrain.model import LOSS_SUMS, MLP
-from dptrain.runlog import RunLog
-from dptrain.step import EagerStep, NonFiniteGuard, make_optimizer, make_step
-from dptrain.strategy import Strategy
+from dptrain.components.model import LOSS_SUMS, MLP
+from dptrain.storage.runlog import RunLog
+from dptrain.components.step import EagerStep, NonFiniteGuard, make_optimizer, make_step
+from dptrain.distributed.strategy import Strategy
 
 LossSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # A mean train loss above this has diverged: a million times chance level (ln 10 nats per

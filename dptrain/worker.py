@@ -16,12 +16,13 @@ from typing import Annotated
 
 import typer
 
-from dptrain import checkpoint
+from dptrain.storage import checkpoint
 from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_threads, to_toml
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
 from dptrain.flags import Command, process_group_flags, training_flags, with_flags
-from dptrain.runlog import (RunLock, RunLog, StorageError, check_out_dir, command_start_time,
-                            default_out_dir, err, stopped_message, write_atomic)
+from dptrain.storage.runlog import (RunLock, RunLog, StorageError, check_out_dir,
+                                    command_start_time, default_out_dir, err, stopped_message,
+                                    write_atomic)
 
 # Set by the CLI: it reports a worker's user error itself, from torchelastic's error file.
 LAUNCHED_ENV = "DPTRAIN_LAUNCHED"
@@ -59,8 +60,8 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     summary (complete on rank 0)."""
     import torch
 
-    from dptrain.data import load_mnist, split_indices
-    from dptrain.strategy import DistEnv, make_strategy
+    from dptrain.components.data import load_mnist, split_indices
+    from dptrain.distributed.strategy import DistEnv, make_strategy
     from dptrain.train import train
 
     env = DistEnv.from_environ()
@@ -291,7 +292,7 @@ def _peer_failure(error: Exception, timeout: float | None = None) -> str:
     or could not be reached; "" for anything else. `timeout`: the run's --timeout, seconds."""
     import torch.distributed as dist
 
-    from dptrain.strategy import SetupFailed
+    from dptrain.distributed.strategy import SetupFailed
 
     setup = isinstance(error, SetupFailed)
     text = str(error.__cause__ if setup else error)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dptrain import data
+from dptrain.components import data
 
 REPO = Path(__file__).resolve().parents[1]
 

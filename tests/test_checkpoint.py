@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from dptrain import checkpoint
-from dptrain.checkpoint import CheckpointError
+from dptrain.storage import checkpoint
+from dptrain.storage.checkpoint import CheckpointError
 from dptrain.config import build_config, resolve
-from dptrain.model import MLP
-from dptrain.strategy import STATE_FILE, DistEnv, Strategy
-from dptrain.train import make_optimizer
+from dptrain.components.model import MLP
+from dptrain.distributed.strategy import STATE_FILE, DistEnv, Strategy
+from dptrain.components.step import make_optimizer
 
 CONFIG = build_config({}, {"epochs": 5, "batch_size": 4096})
 PLAN = resolve(CONFIG, mode="seq", world_size=1, n_train=42000)
@@ -212,7 +212,7 @@ def test_fsdp_checkpoint_of_cpu_ranks_never_touches_cuda(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     from dptrain.config import SystemConfig
-    from dptrain.strategy import FSDPStrategy
+    from dptrain.distributed.strategy import FSDPStrategy
 
     def no_cuda(*args, **kwargs):
         raise AssertionError("a CPU rank's checkpoint touched CUDA")

@@ -163,7 +163,7 @@ def test_direct_worker_with_a_finished_run_fails_cleanly(tmp_path, free_port):
 
 
 def test_torchrun_args_single_and_multi_node():
-    from dptrain.launch import torchrun_args
+    from dptrain.distributed.launch import torchrun_args
     from dptrain.config import build_config
 
     single = torchrun_args(build_config({}, {"nproc": 3}))

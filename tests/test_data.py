@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import MNIST_DIR, write_idx
-from dptrain import data
-from dptrain.data import DataError, epoch_order, load_mnist, read_idx, shard_bounds, split_indices
+from dptrain.components import data
+from dptrain.components.data import (DataError, epoch_order, load_mnist, read_idx, shard_bounds,
+                                     split_indices)
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -110,7 +111,7 @@ def test_names_agree_with_torchvision_and_the_cli_does_not_import_it():
     from torchvision.datasets import MNIST
 
     assert {name for name, _ in MNIST.resources} == {f"{s}.gz" for s, _, _ in data.FILES.values()}
-    code = "import sys, dptrain.cli, dptrain.data; sys.exit('torchvision' in sys.modules)"
+    code = "import sys, dptrain.cli, dptrain.components.data; sys.exit('torchvision' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

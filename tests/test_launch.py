@@ -8,8 +8,8 @@ import torch
 from conftest import assert_same_parameters, load_state, train
 from dptrain.config import build_config
 from dptrain.errors import UserError
-from dptrain.launch import worker_entry
-from dptrain.strategy import DistEnv, resolve_device
+from dptrain.distributed.launch import worker_entry
+from dptrain.distributed.strategy import DistEnv, resolve_device
 from dptrain.worker import FORKED_ENV
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dptrain.model import LOSS_SUMS, MLP, cross_entropy_sum, mse_sum
+from dptrain.components.model import LOSS_SUMS, MLP, cross_entropy_sum, mse_sum
 
 
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
@@ -54,9 +54,9 @@ def test_losses_are_sums_so_that_shares_add_up():
 
 def test_model_imports_nothing_distributed():
     import ast
-    import dptrain.model
+    import dptrain.components.model
 
-    tree = ast.parse(open(dptrain.model.__file__).read())
+    tree = ast.parse(open(dptrain.components.model.__file__).read())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     assert not [n for n in names if "distributed" in n or "parallel" in n]

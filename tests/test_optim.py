@@ -8,7 +8,7 @@ import torch
 
 import pytest
 
-from dptrain.optim import FusedAdam, FusedSGD
+from dptrain.components.optim import FusedAdam, FusedSGD
 
 
 def assert_same_as_torch(make_ours, make_theirs, lr: float) -> None:
@@ -52,10 +52,10 @@ def test_same_steps_and_state_as_torch_sgd(momentum, weight_decay):
 
 def test_seq_training_never_imports_dynamo():
     code = ("import sys, torch\n"
-            "from dptrain.model import MLP, cross_entropy_sum\n"
-            "from dptrain.optim import FusedAdam\n"
+            "from dptrain.components.model import MLP, cross_entropy_sum\n"
+            "from dptrain.components.optim import FusedAdam\n"
             "model = MLP()\n"
-            "from dptrain.optim import FusedSGD\n"
+            "from dptrain.components.optim import FusedSGD\n"
             "for optimizer in (FusedAdam(model.parameters(), lr=0.01),\n"
             "                  FusedSGD(model.parameters(), lr=0.01, momentum=0.9)):\n"
             "    x = torch.randint(0, 256, (32, 784), dtype=torch.uint8)\n"

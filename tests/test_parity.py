@@ -45,7 +45,7 @@ def test_same_parameters_as_seq(runs, name):
 @pytest.mark.slow
 def test_gradient_sums(runs):
     from dptrain.config import cpu_cores
-    from dptrain.shm_sum import supported
+    from dptrain.distributed.shm_sum import supported
 
     runs, _, _ = runs
     shm = "shm" if supported() and cpu_cores() >= 2 else "collective"  # auto's choice
@@ -93,8 +93,8 @@ def test_run_folder_contents(runs):
 
 def test_fsdp_units_follow_layer_size():
     """The default model is one FSDP unit (the root's); a wide one gets a unit per big layer."""
-    from dptrain.model import MLP
-    from dptrain.strategy import own_units
+    from dptrain.components.model import MLP
+    from dptrain.distributed.strategy import own_units
 
     assert own_units(MLP()) == []
     wide = MLP((4096, 4096))
@@ -111,10 +111,10 @@ def test_fsdp_with_a_unit_per_layer_matches_seq(tmp_path):
     from conftest import REPO
 
     script = tmp_path / "per_layer.py"
-    script.write_text("import dptrain.strategy\n"
-                      "dptrain.strategy.OWN_UNIT_BYTES = 0  # every layer its own unit\n"
-                      "from dptrain.model import MLP\n"
-                      "assert len(dptrain.strategy.own_units(MLP())) == 3\n"
+    script.write_text("import dptrain.distributed.strategy\n"
+                      "dptrain.distributed.strategy.OWN_UNIT_BYTES = 0  # every layer its own unit\n"
+                      "from dptrain.components.model import MLP\n"
+                      "assert len(dptrain.distributed.strategy.own_units(MLP())) == 3\n"
                       "from dptrain.worker import main\n"
                       "main()\n")
     out = tmp_path / "fsdp"

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import run_cli
-from dptrain.digits import (BOX, FIELD, ImageError, centre_of_mass, load_gray, prepare,
-                            prepare_file)
+from dptrain.inference.digits import (BOX, FIELD, ImageError, centre_of_mass, load_gray, prepare,
+                                      prepare_file)
 
 
 def draw(path, shape, size=(200, 300), paper=255, ink=0, mode="L"):
@@ -89,8 +89,8 @@ def test_predict_reads_drawn_digits_and_reports_bad_files(trained_run, tmp_path)
 def test_mnist_images_round_trip_to_the_same_prediction(trained_run, tmp_path):
     """MNIST test digits saved as a person's scan (dark on white, scaled, off-centre on a larger
     page) are prepared back into 28x28 images that the model reads as it reads the originals."""
-    from dptrain.data import load_mnist, split_indices
-    from dptrain.inference import load_model, predict_proba
+    from dptrain.components.data import load_mnist, split_indices
+    from dptrain.inference.evaluate import load_model, predict_proba
 
     mnist = load_mnist()
     rows = split_indices(len(mnist.labels), 0).test[:40]
@@ -131,7 +131,7 @@ def test_a_huge_image_is_one_error_line_and_the_others_are_predicted(trained_run
     are one line for that file; the drawn digit is still predicted."""
     from rich.console import Console
 
-    from dptrain.inference import predict_files
+    from dptrain.inference.evaluate import predict_files
 
     files = [png_header_only(tmp_path / "bomb.png", 20000, 20000), draw(tmp_path / "one.png", "1"),
              png_header_only(tmp_path / "big.png", 10000, 10000)]
@@ -147,7 +147,7 @@ def test_a_huge_image_is_one_error_line_and_the_others_are_predicted(trained_run
 
 def test_evaluate_of_a_missing_folder_says_so(tmp_path):
     from dptrain.errors import UserError
-    from dptrain.inference import load_model
+    from dptrain.inference.evaluate import load_model
 
     with pytest.raises(UserError, match=r"nope does not exist; give the folder of a finished run"):
         load_model(tmp_path / "nope")

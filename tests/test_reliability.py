@@ -225,7 +225,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, reference):
 def test_fsdp_shards_and_every_run_file_honour_the_umask(reference):
     """One rule for every file, the user's umask: DCP's shards were 0644 while the run files
     that went through a temporary file were 0600."""
-    from dptrain.runlog import umask
+    from dptrain.storage.runlog import umask
 
     files = [p for p in reference("fsdp").rglob("*") if p.is_file()]
     assert any(p.suffix == ".distcp" for p in files) and any(p.name == ".metadata" for p in files)

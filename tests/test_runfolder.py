@@ -17,10 +17,11 @@ import pytest
 
 from conftest import REPO, assert_identical_parameters, load_state, run_cli, start_cli
 from test_cli import assert_one_line_error
-from dptrain import checkpoint, runlog
+from dptrain.storage import checkpoint
+from dptrain.storage import runlog
 from dptrain.config import build_config
 from dptrain.errors import UserError
-from dptrain.runlog import RunLock, write_atomic
+from dptrain.storage.runlog import RunLock, write_atomic
 
 
 def seq_config(out, epochs=2, **flags):
@@ -84,7 +85,7 @@ def test_a_held_folder_is_refused_naming_the_holder(tmp_path):
 
 
 def test_the_lock_of_a_killed_run_is_gone_with_it(tmp_path):
-    code = ("import sys, time; from dptrain.runlog import RunLock; "
+    code = ("import sys, time; from dptrain.storage.runlog import RunLock; "
             "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
@@ -230,9 +231,9 @@ def test_a_full_disk_in_an_fsdp_checkpoint_is_one_line(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     from dptrain.config import SystemConfig
-    from dptrain.model import MLP
-    from dptrain.strategy import DistEnv, FSDPStrategy
-    from dptrain.train import make_optimizer
+    from dptrain.components.model import MLP
+    from dptrain.distributed.strategy import DistEnv, FSDPStrategy
+    from dptrain.components.step import make_optimizer
     from test_checkpoint import CONFIG, PLAN
 
     def no_space(fd):
@@ -337,7 +338,7 @@ def test_resume_through_a_linked_checkpoints_folder_is_refused(tmp_path, trained
 # --- torchrun's scratch, failures and timeouts ------------------------------------------------
 
 def test_the_scratch_of_a_killed_launcher_is_removed(tmp_path, monkeypatch):
-    from dptrain import launch
+    from dptrain.distributed import launch
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)  # gettempdir() reads $TMPDIR again
@@ -367,7 +368,7 @@ def torchrun_failing_with(monkeypatch, tmp_path, failures):
     import torch.distributed.run
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from dptrain import launch
+    from dptrain.distributed import launch
 
     def run(args):
         raise ChildFailedError("dptrain", failures)
@@ -406,7 +407,7 @@ def test_a_user_error_without_an_error_file_is_not_repeated(tmp_path, monkeypatc
 def test_a_failed_process_group_set_up_says_so():
     import torch.distributed as dist
 
-    from dptrain.strategy import SetupFailed
+    from dptrain.distributed.strategy import SetupFailed
     from dptrain.worker import _peer_failure
 
     try:

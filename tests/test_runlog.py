@@ -3,7 +3,7 @@
 import io
 import time
 
-from dptrain.runlog import LAUNCH_TIME_ENV, command_start_time, make_console
+from dptrain.storage.runlog import LAUNCH_TIME_ENV, command_start_time, make_console
 
 
 def test_a_log_console_never_wraps():

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dptrain.shm_sum import BUFFER_BYTES, SharedMemorySum, supported
+from dptrain.distributed.shm_sum import BUFFER_BYTES, SharedMemorySum, supported
 
 pytestmark = pytest.mark.skipif(not supported(), reason="shared-memory sums need x86-64")
 # Rounds of 64 elements: 1000 = 15 rounds + 40, 513 = 8 rounds + 1. With 3 ranks a round of 48

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from dptrain.config import build_config, resolve
-from dptrain.data import epoch_order, load_mnist, split_indices
-from dptrain.model import MLP
-from dptrain.optim import FusedAdam, FusedSGD
-from dptrain.step import NonFiniteGuard, make_optimizer, make_step
-from dptrain.strategy import DistEnv, Strategy
+from dptrain.components.data import epoch_order, load_mnist, split_indices
+from dptrain.components.model import MLP
+from dptrain.components.optim import FusedAdam, FusedSGD
+from dptrain.components.step import NonFiniteGuard, make_optimizer, make_step
+from dptrain.distributed.strategy import DistEnv, Strategy
 from dptrain.train import NonFinite, Samples, global_batches, train_epoch
 
 BAD = 7  # the update (0-based, within the epoch) that goes wrong

@@ -101,7 +101,7 @@ def test_report_on_a_training_run_points_to_plot(tmp_path):
 
 def test_vary_parses_like_hydra_multirun():
     from dptrain.config import Config
-    from dptrain.sweep import Grid, cell_config, cell_name, column_of, parse_vary
+    from dptrain.study.sweep import Grid, cell_config, cell_name, column_of, parse_vary
 
     assert parse_vary("batch_size=256,1024").values == (256, 1024)
     assert parse_vary("train.batch_size=256").values == (256,)  # section.key works too
@@ -129,7 +129,7 @@ def test_vary_parses_like_hydra_multirun():
 
 
 def test_speedups_compare_each_run_with_the_seq_run_of_its_cell():
-    from dptrain.sweep import add_speedups
+    from dptrain.study.sweep import add_speedups
 
     rows = [{"mode": "seq", "nproc": 1, "cell": "a", "status": "ok", "train_seconds": 10.0,
              "wall_seconds": 12.0},
@@ -271,7 +271,7 @@ def test_the_cli_imports_no_heavy_module():
 
 
 def test_speedups_and_error_lines():
-    from dptrain.sweep import add_speedups, error_line
+    from dptrain.study.sweep import add_speedups, error_line
 
     rows = [{"mode": "seq", "nproc": 1, "status": "ok", "train_seconds": 10.0, "wall_seconds": 20.0},
             {"mode": "ddp", "nproc": 4, "status": "ok", "train_seconds": 4.0, "wall_seconds": 40.0},

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from conftest import assert_identical_parameters, load_state, run_cli, train
-from dptrain import checkpoint
-from dptrain.checkpoint import CheckpointError, Finished
+from dptrain.storage import checkpoint
+from dptrain.storage.checkpoint import CheckpointError, Finished
 from dptrain.errors import UserError
 from test_cli import assert_one_line_error
 
@@ -107,8 +107,8 @@ def test_malicious_item_in_a_dcp_shard_runs_nothing(fsdp_run, tmp_path):
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from dptrain.config import build_config
-    from dptrain.model import MLP
-    from dptrain.train import make_optimizer
+    from dptrain.components.model import MLP
+    from dptrain.components.step import make_optimizer
 
     run_dir, marker = tmp_path / "run", tmp_path / "marker"
     shutil.copytree(fsdp_run, run_dir)
@@ -146,7 +146,7 @@ def test_malicious_item_in_a_dcp_shard_runs_nothing(fsdp_run, tmp_path):
 def test_a_metadata_pickle_cannot_alter_the_classes_it_names(tmp_path, payload):
     from torch.distributed.checkpoint import metadata
 
-    from dptrain.safedcp import read_dcp_metadata
+    from dptrain.storage.safedcp import read_dcp_metadata
 
     (tmp_path / ".metadata").write_bytes(payload)
     with pytest.raises(UserError, match="refused: it alters a"):
@@ -156,7 +156,7 @@ def test_a_metadata_pickle_cannot_alter_the_classes_it_names(tmp_path, payload):
 
 
 def test_malicious_state_and_model_files_are_one_line(seq_copy, tmp_path):
-    from dptrain.inference import load_model
+    from dptrain.inference.evaluate import load_model
 
     marker = tmp_path / "marker"
     folder = seq_copy / "checkpoints" / "epoch-0003"

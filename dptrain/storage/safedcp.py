@@ -27,7 +27,7 @@ from torch.distributed.checkpoint import filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from dptrain.safeload import LoadError, first_line, weights_only_reason
+from dptrain.storage.safeload import LoadError, first_line, weights_only_reason
 
 DCP_METADATA = ".metadata"  # DCP's own name for it (filesystem._metadata_fn)
 

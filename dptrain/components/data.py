@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dptrain.errors import UserError
-from dptrain.runlog import umask, write_atomic
+from dptrain.storage.runlog import umask, write_atomic
 
 # The MD5 of each file's *uncompressed* bytes, so that .gz and raw copies are checked alike.
 # Hand-written, with the stems: torchvision's table (used to download) holds the MD5s of the

@@ -29,7 +29,7 @@ from rich.markup import escape
 from dptrain.config import (Config, ConfigError, build_config, cpu_cores, read_toml, section_of,
                             to_toml)
 from dptrain.errors import UserError
-from dptrain.runlog import METRICS, SUMMARY, write_atomic
+from dptrain.storage.runlog import METRICS, SUMMARY, write_atomic
 
 SWEEP_JSON = "sweep.json"
 SWEEP_CSV = "sweep.csv"

@@ -26,8 +26,8 @@ from typing import Any
 
 from dptrain.config import Config
 from dptrain.errors import UserError
-from dptrain.manifest import InvalidManifest, check_manifest, check_plan
-from dptrain.runlog import CHECKPOINTS, SUMMARY, StorageError, storage_error, write_atomic
+from dptrain.storage.manifest import InvalidManifest, check_manifest, check_plan
+from dptrain.storage.runlog import CHECKPOINTS, SUMMARY, StorageError, storage_error, write_atomic
 
 META = "meta.json"
 _FOLDER = re.compile(r"epoch-(\d+)")
@@ -93,8 +93,8 @@ def verify(path: Path) -> dict[str, Any]:
         if file.stat().st_size != size or _sha256(file) != digest:
             raise CheckpointError(f"{name} does not match its checksum (corrupt)")
     if meta["format"] == "dcp":
-        from dptrain.safedcp import read_dcp_metadata
-        from dptrain.safeload import LoadError
+        from dptrain.storage.safedcp import read_dcp_metadata
+        from dptrain.storage.safeload import LoadError
 
         try:
             read_dcp_metadata(path, {name: size for name, (size, _) in meta["files"].items()})
@@ -129,10 +129,10 @@ def _trial_restore(path: Path, meta: dict[str, Any], n_train: int) -> dict[str, 
     import torch
 
     from dptrain.config import build_config, resolve
-    from dptrain.model import MLP
-    from dptrain.safeload import LoadError, first_line
-    from dptrain.strategy import STATE_LOADERS
-    from dptrain.train import make_optimizer
+    from dptrain.components.model import MLP
+    from dptrain.storage.safeload import LoadError, first_line
+    from dptrain.distributed.strategy import STATE_LOADERS
+    from dptrain.components.step import make_optimizer
 
     config = build_config(meta["config"])
     try:
@@ -441,15 +441,15 @@ def export(source: Path, out: Path) -> Checkpoint:
     import torch
 
     from dptrain.config import build_config
-    from dptrain.model import MLP
-    from dptrain.safeload import LoadError, first_line, torch_load
-    from dptrain.strategy import STATE_FILE
+    from dptrain.components.model import MLP
+    from dptrain.storage.safeload import LoadError, first_line, torch_load
+    from dptrain.distributed.strategy import STATE_FILE
 
     checkpoint = find(source)
     shape = build_config(checkpoint.meta["config"]).model
     model = MLP(shape.hidden, shape.activation)
     if checkpoint.meta["format"] == "dcp":
-        from dptrain.safedcp import dcp_load
+        from dptrain.storage.safedcp import dcp_load
 
         state = {"model": model.state_dict()}
         dcp_load(state, checkpoint.path)

@@ -20,7 +20,7 @@ from torch import nn
 
 from dptrain.config import SystemConfig, cpu_cores
 from dptrain.errors import UserError
-from dptrain.runlog import peak_rss_bytes, write_atomic
+from dptrain.storage.runlog import peak_rss_bytes, write_atomic
 
 # The whole model and optimizer state of a seq or ddp checkpoint (torch.save format).
 STATE_FILE = "state.pt"
@@ -262,7 +262,7 @@ class DDPStrategy(_ProcessGroupStrategy):
         ddp = DistributedDataParallel(model.to(self.device), device_ids=device_ids,
                                       gradient_as_bucket_view=True)
         if self.grad_sync == "shm":
-            from dptrain.shm_sum import SharedMemorySum
+            from dptrain.distributed.shm_sum import SharedMemorySum
 
             summer = SharedMemorySum(sum(p.numel() for p in model.parameters()), self.env.rank,
                                      self.env.world_size, self.system.timeout)
@@ -273,7 +273,7 @@ class DDPStrategy(_ProcessGroupStrategy):
 
     def _grad_sync(self) -> str:
         """shm where every rank shares this node's CPUs without oversubscribing them."""
-        from dptrain.shm_sum import supported
+        from dptrain.distributed.shm_sum import supported
 
         one_node = self.env.local_world_size == self.env.world_size
         possible = self.device.type == "cpu" and one_node and supported()
@@ -364,7 +364,7 @@ def load_torch_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder:
                      device: torch.device) -> None:
     """A seq/ddp checkpoint's state.pt into a plain model and its optimizer (weights_only);
     safeload.LoadError in one line if it is refused or does not fit them."""
-    from dptrain.safeload import LoadError, first_line, torch_load
+    from dptrain.storage.safeload import LoadError, first_line, torch_load
 
     state = torch_load(folder / STATE_FILE, map_location=device)
     try:
@@ -382,7 +382,7 @@ def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
     checkpoint; without a process group, a plain model gets all of it."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from dptrain.safedcp import dcp_load
+    from dptrain.storage.safedcp import dcp_load
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from dptrain.errors import UserError
-from dptrain.runlog import METRICS, SUMMARY
-from dptrain.sweep import read_sweep
+from dptrain.storage.runlog import METRICS, SUMMARY
+from dptrain.study.sweep import read_sweep
 
 FIGURES = ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png")
 
@@ -359,7 +359,7 @@ def _accuracy_lines(ax, rows: list[dict], others: list[str]) -> None:
 def _baseline(rows: list[dict], sweep_dir: Path) -> tuple[float | None, int | None]:
     """Mean test accuracy of the seq runs at the lr rule's reference batch, and that batch."""
     from dptrain.config import build_config, read_toml
-    from dptrain.sweep import SWEEP_CONFIG
+    from dptrain.study.sweep import SWEEP_CONFIG
 
     try:
         ref = build_config(read_toml(sweep_dir / SWEEP_CONFIG)).optim.ref_batch_size

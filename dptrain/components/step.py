@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dptrain.config import OptimConfig
-from dptrain.optim import FusedAdam, FusedSGD
+from dptrain.components.optim import FusedAdam, FusedSGD
 
 
 class NonFiniteGuard:

@@ -19,8 +19,8 @@ import typer
 
 from dptrain.config import Config, resolve, resolve_threads, to_toml
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
-from dptrain.runlog import (LAUNCH_TIME_ENV, LOCK_HELD_ENV, SUMMARY, RunLock, check_out_dir, err,
-                            peak_rss_bytes, write_summary)
+from dptrain.storage.runlog import (LAUNCH_TIME_ENV, LOCK_HELD_ENV, SUMMARY, RunLock,
+                                    check_out_dir, err, peak_rss_bytes, write_summary)
 
 # The launcher's scratch folder (the workers' config, torchrun's error files) is
 # $TMPDIR/dptrain-<pid>-*, not inside --out: a worker must be able to report a full disk of
@@ -34,7 +34,7 @@ def stopped_line(signum: int, out: Path | None, what: str) -> str:
     line = f"{what} by signal {signal.Signals(signum).name}"
     if out is None:
         return line
-    from dptrain.checkpoint import latest
+    from dptrain.storage.checkpoint import latest
 
     found, _ = latest(out)
     if found is None:
@@ -57,7 +57,7 @@ def torchrun_args(config: Config) -> list[str]:
 
 def launch(mode: str, config: Config, *, force: bool, resume: str, started: float) -> None:
     """Check everything a worker would reject, then run torchrun in this process."""
-    from dptrain.data import load_mnist, split_indices
+    from dptrain.components.data import load_mnist, split_indices
     from dptrain.worker import LAUNCHED_ENV, THREADS_ENV
 
     # Decode (or download) the data once here, so that workers only map the cache.

@@ -16,15 +16,15 @@ from rich.table import Table
 
 from dptrain.config import build_config, read_toml
 from dptrain.errors import UserError
-from dptrain.runlog import CONFIG, MODEL, err
+from dptrain.storage.runlog import CONFIG, MODEL, err
 
 CLASSES = range(10)
 
 
 def load_model(run_dir: Path):
     """(MLP with the run's final parameters, in eval mode; the run's Config)."""
-    from dptrain.model import MLP
-    from dptrain.safeload import first_line, torch_load
+    from dptrain.components.model import MLP
+    from dptrain.storage.safeload import first_line, torch_load
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -65,7 +65,7 @@ class Evaluation:
 
 def evaluate_run(run_dir: Path, data_dir: str | None = None) -> Evaluation:
     """The run's model on its test split (the split seed of its config)."""
-    from dptrain.data import load_mnist, split_indices
+    from dptrain.components.data import load_mnist, split_indices
 
     model, config = load_model(run_dir)
     mnist = load_mnist(data_dir if data_dir is not None else config.data.data_dir)
@@ -112,7 +112,7 @@ def print_evaluation(result: Evaluation, console: Console | None = None) -> None
 
 def save_confusion_png(result: Evaluation, out: Path) -> Path:
     """The confusion matrix as a PNG heat map with its counts written in."""
-    from dptrain.plots import _pyplot, _save
+    from dptrain.study.plots import _pyplot, _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 6), constrained_layout=True)
@@ -130,7 +130,7 @@ def save_confusion_png(result: Evaluation, out: Path) -> Path:
 
 def predict_files(run_dir: Path, paths: list[Path], console: Console | None = None) -> bool:
     """Print each file's predicted digit and top-3 probabilities; False if any file failed."""
-    from dptrain.digits import ImageError, prepare_file
+    from dptrain.inference.digits import ImageError, prepare_file
 
     model, _config = load_model(run_dir)
     console = console or Console(highlight=False)

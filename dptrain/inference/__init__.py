@@ -1,0 +1,1 @@
+"""Using a trained model: evaluation on the test split, predictions for image files."""

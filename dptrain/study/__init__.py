@@ -1,0 +1,1 @@
+"""What studies runs: sweeps and their figures."""
