@@ -24,6 +24,8 @@ from dptrain.components.model import LOSS_SUMS, MLP
 from dptrain.storage.runlog import RunLog
 from dptrain.components.step import EagerStep, NonFiniteGuard, make_optimizer, make_step
 from dptrain.distributed.strategy import Strategy
+from dptrain.telemetry import Telemetry
+from dptrain.telemetry.phases import run_totals
 
 LossSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # A mean train loss above this has diverged: a million times chance level (ln 10 nats per
@@ -87,7 +89,7 @@ def evaluate(model: nn.Module, samples: Samples, rows: np.ndarray, strategy: Str
 
 
 def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan,
-                strategy: Strategy, first_step: int) -> float:
+                strategy: Strategy, first_step: int, telemetry: Telemetry) -> float:
     """One pass over the train split; returns the mean train loss over all ranks.
 
     The host reads the device once, at the end. Raises NonFinite if an update's gradients were
@@ -96,8 +98,10 @@ def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan
     step.begin_epoch(plan.updates_per_epoch)
     batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
     for index, rows in enumerate(batches):
+        telemetry.update(index)
         step(index, rank_slice(rows, strategy), len(rows), plan.lr_at(first_step + index))
-    loss_sum, skipped = strategy.all_reduce_sum(step.end_epoch()).tolist()
+    with telemetry.phase("epoch_end"):
+        loss_sum, skipped = strategy.all_reduce_sum(step.end_epoch()).tolist()
     if skipped:
         # Ranks that hold different gradient shards (fsdp) may have stopped at different
         # updates; the earliest counts. Only a run that is about to stop gets here.
@@ -107,11 +111,12 @@ def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan
 
 
 def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: Split,
-          log: RunLog, resume: Checkpoint | None = None) -> dict:
+          log: RunLog, telemetry: Telemetry, resume: Checkpoint | None = None) -> dict:
     """Train (from a checkpoint when given), logging each epoch's validation and checkpointing,
-    then test; returns the results and the full state."""
+    then test; returns the results and the full state. `telemetry` times the epochs' phases."""
     torch.manual_seed(config.train.seed)  # the same initial parameters on every rank and mode
-    model = strategy.wrap(MLP(config.model.hidden, config.model.activation, config.train.loss))
+    model = strategy.wrap(MLP(config.model.hidden, config.model.activation, config.train.loss),
+                          telemetry)
     samples = Samples(mnist, strategy.device)
     guard = NonFiniteGuard(strategy.device)
     optimizer = make_optimizer(config.optim, model.parameters(), plan.lr_at(0), skip_if=guard.flag)
@@ -120,7 +125,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         checkpoint.restore(strategy, model, optimizer, resume)
         records, earlier_seconds = list(resume.records), resume.meta["train_seconds"]
     loss_sum = LOSS_SUMS[config.train.loss]
-    step = make_step(strategy, model, optimizer, samples, guard)
+    step = make_step(strategy, model, optimizer, samples, guard, telemetry)
     eval_batch = config.train.eval_batch_size
 
     loop_start, saving = time.perf_counter(), 0.0
@@ -128,8 +133,9 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         start = time.perf_counter()
         order = epoch_order(split.train, config.train.seed, epoch)
         first_step = (epoch - 1) * plan.updates_per_epoch
+        telemetry.begin_epoch(epoch, first_step)
         try:
-            train_loss = train_epoch(step, samples, order, plan, strategy, first_step)
+            train_loss = train_epoch(step, samples, order, plan, strategy, first_step, telemetry)
         except NonFinite as e:
             raise _diverged(e, epoch, plan, log.out) from None
         if train_loss > DIVERGED_LOSS:  # the same reduced value on every rank: all stop
@@ -137,14 +143,18 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
                             f"{train_loss:.3g}, over a million times chance level; not "
                             f"checkpointed; {_kept(log.out)}. Lower --lr")
         epoch_seconds = time.perf_counter() - start
-        val_loss, val_accuracy = evaluate(model, samples, split.val, strategy, loss_sum, eval_batch)
+        phases = telemetry.end_epoch(strategy.all_gather)  # not part of the epoch's seconds
+        val_start = time.perf_counter()
+        with telemetry.phase("evaluation"):
+            val_loss, val_accuracy = evaluate(model, samples, split.val, strategy, loss_sum,
+                                              eval_batch)
         records.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_accuracy": val_accuracy,
                         "lr": plan.lr_at(first_step + plan.updates_per_epoch - 1),  # the last
                         "epoch_seconds": epoch_seconds,
-                        "val_seconds": time.perf_counter() - start - epoch_seconds,
+                        "val_seconds": time.perf_counter() - val_start,
                         "samples_per_second": plan.samples_per_epoch / epoch_seconds,
-                        "checkpoint_seconds": 0.0})
+                        "checkpoint_seconds": 0.0, **phases})
         if _checkpoint_due(config, epoch):
             if not strategy.parameters_finite(model):  # never checkpoint a diverged model
                 raise UserError(f"the parameters became non-finite during epoch {epoch} (a "
@@ -156,19 +166,24 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
                 world_size=strategy.env.world_size, config=config, plan=plan, records=records,
                 train_seconds=earlier_seconds + saving_start - loop_start - saving,
                 checkpoint_format=strategy.checkpoint_format)
-            checkpoint.write(strategy, model, optimizer, log.out, meta, config.run.keep)
+            with telemetry.phase("checkpoint"):
+                checkpoint.write(strategy, model, optimizer, log.out, meta, config.run.keep)
             saving += time.perf_counter() - saving_start
         log.epoch(records[-1])
+        telemetry.write(records[-1])
     # Checkpoint writing is not training: it is reported apart, as checkpoint_seconds.
     train_seconds = earlier_seconds + time.perf_counter() - loop_start - saving
 
-    test_loss, test_accuracy = evaluate(model, samples, split.test, strategy, loss_sum, eval_batch)
+    with telemetry.phase("evaluation"):
+        test_loss, test_accuracy = evaluate(model, samples, split.test, strategy, loss_sum,
+                                            eval_batch)
     memory = strategy.memory_report(model, optimizer)
     state = strategy.full_state_dict(model)
     last = records[-1]
     return {"train_seconds": train_seconds, "train_loss": last["train_loss"],
             "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
             "checkpoint_seconds": sum(r["checkpoint_seconds"] for r in records),
+            "val_seconds": sum(r["val_seconds"] for r in records), **run_totals(records),
             "test_loss": test_loss, "test_accuracy": test_accuracy, "memory": memory,
             "state_dict": state}
 

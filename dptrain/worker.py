@@ -19,7 +19,8 @@ import typer
 from dptrain.storage import checkpoint
 from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_threads, to_toml
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
-from dptrain.flags import Command, process_group_flags, training_flags, with_flags
+from dptrain.flags import (Command, fill_optional_values, process_group_flags, training_flags,
+                           with_flags)
 from dptrain.storage.runlog import (RunLock, RunLog, StorageError, check_out_dir,
                                     command_start_time, default_out_dir, err, stopped_message,
                                     write_atomic)
@@ -62,6 +63,8 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
 
     from dptrain.components.data import load_mnist, split_indices
     from dptrain.distributed.strategy import DistEnv, make_strategy
+    from dptrain.telemetry import make_telemetry
+    from dptrain.telemetry.hangs import arm_flight_recorder
     from dptrain.train import train
 
     env = DistEnv.from_environ()
@@ -79,6 +82,7 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     if resume:
         _check_resumable(found, skipped, resume, plan, env.world_size)
 
+    arm_flight_recorder(out)  # before an nccl process group is made
     strategy = make_strategy(mode, env, config.system)
     lock = RunLock(out)  # rank 0's, taken before anything is written
     ok = False
@@ -96,12 +100,15 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
             records=found.records if found else [])
         if found:
             _announce_resume(log, found, skipped, config, restarts)
+        resolved = to_toml(config, {**setting, **_plan_fields(plan)}, reusable=True)
+        telemetry = make_telemetry(config, plan, strategy, out, config_text=resolved)
         try:
-            results = train(config, plan, strategy, mnist, split, log, resume=found)
+            results = train(config, plan, strategy, mnist, split, log, telemetry, resume=found)
         except UserError as e:  # diverged, say: a restart would only repeat it
             log.stopped(str(e))
             raise
         finally:
+            telemetry.close()
             log.close()
         state_dict = results.pop("state_dict")
         summary = {**setting, **_plan_fields(plan), "epochs": config.train.epochs, **results,
@@ -292,7 +299,7 @@ def _peer_failure(error: Exception, timeout: float | None = None) -> str:
     or could not be reached; "" for anything else. `timeout`: the run's --timeout, seconds."""
     import torch.distributed as dist
 
-    from dptrain.distributed.strategy import SetupFailed
+    from dptrain.distributed.strategy import DistEnv, SetupFailed
 
     setup = isinstance(error, SetupFailed)
     text = str(error.__cause__ if setup else error)
@@ -302,9 +309,13 @@ def _peer_failure(error: Exception, timeout: float | None = None) -> str:
     if setup:
         return f"{error} ({detail})"
     if "timed out" in text.lower() or "timeout" in text.lower():
+        from dptrain.telemetry.hangs import stall_line
+
         limit = f"--timeout {timeout:g} s" if timeout else "--timeout"
-        return (f"a collective timed out ({limit}): a peer is hung or dead, or the timeout is "
-                f"too short ({detail})")
+        env = DistEnv.from_environ()
+        who = stall_line(env.rank, env.world_size, timeout or 0.0) if env.world_size > 1 else ""
+        return (f"a collective timed out ({limit}): "
+                f"{who or 'a peer is hung or dead, or the timeout is too short'} ({detail})")
     return f"{LOST_PEER}, which probably died ({detail})"
 
 
@@ -325,7 +336,7 @@ def main() -> None:
     # Plain tracebacks: a bug in a worker must read like any Python error, rank-prefixed by torchrun.
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command(cls=Command)(with_flags(_worker, mode_flag, training_flags, process_group_flags))
-    app()
+    app(args=fill_optional_values(sys.argv[1:]))
 
 
 if __name__ == "__main__":

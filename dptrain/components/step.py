@@ -61,9 +61,9 @@ class EagerStep:
     """Forward, backward (with the strategy's gradient sum), check and update, op by op."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-                 guard: NonFiniteGuard, strategy):
+                 guard: NonFiniteGuard, strategy, telemetry):
         self.model, self.optimizer, self.samples = model, optimizer, samples
-        self.guard, self.strategy = guard, strategy
+        self.guard, self.strategy, self.telemetry = guard, strategy, telemetry
         self._losses = torch.zeros(0, dtype=torch.float64, device=samples.device)
 
     def begin_epoch(self, updates: int) -> None:
@@ -73,17 +73,21 @@ class EagerStep:
 
     def __call__(self, index: int, rows: torch.Tensor, global_batch: int, lr: float) -> None:
         """Update `index` of the epoch on this rank's `rows` of a global batch of that size."""
+        phase = self.telemetry.phase
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = self.samples.batch(rows)
-        loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        # The gradient of loss / global batch; NaN if this rank's loss is not finite: then the
-        # gradients turn NaN (every summed element) on every rank, and all skip alike.
-        (loss * (loss.detach() * 0.0 + 1 / global_batch)).backward()
-        self.guard.check(self.strategy.local_gradients(self.model))
-        self.optimizer.step()
-        self._losses[index] = loss.detach()
+        with phase("batch"):
+            x, y = self.samples.batch(rows)
+        with phase("forward_backward"):
+            loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
+            self.optimizer.zero_grad(set_to_none=True)
+            # The gradient of loss / global batch; NaN if this rank's loss is not finite: then
+            # the gradients turn NaN (every summed element) on every rank, and all skip alike.
+            (loss * (loss.detach() * 0.0 + 1 / global_batch)).backward()
+        with phase("optimizer"):
+            self.guard.check(self.strategy.local_gradients(self.model))
+            self.optimizer.step()
+            self._losses[index] = loss.detach()
 
     def end_epoch(self) -> torch.Tensor:
         """[this rank's loss sum over the epoch, updates skipped] (float64, on the device)."""
@@ -95,7 +99,8 @@ class EagerStep:
 
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-              guard: NonFiniteGuard) -> EagerStep:
+              guard: NonFiniteGuard, telemetry) -> EagerStep:
     """The step implementation for the strategy's device. The eager step is the only one so
-    far; a CUDA-graphed step is the planned second (issue 10), behind these same methods."""
-    return EagerStep(model, optimizer, samples, guard, strategy)
+    far; a CUDA-graphed step is the planned second (issue 10), behind these same methods.
+    `telemetry` times its phases (telemetry.phase)."""
+    return EagerStep(model, optimizer, samples, guard, strategy, telemetry)

@@ -90,7 +90,8 @@ class Strategy:
         self.env = env
         self.device = device
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, telemetry=None) -> nn.Module:
+        """The model prepared for this mode; `telemetry` may time its collectives."""
         return model.to(self.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -104,6 +105,11 @@ class Strategy:
     def all_agree(self, ok: bool) -> bool:
         """True when `ok` holds on every rank. Every rank must call it."""
         return ok
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` (a CPU tensor), stacked in rank order on the CPU. Every rank
+        must call it."""
+        return tensor.unsqueeze(0)
 
     def gather_object(self, obj) -> list:
         """Every rank's `obj`, in rank order. Every rank must call it."""
@@ -200,6 +206,12 @@ class _ProcessGroupStrategy(Strategy):
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)  # nccl moves CUDA tensors only
+        parts = [torch.empty_like(tensor) for _ in range(self.env.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts).cpu()
+
     def all_agree(self, ok: bool) -> bool:
         flag = torch.tensor([1 if ok else 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -255,7 +267,7 @@ class DDPStrategy(_ProcessGroupStrategy):
         super().__init__(env, device, backend, system)
         self.grad_sync = self._grad_sync()
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, telemetry=None) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -266,9 +278,11 @@ class DDPStrategy(_ProcessGroupStrategy):
 
             summer = SharedMemorySum(sum(p.numel() for p in model.parameters()), self.env.rank,
                                      self.env.world_size, self.system.timeout)
-            ddp.register_comm_hook(summer, _sum_gradients_in_shared_memory)
+            state, hook = summer, _sum_gradients_in_shared_memory
         else:
-            ddp.register_comm_hook(None, _sum_gradients)
+            state, hook = None, _sum_gradients
+        # The telemetry times the chosen hook from the outside; it never replaces it.
+        ddp.register_comm_hook(state, telemetry.wrap_hook(hook) if telemetry else hook)
         return ddp
 
     def _grad_sync(self) -> str:
@@ -314,7 +328,7 @@ class FSDPStrategy(_ProcessGroupStrategy):
     grad_sync = "collective"  # reduce-scatter, through the process group
     checkpoint_format = "dcp"  # torch.distributed.checkpoint: each rank writes its own shards
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, telemetry=None) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -330,11 +344,18 @@ class FSDPStrategy(_ProcessGroupStrategy):
         # the root): one all-gather per step. Evaluation has no backward to reshard them after,
         # so after_evaluation does.
         fully_shard(model, mesh=mesh)
+        # FSDP2's own collectives, timing themselves for the telemetry (telemetry/collectives.py).
+        # (set_custom_reduce_scatter is recent: without it, fsdp's phases keep them inside.)
+        timeable = telemetry and hasattr(FSDPModule, "set_custom_reduce_scatter")
+        comms = telemetry.fsdp_comms() if timeable else None
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 # Sum, as DDP's hook above; the plain SUM op also works on gloo (no PREMUL_SUM).
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
+                if comms:
+                    module.set_custom_all_gather(comms[0])
+                    module.set_custom_reduce_scatter(comms[1])
         return model
 
     def after_evaluation(self, model: nn.Module) -> None:

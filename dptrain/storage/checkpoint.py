@@ -35,7 +35,8 @@ _FOLDER = re.compile(r"epoch-(\d+)")
 # run goes on, not what it computes (nproc may change the lr; the worker checks the plan).
 MAY_CHANGE = {"epochs", "checkpoint_every", "keep", "out", "data_dir", "backend", "device",
               "threads", "timeout", "nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id",
-              "rdzv_backend", "max_restarts", "start_method"}
+              "rdzv_backend", "max_restarts", "start_method",
+              "phase_times", "profile", "tensorboard"}  # what the run records of itself
 
 
 class CheckpointError(UserError):
