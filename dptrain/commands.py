@@ -108,10 +108,13 @@ def _sweep_plan(mode, nproc, vary, no_seq, flags: dict):
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to draw on one figure.")],
     out: Annotated[Path, typer.Option(help="The PNG to write.")] = Path("plot.png"),
+    breakdown: Annotated[bool, typer.Option(
+        "--breakdown", help="Draw where each run's time goes (a stacked bar of its phases per "
+                            "epoch) instead of its curves.")] = False,
 ) -> None:
     from dptrain.study.plots import plot_runs
 
-    print(f"wrote {plot_runs(run_dirs, out)}")
+    print(f"wrote {plot_runs(run_dirs, out, breakdown=breakdown)}")
 
 
 def report(
@@ -157,7 +160,8 @@ def register(app: typer.Typer) -> None:
                      "SWEEP_DIR continues an interrupted sweep.")(
         with_flags(_user_errors(sweep), sweep_flags, training_flags, process_group_flags))
     app.command("plot", cls=Command,
-                help="Loss and validation accuracy curves of runs, as one PNG.")(_wrap(plot))
+                help="Loss and validation accuracy curves of runs, as one PNG; --breakdown: "
+                     "where their time goes.")(_wrap(plot))
     app.command("report", cls=Command,
                 help="The figures of a sweep, written into its folder.")(_wrap(report))
     app.command("evaluate", cls=Command, help="Test accuracy, per-class precision/recall and the "

@@ -221,6 +221,10 @@ def config_from_flags(flags: dict[str, Any], base: dict[str, dict] | None = None
     unused = unused_flags({k for k, v in values.items() if v is not None}, config)
     if unused:
         raise ConfigError("; ".join(unused))
+    if config.run.tensorboard:  # before any process starts: one line naming the extra
+        from dptrain.telemetry.board import require_tensorboard
+
+        require_tensorboard()
     return config
 
 

@@ -59,12 +59,14 @@ def test_sweep_records_a_failed_run_and_goes_on(tmp_path):
     # The sweep's figures, and a plot of two of its runs.
     result = run_cli("report", str(sweep))
     assert result.returncode == 0, result.stderr
-    for name in ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png"):
+    for name in ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png",
+                 "time_breakdown.png"):
         assert_png(sweep / name)
-    result = run_cli("plot", str(sweep / "seq-1"), str(sweep / "ddp-2"), "--out",
-                     str(tmp_path / "two.png"))
-    assert result.returncode == 0, result.stderr
-    assert_png(tmp_path / "two.png")
+    for extra in ([], ["--breakdown"]):
+        result = run_cli("plot", str(sweep / "seq-1"), str(sweep / "ddp-2"), "--out",
+                         str(tmp_path / "two.png"), *extra)
+        assert result.returncode == 0, result.stderr
+        assert_png(tmp_path / "two.png")
 
     # A finished sweep is not overwritten by accident.
     assert_one_line_error(run_cli("sweep", "--out", str(sweep)), "already holds a finished sweep")
@@ -173,7 +175,7 @@ def test_a_vary_grid_runs_each_cell_against_its_own_seq_and_resumes(tmp_path):
     result = run_cli("report", str(sweep))
     assert result.returncode == 0, result.stderr
     for name in ("speedup_vs_nproc.png", "speedup_heatmap.png", "memory_vs_nproc.png",
-                 "accuracy_vs_batch.png"):
+                 "accuracy_vs_batch.png", "time_breakdown.png"):
         assert_png(sweep / name)
 
     # An interrupted sweep: the last run lost its summary (its checkpoint is complete).
