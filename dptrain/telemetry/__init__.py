@@ -247,9 +247,11 @@ def make_telemetry(config, plan, strategy, out: Path, config_text: str) -> Telem
 
             telemetry.board = Board(Path(out) / "tensorboard", config_text)
         if strategy.env.world_size > 1:
-            from dptrain.telemetry.hangs import Heartbeat
+            from dptrain.telemetry.hangs import FLIGHT_RECORDER, Heartbeat
 
             telemetry.heartbeat = Heartbeat(telemetry, strategy.env.rank)
+            if strategy.backend == "nccl":  # where each rank's flight recorder dumps
+                (Path(out) / FLIGHT_RECORDER).mkdir(parents=True, exist_ok=True)
     except BaseException:
         telemetry.close()
         raise

@@ -28,7 +28,8 @@ from dptrain.telemetry.phases import LABELS
 HEARTBEAT_SECONDS = 1.0
 # How long a reader waits for the store: its host (rank 0) may be the rank that stopped.
 READ_TIMEOUT_S = 3.0
-FLIGHT_RECORDER = "nccl-flight-recorder-rank"  # + the rank: one dump file per rank
+# nccl's dumps: RUN/flight-recorder/rank_<R>, one per rank (torchfrtrace's layout).
+FLIGHT_RECORDER = "flight-recorder"
 
 
 def _key(rank: int) -> str:
@@ -140,8 +141,10 @@ def _ranks(ranks: list[int]) -> str:
 
 def arm_flight_recorder(out: Path) -> None:
     """nccl: keep a ring buffer of recent collectives and dump it on a timeout, one file per
-    rank, into the run folder (RUN/nccl-flight-recorder-rank<R>). Only nccl reads these
-    variables, and a user's own settings win."""
+    rank, into RUN/flight-recorder/ (make_telemetry creates it on nccl runs). Set before the
+    process group is made; only nccl reads these variables, and a user's own settings win.
+    Read the dumps with `torchfrtrace RUN/flight-recorder -p rank_`."""
     os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
-    os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE", str(Path(out).resolve() / FLIGHT_RECORDER))
+    os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+                          str(Path(out).resolve() / FLIGHT_RECORDER / "rank_"))
