@@ -101,14 +101,14 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
         if found:
             _announce_resume(log, found, skipped, config, restarts)
         resolved = to_toml(config, {**setting, **_plan_fields(plan)}, reusable=True)
-        telemetry = make_telemetry(config, plan, strategy, out, config_text=resolved)
         try:
-            results = train(config, plan, strategy, mnist, split, log, telemetry, resume=found)
+            with make_telemetry(config, plan, strategy, out, config_text=resolved) as telemetry:
+                results = train(config, plan, strategy, mnist, split, log, telemetry,
+                                resume=found)
         except UserError as e:  # diverged, say: a restart would only repeat it
             log.stopped(str(e))
             raise
         finally:
-            telemetry.close()
             log.close()
         state_dict = results.pop("state_dict")
         summary = {**setting, **_plan_fields(plan), "epochs": config.train.epochs, **results,
@@ -312,8 +312,9 @@ def _peer_failure(error: Exception, timeout: float | None = None) -> str:
         from dptrain.telemetry.hangs import stall_line
 
         limit = f"--timeout {timeout:g} s" if timeout else "--timeout"
-        env = DistEnv.from_environ()
-        who = stall_line(env.rank, env.world_size, timeout or 0.0) if env.world_size > 1 else ""
+        env = DistEnv.from_environ()  # the heartbeats were read as the error left training
+        beats = getattr(error, "heartbeats", None)
+        who = stall_line(env.rank, env.world_size, timeout or 0.0, beats) if beats else ""
         return (f"a collective timed out ({limit}): "
                 f"{who or 'a peer is hung or dead, or the timeout is too short'} ({detail})")
     return f"{LOST_PEER}, which probably died ({detail})"

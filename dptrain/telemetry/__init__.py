@@ -128,6 +128,9 @@ class _Off:
     def poke(self) -> None:
         pass
 
+    def attach(self, error: BaseException) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -189,6 +192,7 @@ class Telemetry:
 
     def begin_epoch(self, epoch: int, first_step: int) -> None:
         self.epoch, self.first_step, self.update_index = epoch, first_step, 0
+        self.current = "epoch_start"
         self.heartbeat.poke()
         if self.clock is not None:
             self.clock.totals()  # what collectives did between epochs (fsdp's evaluation)
@@ -225,6 +229,15 @@ class Telemetry:
         for part in (self.profile, self.board, self.heartbeat):
             part.close()
 
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close()
+        if error is not None:
+            # Read while this rank's process group, and so rank 0's store, still stands.
+            self.heartbeat.attach(error)
+
 
 def make_telemetry(config, plan, strategy, out: Path, config_text: str) -> Telemetry:
     """This rank's telemetry for a run: phase timers unless --no-phase-times (CUDA events on a
@@ -249,7 +262,10 @@ def make_telemetry(config, plan, strategy, out: Path, config_text: str) -> Telem
         if strategy.env.world_size > 1:
             from dptrain.telemetry.hangs import FLIGHT_RECORDER, Heartbeat
 
-            telemetry.heartbeat = Heartbeat(telemetry, strategy.env.rank)
+            try:
+                telemetry.heartbeat = Heartbeat(telemetry, strategy.env)
+            except (RuntimeError, OSError, KeyError, ValueError):
+                pass  # no store to beat in (not started by torchrun?): hangs go unnamed
             if strategy.backend == "nccl":  # where each rank's flight recorder dumps
                 (Path(out) / FLIGHT_RECORDER).mkdir(parents=True, exist_ok=True)
     except BaseException:

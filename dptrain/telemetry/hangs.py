@@ -49,8 +49,8 @@ class Heartbeat:
     """This rank's place in the store every HEARTBEAT_SECONDS, and at once when poked (a new
     epoch), from a daemon thread."""
 
-    def __init__(self, telemetry, rank: int):
-        self.telemetry, self.key = telemetry, _key(rank)
+    def __init__(self, telemetry, env):
+        self.telemetry, self.env, self.key = telemetry, env, _key(env.rank)
         self._store = _client(HEARTBEAT_SECONDS * 5)
         self._wake, self._stopping = threading.Event(), False
         self._beat()
@@ -81,6 +81,14 @@ class Heartbeat:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=HEARTBEAT_SECONDS * 5)
+
+    def attach(self, error: BaseException) -> None:
+        """Give a failure every rank's last heartbeat (error.heartbeats), for stall_line: read
+        now, while this rank's process group keeps rank 0's store up."""
+        from dptrain.errors import UserError
+
+        if not isinstance(error, UserError):  # the user's own errors name their cause
+            error.heartbeats = read_heartbeats(self.env.world_size)
 
 
 def read_heartbeats(world_size: int, timeout_s: float = READ_TIMEOUT_S) -> dict[int, dict | None]:

@@ -40,7 +40,7 @@ KINDS = ("gather", "sum")  # the collectives whose exposure is recorded per upda
 # The order of the phases in records and figures.
 PHASES = ("batch", "forward_backward", "gather", "sum", "wait", "optimizer")
 # The words for a phase or a place in the loop (the hang line, figures).
-LABELS = {"start": "start-up", "batch": "batch", "forward_backward": "forward/backward",
+LABELS = {"start": "start-up", "epoch_start": "the epoch's start", "batch": "batch", "forward_backward": "forward/backward",
           "gather": "the parameter gather", "sum": "the gradient sum",
           "wait": "waiting for peers", "optimizer": "optimizer", "evaluation": "evaluation",
           "checkpoint": "checkpoint writing", "epoch_end": "the epoch's loss sum"}
