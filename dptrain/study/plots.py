@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from dptrain.errors import UserError
-from dptrain.storage.runlog import METRICS, SUMMARY
+from dptrain.storage.runlog import METRICS, SUMMARY, write_atomic
 from dptrain.study.sweep import read_sweep
 
 FIGURES = ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png",
@@ -148,9 +148,26 @@ def _phase_bars(ax, bars: list[tuple[str, list[dict]]], legend: bool = True) -> 
                   loc="upper left", bbox_to_anchor=(1.01, 1))
 
 
+def _breakdown_table(path: Path, panels: list[tuple[str, list]]) -> None:
+    """The figure's numbers: seconds per epoch by segment, a line per run."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["cell", "run", *(key for key, _, _ in SEGMENTS)])
+    for cell, bars in panels:
+        for run, metrics in bars:
+            breakdown = epoch_breakdown(metrics)
+            writer.writerow([cell, run, *(f"{breakdown[key]:.6f}" if key in breakdown else ""
+                                          for key, _, _ in SEGMENTS)])
+    write_atomic(path, lambda f: f.write(text.getvalue().encode()))
+
+
 def _time_breakdown(plt, sweep_dir: Path, rows: list[dict], keys: list[str]) -> Path | None:
-    """time_breakdown.png: a stacked bar per run (seq, then each mode by nproc), one panel per
-    cell of a --vary grid; None when no run timed its phases."""
+    """time_breakdown.png (and its numbers, time_breakdown.csv): a stacked bar per run (seq,
+    then each mode by nproc), one panel per cell of a --vary grid; None when no run timed its
+    phases."""
     cells = _cells(rows, keys) if keys else [("", rows)]
     panels = []
     for label, runs in cells:
@@ -160,6 +177,7 @@ def _time_breakdown(plt, sweep_dir: Path, rows: list[dict], keys: list[str]) -> 
         panels.append((label, bars))
     if not any(epoch_breakdown(m) for _, bars in panels for _, m in bars):
         return None
+    _breakdown_table(sweep_dir / "time_breakdown.csv", panels)
     columns = min(len(panels), 2)
     lines = -(-len(panels) // columns)
     width = max(len(bars) for _, bars in panels)
