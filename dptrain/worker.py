@@ -5,6 +5,7 @@ From a cluster shell script:  torchrun [rendezvous flags] -m dptrain.worker --mo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -82,8 +83,8 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     if resume:
         _check_resumable(found, skipped, resume, plan, env.world_size)
 
-    arm_flight_recorder(out)  # before an nccl process group is made
-    strategy = make_strategy(mode, env, config.system)
+    strategy = make_strategy(mode, env, config.system,
+                             before_group=functools.partial(arm_flight_recorder, out))
     lock = RunLock(out)  # rank 0's, taken before anything is written
     ok = False
     try:

@@ -418,10 +418,14 @@ STATE_LOADERS = {"torch": load_torch_state, "dcp": load_dcp_state}
 STRATEGIES = {"seq": Strategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy}
 
 
-def make_strategy(mode: str, env: DistEnv, system: SystemConfig) -> Strategy:
-    """Pick the device and backend, join the process group (ddp/fsdp), and return the strategy."""
+def make_strategy(mode: str, env: DistEnv, system: SystemConfig,
+                  before_group=None) -> Strategy:
+    """Pick the device and backend, join the process group (ddp/fsdp), and return the strategy.
+    `before_group(backend)` runs just before the group is made (the flight recorder's set-up)."""
     device = resolve_device(system.device, env, system.backend)
     if mode == "seq":  # config.resolve has already required a world size of 1
         return Strategy(env, device)
     backend = resolve_backend(system.backend, device)
+    if before_group is not None:
+        before_group(backend)
     return STRATEGIES[mode](env, device, backend, system)

@@ -131,11 +131,11 @@ def stall_line(me: int, world_size: int, timeout_s: float, beats=None,
                            f"{now - beat['time']:.0f} s ago")
         else:
             waiting.setdefault(_label(beat["phase"]), []).append(rank)
-    places = [f"{_ranks(ranks)} {'waited' if stopped else 'were'} in {place}"
-              for place, ranks in waiting.items()]
+    places = [f"{_ranks(ranks)} {'waited' if stopped else 'were' if ranks[1:] else 'was'} "
+              f"in {place}" for place, ranks in waiting.items()]
     if not stopped:
-        return ("every rank was still beating: " + "; ".join(places)
-                + " (a timeout too short for the work, or ranks in different collectives)")
+        return ("every rank was still beating (" + "; ".join(places) + "): the timeout is too "
+                "short for the work, or the ranks are in different collectives")
     return "; ".join(stopped + places)
 
 
@@ -147,11 +147,14 @@ def _ranks(ranks: list[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
 
 
-def arm_flight_recorder(out: Path) -> None:
+def arm_flight_recorder(out: Path, backend: str) -> None:
     """nccl: keep a ring buffer of recent collectives and dump it on a timeout, one file per
-    rank, into RUN/flight-recorder/ (make_telemetry creates it on nccl runs). Set before the
-    process group is made; only nccl reads these variables, and a user's own settings win.
-    Read the dumps with `torchfrtrace RUN/flight-recorder -p rank_`."""
+    rank, into RUN/flight-recorder/ (make_telemetry creates it on nccl runs). Called before
+    the process group is made; a user's own settings win. Not on gloo: torch reads the buffer
+    size there too (and warns about the old name). Read the dumps with
+    `torchfrtrace RUN/flight-recorder -p rank_`."""
+    if backend != "nccl":
+        return
     os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
     os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
     os.environ.setdefault("TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
