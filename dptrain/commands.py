@@ -133,7 +133,7 @@ ACTIVATION_HELP = ("relu|sigmoid|tanh: the activation of a model.pt that has no 
 
 
 def evaluate(
-    source: Annotated[Path, typer.Argument(help=SOURCE_HELP, metavar="MODEL")],
+    model: Annotated[Path, typer.Argument(help=SOURCE_HELP)],
     confusion_png: Annotated[Optional[Path], typer.Option(
         help="Also save the confusion matrix as this PNG.")] = None,
     data_dir: Annotated[Optional[str], typer.Option(
@@ -143,7 +143,7 @@ def evaluate(
 ) -> None:
     from dptrain.inference.evaluate import evaluate_run, print_evaluation
 
-    result = evaluate_run(source, data_dir, activation)
+    result = evaluate_run(model, data_dir, activation)
     print_evaluation(result)
     if confusion_png is not None:
         from dptrain.inference.evaluate import save_confusion_png
@@ -152,7 +152,7 @@ def evaluate(
 
 
 def predict(
-    source: Annotated[Path, typer.Argument(help=SOURCE_HELP, metavar="MODEL")],
+    model: Annotated[Path, typer.Argument(help=SOURCE_HELP)],
     images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files of single digits.")],
     as_json: Annotated[bool, typer.Option(
         "--json", help="One JSON object per file, one per line, in order: {\"file\", "
@@ -163,7 +163,7 @@ def predict(
 ) -> None:
     from dptrain.inference.evaluate import predict_files
 
-    if not predict_files(source, images, as_json=as_json, activation=activation):
+    if not predict_files(model, images, as_json=as_json, activation=activation):
         raise typer.Exit(USER_ERROR_EXIT)
 
 
