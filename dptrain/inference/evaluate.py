@@ -69,7 +69,7 @@ def load(source: Path, activation: str | None = None) -> Loaded:
     if found is None:
         missing = MODEL if (source / CONFIG).exists() else CONFIG
         raise UserError(f"{source}: no {missing} here, and no complete checkpoint in "
-                        f"{source / CHECKPOINTS}; give {SOURCES}")
+                        f"{source / CHECKPOINTS}{checkpoint.best_hint(source)}; give {SOURCES}")
     return _from_checkpoint(found, " (its newest checkpoint: the run has no model.pt yet)")
 
 

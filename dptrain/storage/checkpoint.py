@@ -191,7 +191,7 @@ def find(path: Path) -> Checkpoint:
     found, skipped = latest(path)
     if found is None:
         why = f": {'; '.join(skipped)}" if skipped else f" ({path / CHECKPOINTS}/epoch-NNNN/)"
-        raise CheckpointError(f"{path} holds no complete checkpoint{why}")
+        raise CheckpointError(f"{path} holds no complete checkpoint{why}{best_hint(path)}")
     return replace(found, passed_over=tuple(skipped))
 
 
@@ -200,6 +200,12 @@ def names_a_checkpoint(path: Path) -> bool:
     path = Path(path)
     return _is_best(path) or (_FOLDER.fullmatch(path.name) is not None
                               and path.parent.name == CHECKPOINTS)
+
+
+def best_hint(run_dir: Path) -> str:
+    """'; its best checkpoint is RUN/checkpoints/best' when it has one (--keep-best), else ''."""
+    best = Path(run_dir) / CHECKPOINTS / BEST
+    return f"; its best checkpoint is {best}" if _folders(run_dir, best=True) else ""
 
 
 def _is_best(path: Path) -> bool:
