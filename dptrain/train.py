@@ -154,7 +154,8 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         # Every rank holds the same records, so all decide alike (no collective).
         stop = early_stop_line(records, config.train)
         trained = earlier_seconds + time.perf_counter() - loop_start - saving
-        if _checkpoint_due(config, epoch) or (stop and config.run.checkpoint_every):  # as a last
+        # An early stop is checkpointed as a last epoch is: to export the run or train it on.
+        if _checkpoint_due(config, epoch) or (stop and config.run.checkpoint_every):
             saving += _save(config, plan, strategy, model, optimizer, log, records, trained)
         if config.run.keep_best and is_new_best(records, config.train.best_metric):
             saving += _save(config, plan, strategy, model, optimizer, log, records, trained,
@@ -183,11 +184,12 @@ def _save(config: Config, plan: Plan, strategy: Strategy, model, optimizer, log:
           records: list[dict], train_seconds: float, *, best: bool = False) -> float:
     """Checkpoint the last epoch of `records` into the --keep rotation, or as the best;
     returns the seconds it took."""
-    start, epoch = time.perf_counter(), records[-1]["epoch"]
+    epoch = records[-1]["epoch"]
     if not strategy.parameters_finite(model):  # never checkpoint a diverged model
         raise UserError(f"the parameters became non-finite during epoch {epoch} (a gradient "
                         f"overflowed); not checkpointed; {_kept(log.out)}. Lower --lr, or "
                         "check the data")
+    start = time.perf_counter()
     meta = checkpoint.manifest(
         epoch=epoch, step=epoch * plan.updates_per_epoch, mode=strategy.mode,
         world_size=strategy.env.world_size, config=config, plan=plan, records=records,
