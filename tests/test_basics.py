@@ -7,6 +7,7 @@ that fires at epoch 3 of 10 (epoch 2 is the best). The modes must agree on the p
 epoch they stop at and the best checkpoint; the seq run is then resumed mid-schedule.
 """
 
+import functools
 import json
 import math
 import shutil
@@ -63,17 +64,22 @@ def runs(tmp_path_factory):
     return runs, norms
 
 
+@functools.cache
+def common_pixels() -> torch.Tensor:
+    """The pixels lit (non-zero) in at least 1% of the training images (494 of 784)."""
+    from dptrain.components.data import load_mnist, split_indices
+
+    mnist = load_mnist()
+    lit = (mnist.images[split_indices(len(mnist.labels), 0).train] > 0).mean(axis=0)
+    return torch.from_numpy(lit >= 0.01)
+
+
 def assert_same_model(a: dict, b: dict) -> None:
     """Equal up to round-off, but for the first layer's weights of pixels lit in under 1% of
     the training images. Adam moves those on gradients of a few samples, and round-off grows
     there over epochs at this lr: seen 3.4e-4 off (elsewhere 1e-5) after 3 epochs. Summing
     wrong shards, or clipping by a rank's own norm, moves every weight by 1e-3 or more."""
-    from dptrain.components.data import load_mnist, split_indices
-
-    mnist = load_mnist()
-    lit = (mnist.images[split_indices(len(mnist.labels), 0).train] > 0).mean(axis=0)
-    common = torch.from_numpy(lit >= 0.01)
-    first = "layers.0.weight"
+    common, first = common_pixels(), "layers.0.weight"
     assert_same_parameters({k: v for k, v in a.items() if k != first},
                            {k: v for k, v in b.items() if k != first}, atol=1e-4)
     torch.testing.assert_close(a[first][:, common], b[first][:, common], rtol=1e-4, atol=1e-4)
