@@ -360,7 +360,7 @@ class RunLog:
 
 def progress_bar(console: Console) -> Progress:
     """The terminal's progress line: the epoch count, a short bar, the time left and the last
-    epoch's samples/s always fit 80 columns (55 of them); the metrics fill what is left,
+    epoch's samples/s always fit 80 columns (about 50 of them); the metrics fill what is left,
     cut with an ellipsis."""
     return Progress(TextColumn("[bold]epoch[/] {task.completed:>3}/{task.total}"),
                     BarColumn(bar_width=12), TimeRemainingColumn(compact=True),
@@ -407,7 +407,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     rows = [("test accuracy", f"{summary['test_accuracy']:.4f}"),
             ("test loss", f"{summary['test_loss']:.4f}"),
             ("val accuracy", f"{summary['val_accuracy']:.4f}"),
-            ("epochs", str(summary["epochs"])),
+            ("epochs", f"{summary['epochs_trained']} of {summary['epochs']} (stopped early)"
+             if summary.get("stopped_early") else str(summary["epochs"])),
             ("global batch", str(summary["global_batch"])),
             ("updates / epoch", str(summary["updates_per_epoch"])),
             ("lr", f"{summary['lr']:.6g}"),
