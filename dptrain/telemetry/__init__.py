@@ -139,10 +139,11 @@ OFF = _Off()
 
 
 class Telemetry:
-    """One rank's telemetry. `timed`: phase timers on `clock` (else labels only); `profile`,
-    `board`, `heartbeat`: the parts, each OFF when not wanted (see make_telemetry)."""
+    """One rank's telemetry: phase timers on `clock` (None: the places only, for the
+    heartbeat); `profile`, `board`, `heartbeat`: the parts, each OFF when not wanted
+    (make_telemetry sets them)."""
 
-    def __init__(self, *, updates: int, clock=None, profile=OFF, board=OFF):
+    def __init__(self, *, updates: int, clock=None):
         self.clock = clock
         self.layout = Layout(updates)
         self.kinds: set[str] = set()  # the collectives the strategy let us time
@@ -152,7 +153,7 @@ class Telemetry:
         self.sum_bin = self.layout.kind("sum")
         self._contexts = {name: self._context(name) for name in TIMED + PLACES + KINDS}
         self.phase = self._contexts.__getitem__  # telemetry.phase(name): a context manager
-        self.profile, self.board, self.heartbeat = profile, board, OFF
+        self.profile = self.board = self.heartbeat = OFF
 
     def _context(self, name: str, *, tail: bool = False):
         if self.clock is None or name in PLACES:
@@ -181,7 +182,7 @@ class Telemetry:
         """fsdp2: (all-gather, reduce-scatter) comms that time themselves as the parameter
         gather and the gradient sum, for set_custom_all_gather / set_custom_reduce_scatter;
         None on CUDA, where they run on FSDP's side streams and host times say nothing."""
-        if not isinstance(self.clock, HostClock):
+        if isinstance(self.clock, CudaClock):
             return None
         from dptrain.telemetry.collectives import TimedAllGather, TimedReduceScatter
 
