@@ -70,6 +70,9 @@ class TrainConfig:
     seed: int = 0  # model init and the per-epoch shuffle
     # Small enough to stay in cache: 8192 was no faster, and held ~25 MB more per process.
     eval_batch_size: int = 1024
+    # Micro-batches per rank per update, their gradients summed before the one sum over ranks:
+    # the same update, with a K-th of the activation memory.
+    accumulate: int = 1
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -240,6 +243,7 @@ def validate(c: Config) -> list[str]:
         ("train.epochs", c.train.epochs, c.train.epochs >= 1, ">= 1"),
         ("train.batch_size", c.train.batch_size, c.train.batch_size >= 1, ">= 1"),
         ("train.eval_batch_size", c.train.eval_batch_size, c.train.eval_batch_size >= 1, ">= 1"),
+        ("train.accumulate", c.train.accumulate, c.train.accumulate >= 1, ">= 1"),
         ("system.threads", c.system.threads, c.system.threads >= 0, ">= 0 (0 = automatic)"),
         ("system.timeout", c.system.timeout, c.system.timeout > 0, "> 0 seconds"),
         ("launch.nproc", c.launch.nproc, c.launch.nproc >= 1, ">= 1"),
@@ -340,6 +344,11 @@ def resolve(config: Config, *, mode: str, world_size: int, n_train: int) -> Plan
     if global_batch < world_size:
         problems.append(f"train.batch_size: the global batch {global_batch} is smaller than "
                         f"the world size {world_size}; every rank needs at least one sample")
+    elif train.accumulate > global_batch // world_size:
+        share = global_batch // world_size
+        problems.append(f"train.accumulate: {train.accumulate} micro-batches, but a rank's share "
+                        f"of the global batch {global_batch} over {world_size} rank(s) is only "
+                        f"{share} sample(s); use --accumulate {share} or less")
     if problems:
         raise ConfigError("; ".join(problems))
     if train.drop_last:

@@ -71,6 +71,10 @@ def training_flags(
                                               _DEFAULTS.data.split_seed)] = None,
     eval_batch_size: Annotated[Optional[int], _opt("Samples per forward pass in evaluation.",
                                                    _DEFAULTS.train.eval_batch_size)] = None,
+    accumulate: Annotated[Optional[int], _opt(
+        "Run each rank's share of a global batch as K micro-batches, summing their gradients "
+        "before the one sum over ranks: the same update in a K-th of the activation memory.",
+        _DEFAULTS.train.accumulate)] = None,
     data_dir: Annotated[Optional[str], _opt(
         "Folder with the four MNIST files.", "$DPTRAIN_DATA_DIR, else the download cache")] = None,
     out: Annotated[Optional[str], _opt("Run folder.", "runs/<mode>-<timestamp>")] = None,

@@ -120,7 +120,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         checkpoint.restore(strategy, model, optimizer, resume)
         records, earlier_seconds = list(resume.records), resume.meta["train_seconds"]
     loss_sum = LOSS_SUMS[config.train.loss]
-    step = make_step(strategy, model, optimizer, samples, guard)
+    step = make_step(strategy, model, optimizer, samples, guard, accumulate=config.train.accumulate)
     eval_batch = config.train.eval_batch_size
 
     loop_start, saving = time.perf_counter(), 0.0

@@ -58,12 +58,17 @@ def make_optimizer(optim: OptimConfig, params, lr: float,
 
 
 class EagerStep:
-    """Forward, backward (with the strategy's gradient sum), check and update, op by op."""
+    """Forward, backward (with the strategy's gradient sum), check and update, op by op.
+
+    With `accumulate` K > 1, a rank's rows of an update run as K micro-batches whose gradients
+    add up on the rank; only the last backward sums over ranks. The loss scale stays 1/global
+    batch, so the update is the one of K = 1, up to round-off.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-                 guard: NonFiniteGuard, strategy):
+                 guard: NonFiniteGuard, strategy, *, accumulate: int = 1):
         self.model, self.optimizer, self.samples = model, optimizer, samples
-        self.guard, self.strategy = guard, strategy
+        self.guard, self.strategy, self.accumulate = guard, strategy, accumulate
         self._losses = torch.zeros(0, dtype=torch.float64, device=samples.device)
 
     def begin_epoch(self, updates: int) -> None:
@@ -75,15 +80,27 @@ class EagerStep:
         """Update `index` of the epoch on this rank's `rows` of a global batch of that size."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = self.samples.batch(rows)
-        loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
         self.optimizer.zero_grad(set_to_none=True)
-        # The gradient of loss / global batch; NaN if this rank's loss is not finite: then the
-        # gradients turn NaN (every summed element) on every rank, and all skip alike.
-        (loss * (loss.detach() * 0.0 + 1 / global_batch)).backward()
+        # Every rank runs K micro-batches (fsdp gathers parameters in each forward); those of a
+        # short tail batch may be empty.
+        *first, last = rows.tensor_split(self.accumulate) if self.accumulate > 1 else (rows,)
+        losses = []
+        for micro_rows in first:
+            with self.strategy.no_gradient_sync(self.model):
+                losses.append(self._forward_backward(micro_rows, global_batch))
+        losses.append(self._forward_backward(last, global_batch))
         self.guard.check(self.strategy.local_gradients(self.model))
         self.optimizer.step()
-        self._losses[index] = loss.detach()
+        self._losses[index] = losses[0] if not first else torch.stack(losses).sum()
+
+    def _forward_backward(self, rows: torch.Tensor, global_batch: int) -> torch.Tensor:
+        """Add the gradient of this loss sum / global batch; returns the loss sum (detached)."""
+        x, y = self.samples.batch(rows)
+        loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
+        # NaN if this rank's loss is not finite: then the gradients turn NaN (every summed
+        # element) on every rank, and all skip alike.
+        (loss * (loss.detach() * 0.0 + 1 / global_batch)).backward()
+        return loss.detach()
 
     def end_epoch(self) -> torch.Tensor:
         """[this rank's loss sum over the epoch, updates skipped] (float64, on the device)."""
@@ -95,7 +112,7 @@ class EagerStep:
 
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-              guard: NonFiniteGuard) -> EagerStep:
+              guard: NonFiniteGuard, *, accumulate: int = 1) -> EagerStep:
     """The step implementation for the strategy's device. The eager step is the only one so
     far; a CUDA-graphed step is the planned second (issue 10), behind these same methods."""
-    return EagerStep(model, optimizer, samples, guard, strategy)
+    return EagerStep(model, optimizer, samples, guard, strategy, accumulate=accumulate)

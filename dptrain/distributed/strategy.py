@@ -8,6 +8,7 @@ makes ddp and fsdp compute the sequential gradient exactly, uneven batches inclu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -131,6 +132,11 @@ class Strategy:
     def after_evaluation(self, model: nn.Module) -> None:
         """Forward passes without a backward are done: leave the parameters as training and
         checkpoints expect them (fsdp: sharded again)."""
+
+    def no_gradient_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Forward and backward passes inside leave their gradients on this rank, added to those
+        it holds; the next backward outside sums them all over ranks (--accumulate)."""
+        return contextlib.nullcontext()
 
     def local_gradients(self, model: nn.Module) -> list[torch.Tensor]:
         """The gradients this rank holds after backward (its shards under fsdp), summed over
@@ -289,6 +295,9 @@ class DDPStrategy(_ProcessGroupStrategy):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module
 
+    def no_gradient_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return model.no_sync()  # DDP reads the flag in forward too: both run inside
+
 
 # A Linear whose parameters reach this many bytes is its own FSDP unit, gathered just for its
 # compute, so that a wide model is unsharded one big layer at a time. Smaller layers share the
@@ -336,6 +345,16 @@ class FSDPStrategy(_ProcessGroupStrategy):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
         return model
+
+    @contextlib.contextmanager
+    def no_gradient_sync(self, model: nn.Module):
+        # No reduce-scatter: each unit keeps its unsharded gradients (in the reduce dtype) and
+        # adds them into the next backward's before that one's reduce-scatter.
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
     def after_evaluation(self, model: nn.Module) -> None:
         model.reshard()

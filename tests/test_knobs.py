@@ -1,0 +1,94 @@
+"""The knobs of issue 16 that keep the parity: --accumulate on real workers (gloo, 2 processes).
+
+Every run trains plain SGD, which passes a wrongly scaled gradient straight into the weights
+(Adam would divide most of it away), on a global batch that splits unevenly over 2 ranks and
+over the micro-batches (3001 = 1501 + 1500, then 3 or 4 micro-batches each), with its uneven
+tail (2987 samples) trained on.
+"""
+
+import json
+
+import pytest
+
+from conftest import (assert_identical_parameters, assert_same_parameters, load_state,
+                      metric_values, run_cli, train)
+from test_cli import assert_one_line_error
+
+SGD = {"epochs": 2, "batch_size": 3001, "drop_last": False, "optimizer": "sgd", "lr": 0.5,
+       "momentum": 0.9, "device": "cpu", "threads": 1, "checkpoint_every": 0}
+SGD_FLAGS = ["--epochs", "2", "--batch-size", "3001", "--keep-last", "--optimizer", "sgd",
+             "--lr", "0.5", "--momentum", "0.9", "--checkpoint-every", "0"]
+
+
+def run_seq(out, **flags) -> dict:
+    """A seq run in this process; returns its summary."""
+    from dptrain.config import build_config
+    from dptrain.worker import run
+
+    return run("seq", build_config({}, {**SGD, "out": str(out), **flags}))
+
+
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory):
+    """Run name -> (folder, summary): seq without accumulation, and each mode with it."""
+    root = tmp_path_factory.mktemp("accumulate")
+    runs = {"seq": run_seq(root / "seq"), "seq-2": run_seq(root / "seq-2", accumulate=2),
+            "ddp-3": train("ddp", root / "ddp-3", *SGD_FLAGS, "--accumulate", "3"),
+            "fsdp-4": train("fsdp", root / "fsdp-4", *SGD_FLAGS, "--accumulate", "4")}
+    return {name: (root / name, summary) for name, summary in runs.items()}
+
+
+@pytest.mark.parametrize("name", ["seq-2", "ddp-3", "fsdp-4"])
+def test_accumulation_keeps_the_parameters_of_one_batch(accumulated, name):
+    seq_dir, seq = accumulated["seq"]
+    out, summary = accumulated[name]
+    assert_same_parameters(load_state(seq_dir), load_state(out))
+    assert summary["train_loss"] == pytest.approx(seq["train_loss"], rel=1e-5)
+    assert summary["test_accuracy"] == pytest.approx(seq["test_accuracy"], abs=2e-4)
+    assert (summary["updates_per_epoch"], summary["samples_per_epoch"]) == (14, 42000)
+    k = int(name.split("-")[1])
+    assert (seq["accumulate"], summary["accumulate"]) == (1, k)
+    assert f"accumulate = {k}" in (out / "config.toml").read_text()
+
+
+def test_accumulation_is_not_a_no_op(accumulated):
+    """Round-off differs, so the micro-batches really ran apart (a test that cannot fail is a
+    defect): the parameters are close, not identical."""
+    seq, accumulated_ = (load_state(accumulated[n][0]) for n in ("seq", "seq-2"))
+    assert any(not (seq[k] == accumulated_[k]).all() for k in seq)
+
+
+def test_resume_with_accumulation_is_exact_and_keeps_k(accumulated, tmp_path):
+    """Stopped after epoch 1, resumed to 2: the uninterrupted run, bit for bit. Another K
+    would change the round-off, so a resume refuses it like any setting that changes results."""
+    from dptrain.errors import UserError
+    from dptrain.storage import checkpoint
+    from dptrain.worker import run
+
+    out = tmp_path / "run"
+    run_seq(out, accumulate=2, epochs=1, checkpoint_every=1)
+    flags = {"epochs": 2, "device": "cpu", "threads": 1}
+    with pytest.raises(UserError, match=r"accumulate 2 -> 4 would change the run"):
+        checkpoint.resume_config("seq", out, {**flags, "accumulate": 4})
+    run("seq", checkpoint.resume_config("seq", out, flags), resume=str(out))
+    reference = accumulated["seq-2"][0]
+    assert_identical_parameters(load_state(reference), load_state(out))
+    assert metric_values(out) == metric_values(reference)
+    assert json.loads((out / "summary.json").read_text())["accumulate"] == 2
+
+
+def test_micro_batches_are_checked_against_a_ranks_share():
+    from dptrain.config import ConfigError, build_config, resolve
+
+    with pytest.raises(ConfigError, match=r"train.accumulate: must be >= 1, got 0"):
+        build_config({}, {"accumulate": 0})
+    config = build_config({}, {"batch_size": 10, "accumulate": 5})
+    assert resolve(config, mode="ddp", world_size=2, n_train=100).global_batch == 10
+    with pytest.raises(ConfigError, match=r"a rank's share .* 3 sample\(s\); use --accumulate 3"):
+        resolve(config, mode="ddp", world_size=3, n_train=100)
+
+
+def test_too_many_micro_batches_is_one_line():
+    result = run_cli("ddp", "--nproc", "2", "--batch-size", "10", "--accumulate", "6",
+                     "--device", "cpu")
+    assert_one_line_error(result, "train.accumulate: 6 micro-batches", "--accumulate 5 or less")
