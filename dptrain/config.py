@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 RDZV_BACKENDS = ("c10d", "static")
 GRAD_SYNCS = ("auto", "collective", "shm")
 START_METHODS = ("auto", "fork", "fresh")
+PRECISIONS = ("fp32", "bf16")
 
 # Output-only section of a run's config.toml; ignored when that file is read back as --config.
 RESOLVED_SECTION = "resolved"
@@ -73,6 +74,8 @@ class TrainConfig:
     # Micro-batches per rank per update, their gradients summed before the one sum over ranks:
     # the same update, with a K-th of the activation memory.
     accumulate: int = 1
+    # bf16: forward and backward under torch.autocast, weights and optimizer state in float32.
+    precision: str = "fp32"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -229,6 +232,7 @@ def validate(c: Config) -> list[str]:
     p += _choice("optim.optimizer", c.optim.optimizer, OPTIMIZERS)
     p += _choice("optim.lr_scaling", c.optim.lr_scaling, LR_SCALINGS)
     p += _choice("train.loss", c.train.loss, LOSSES)
+    p += _choice("train.precision", c.train.precision, PRECISIONS)
     p += _choice("system.backend", c.system.backend, BACKENDS)
     p += _choice("system.device", c.system.device, DEVICES)
     p += _choice("system.grad_sync", c.system.grad_sync, GRAD_SYNCS)

@@ -14,7 +14,7 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from dptrain.config import (ACTIVATIONS, BACKENDS, DEVICES, GRAD_SYNCS, LOSSES, LR_SCALINGS,
-                            OPTIMIZERS, START_METHODS, Config, ConfigError)
+                            OPTIMIZERS, PRECISIONS, START_METHODS, Config, ConfigError)
 
 _DEFAULTS = Config()
 TRAIN = "Training"
@@ -75,6 +75,10 @@ def training_flags(
         "Run each rank's share of a global batch as K micro-batches, summing their gradients "
         "before the one sum over ranks: the same update in a K-th of the activation memory.",
         _DEFAULTS.train.accumulate)] = None,
+    precision: Annotated[Optional[str], _opt(
+        f"{'|'.join(PRECISIONS)}. bf16: forward and backward passes (evaluation's too) under "
+        "autocast, weights and optimizer state in float32; fsdp gathers bf16 parameters and "
+        "sums gradients in float32.", _DEFAULTS.train.precision)] = None,
     data_dir: Annotated[Optional[str], _opt(
         "Folder with the four MNIST files.", "$DPTRAIN_DATA_DIR, else the download cache")] = None,
     out: Annotated[Optional[str], _opt("Run folder.", "runs/<mode>-<timestamp>")] = None,

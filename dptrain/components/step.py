@@ -9,11 +9,14 @@ would be a second implementation of the same three methods, chosen by `make_step
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from dptrain.config import OptimConfig
 from dptrain.components.optim import FusedAdam, FusedSGD
+from dptrain.errors import UserError
 
 
 class NonFiniteGuard:
@@ -57,6 +60,14 @@ def make_optimizer(optim: OptimConfig, params, lr: float,
                     skip_if=skip_if)
 
 
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Where forward passes run at `precision`: bf16 under torch.autocast (products in bf16,
+    weights and their gradients float32), fp32 as they are."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class EagerStep:
     """Forward, backward (with the strategy's gradient sum), check and update, op by op.
 
@@ -66,9 +77,11 @@ class EagerStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-                 guard: NonFiniteGuard, strategy, *, accumulate: int = 1):
+                 guard: NonFiniteGuard, strategy, *, accumulate: int = 1,
+                 precision: str = "fp32"):
         self.model, self.optimizer, self.samples = model, optimizer, samples
         self.guard, self.strategy, self.accumulate = guard, strategy, accumulate
+        self.precision = precision
         self._losses = torch.zeros(0, dtype=torch.float64, device=samples.device)
 
     def begin_epoch(self, updates: int) -> None:
@@ -96,7 +109,8 @@ class EagerStep:
     def _forward_backward(self, rows: torch.Tensor, global_batch: int) -> torch.Tensor:
         """Add the gradient of this loss sum / global batch; returns the loss sum (detached)."""
         x, y = self.samples.batch(rows)
-        loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
+        with autocast(self.precision, self.samples.device):  # backward follows its dtypes
+            loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
         # NaN if this rank's loss is not finite: then the gradients turn NaN (every summed
         # element) on every rank, and all skip alike.
         (loss * (loss.detach() * 0.0 + 1 / global_batch)).backward()
@@ -112,7 +126,12 @@ class EagerStep:
 
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-              guard: NonFiniteGuard, *, accumulate: int = 1) -> EagerStep:
+              guard: NonFiniteGuard, *, accumulate: int = 1, precision: str = "fp32") -> EagerStep:
     """The step implementation for the strategy's device. The eager step is the only one so
     far; a CUDA-graphed step is the planned second (issue 10), behind these same methods."""
-    return EagerStep(model, optimizer, samples, guard, strategy, accumulate=accumulate)
+    device = strategy.device
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
+                        "bfloat16 support; use --precision fp32")
+    return EagerStep(model, optimizer, samples, guard, strategy, accumulate=accumulate,
+                     precision=precision)

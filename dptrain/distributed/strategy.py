@@ -91,7 +91,8 @@ class Strategy:
         self.env = env
         self.device = device
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
+        """The model, ready to train at `precision` (the step's autocast does the rest)."""
         return model.to(self.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -261,7 +262,7 @@ class DDPStrategy(_ProcessGroupStrategy):
         super().__init__(env, device, backend, system)
         self.grad_sync = self._grad_sync()
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -323,22 +324,25 @@ class FSDPStrategy(_ProcessGroupStrategy):
     grad_sync = "collective"  # reduce-scatter, through the process group
     checkpoint_format = "dcp"  # torch.distributed.checkpoint: each rank writes its own shards
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.env.world_size,))
+        # bf16: gather bf16 parameters (half the bytes) for the compute, sum gradients in float32.
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if precision == "bf16" else MixedPrecisionPolicy())
         model.to(self.device)
         own = own_units(model)
         # A layer unit gathers its shards in that layer's forward, which must then run; with
         # the root's unit alone, the root gathers everything and the fused loss can run.
         model.fused = not own
         for layer in own:
-            fully_shard(layer, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
         # The root keeps its parameters gathered from forward to backward (FSDP2's default for
         # the root): one all-gather per step. Evaluation has no backward to reshard them after,
         # so after_evaluation does.
-        fully_shard(model, mesh=mesh)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 # Sum, as DDP's hook above; the plain SUM op also works on gloo (no PREMUL_SUM).
