@@ -153,6 +153,17 @@ def test_precision_values_are_checked():
         build_config({}, {"precision": "fp16"})
 
 
+def test_a_tail_batch_smaller_than_k_leaves_micro_batches_empty(tmp_path):
+    """41999 a batch: the second update of an epoch is 1 sample, so 1 of its 3 micro-batches
+    has a sample and 2 are empty, which still run (no NaN, nothing lost)."""
+    flags = {"batch_size": 41999, "epochs": 1}
+    one = run_seq(tmp_path / "k1", **flags)
+    three = run_seq(tmp_path / "k3", accumulate=3, **flags)
+    assert three["updates_per_epoch"] == 2 and three["samples_per_epoch"] == 42000
+    assert three["train_loss"] == pytest.approx(one["train_loss"], rel=1e-6)
+    assert_same_parameters(load_state(tmp_path / "k1"), load_state(tmp_path / "k3"))
+
+
 def test_micro_batches_are_checked_against_a_ranks_share():
     from dptrain.config import ConfigError, build_config, resolve
 

@@ -81,7 +81,7 @@ class EagerStep:
                  precision: str = "fp32"):
         self.model, self.optimizer, self.samples = model, optimizer, samples
         self.guard, self.strategy, self.accumulate = guard, strategy, accumulate
-        self.precision = precision
+        self._autocast = autocast(precision, samples.device)  # entered once per forward
         self._losses = torch.zeros(0, dtype=torch.float64, device=samples.device)
 
     def begin_epoch(self, updates: int) -> None:
@@ -109,7 +109,7 @@ class EagerStep:
     def _forward_backward(self, rows: torch.Tensor, global_batch: int) -> torch.Tensor:
         """Add the gradient of this loss sum / global batch; returns the loss sum (detached)."""
         x, y = self.samples.batch(rows)
-        with autocast(self.precision, self.samples.device):  # backward follows its dtypes
+        with self._autocast:  # backward follows the dtypes it chose
             loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
         # NaN if this rank's loss is not finite: then the gradients turn NaN (every summed
         # element) on every rank, and all skip alike.
