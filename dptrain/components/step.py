@@ -77,10 +77,11 @@ class EagerStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-                 guard: NonFiniteGuard, strategy, *, accumulate: int = 1,
-                 precision: str = "fp32"):
+                 guard: NonFiniteGuard, strategy, clip_grad_norm: float = 0.0, *,
+                 accumulate: int = 1, precision: str = "fp32"):
         self.model, self.optimizer, self.samples = model, optimizer, samples
         self.guard, self.strategy, self.accumulate = guard, strategy, accumulate
+        self.clip_grad_norm = clip_grad_norm  # 0 = no clipping
         self._autocast = autocast(precision, samples.device)  # entered once per forward
         self._losses = torch.zeros(0, dtype=torch.float64, device=samples.device)
 
@@ -103,6 +104,8 @@ class EagerStep:
                 losses.append(self._forward_backward(micro_rows, global_batch))
         losses.append(self._forward_backward(last, global_batch))
         self.guard.check(self.strategy.local_gradients(self.model))
+        if self.clip_grad_norm:
+            self.strategy.clip_gradients(self.model, self.clip_grad_norm)
         self.optimizer.step()
         self._losses[index] = losses[0] if not first else torch.stack(losses).sum()
 
@@ -126,12 +129,13 @@ class EagerStep:
 
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-              guard: NonFiniteGuard, *, accumulate: int = 1, precision: str = "fp32") -> EagerStep:
+              guard: NonFiniteGuard, clip_grad_norm: float = 0.0, *, accumulate: int = 1,
+              precision: str = "fp32") -> EagerStep:
     """The step implementation for the strategy's device. The eager step is the only one so
     far; a CUDA-graphed step is the planned second (issue 10), behind these same methods."""
     device = strategy.device
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
                         "bfloat16 support; use --precision fp32")
-    return EagerStep(model, optimizer, samples, guard, strategy, accumulate=accumulate,
-                     precision=precision)
+    return EagerStep(model, optimizer, samples, guard, strategy, clip_grad_norm,
+                     accumulate=accumulate, precision=precision)
