@@ -95,7 +95,7 @@ def test_a_non_finite_micro_batch_at_bf16_is_never_applied(data, monkeypatch):
 
     monkeypatch.setattr(MLP, "forward", forward)
     with pytest.raises(NonFinite) as stop:
-        train_epoch(step, data[0], order, plan, strategy, first_step=0)
+        train_epoch(step, data[0], order, plan, strategy, 0, step.telemetry)
     assert (stop.value.step, stop.value.local_loss) == (BAD, float("inf"))
     assert len(calls) == 2 * plan.updates_per_epoch
     monkeypatch.setattr(MLP, "forward", real)
