@@ -159,7 +159,7 @@ def test_hung_peer_ends_the_job_within_the_timeout_naming_it(tmp_path, mode):
     assert re.search(r"rank 1 stopped at epoch \d+, update \d+ \([^)]+\) \d+ s ago; "
                      r"rank 0 waited in ", errors[0]), errors[0]
     assert alive(workers) == set()
-    assert (out / "checkpoints" / "epoch-0001").is_dir()
+    assert list((out / "checkpoints").glob("epoch-*"))  # the newest --keep survive the hang
     # Epoch 1's record, from both ranks: the phases of the mode, which cover the epoch.
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     phases = record["phase_seconds"]["mean"]
