@@ -335,6 +335,74 @@ def test_resume_through_a_linked_checkpoints_folder_is_refused(tmp_path, trained
     assert (out / "summary.json").exists() and (out / "model.pt").exists()
 
 
+# --- what a run may delete: only an earlier run's files --------------------------------------
+
+def test_a_fresh_run_never_deletes_files_it_did_not_write(tmp_path):
+    """A model.pt and a checkpoints/best/ of the user's own were deleted by a fresh run, exit 0;
+    now they are refused in one line, with --force too. What a run never touches stays."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "best").mkdir(parents=True)
+    (out / "checkpoints" / "best" / "weights.bin").write_bytes(b"mine")
+    (out / "model.pt").write_bytes(b"my model")
+    (out / "notes.txt").write_text("kept")
+    for force in (False, True):
+        message = run_seq_error(out, epochs=1, force=force)
+        assert "model.pt, checkpoints/best, which dptrain did not write" in message, message
+        assert "even with --force" in message
+    assert (out / "model.pt").read_bytes() == b"my model"
+    assert (out / "checkpoints" / "best" / "weights.bin").read_bytes() == b"mine"
+
+    # Moved away, the run goes on beside notes.txt; a rerun may replace what it wrote, a
+    # dptrain best checkpoint (a manifest) included, but not a foreign folder added since.
+    (out / "model.pt").unlink()
+    shutil.rmtree(out / "checkpoints")
+    run_seq(out, epochs=1)
+    shutil.copytree(out / "checkpoints" / "epoch-0001", out / "checkpoints" / "best")
+    (out / "checkpoints" / ".epoch-0002.tmp").mkdir()  # a crashed write's
+    (out / "checkpoints" / "mine").mkdir()
+    assert "checkpoints/mine, which dptrain did not write" in run_seq_error(out, 1, force=True)
+    (out / "checkpoints" / "mine").rmdir()
+    run_seq(out, epochs=1, force=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [runlog.LOCK, "checkpoints", "config.toml", "metrics.jsonl", "model.pt", "notes.txt",
+         "summary.json"])
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-0001"]
+    # A config.toml that is not a run's makes the folder's model.pt foreign too.
+    (out / "config.toml").write_text("[train]\nepochs = 1\n")
+    message = run_seq_error(out, epochs=1, force=True)
+    assert "config.toml, metrics.jsonl, summary.json and 1 more, which" in message, message
+
+
+def test_extending_a_run_keeps_its_results_until_the_new_ones(tmp_path, monkeypatch):
+    """`--resume RUN --epochs N` deleted model.pt and summary.json before training: a crash
+    left neither. Now the finished run's stay until the longer run's replace them."""
+    from dptrain.worker import run
+
+    out = tmp_path / "run"
+    run_seq(out, epochs=1)
+    before = {name: (out / name).read_bytes() for name in ("model.pt", "summary.json")}
+    real_epoch = runlog.RunLog.epoch
+
+    def crash_at_epoch_2(log, record):
+        real_epoch(log, record)
+        if record["epoch"] == 2:  # its checkpoint is written
+            raise RuntimeError("crash")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runlog.RunLog, "epoch", crash_at_epoch_2)
+        config = checkpoint.resume_config("seq", out, {"epochs": 3, "device": "cpu",
+                                                       "threads": 1})
+        with pytest.raises(RuntimeError, match="crash"):
+            run("seq", config, resume=str(out))
+    assert {name: (out / name).read_bytes() for name in before} == before
+    # The 1-epoch summary does not make the 2-epoch checkpoint a finished run: it is finished.
+    config = checkpoint.resume_config("seq", out, {"epochs": 2, "device": "cpu", "threads": 1})
+    run("seq", config, resume=str(out))
+    finished_as(out, epochs=2)
+    with pytest.raises(checkpoint.Finished):
+        checkpoint.resume_config("seq", out, {"epochs": 2, "device": "cpu", "threads": 1})
+
+
 # --- torchrun's scratch, failures and timeouts ------------------------------------------------
 
 def test_the_scratch_of_a_killed_launcher_is_removed(tmp_path, monkeypatch):

@@ -27,7 +27,8 @@ from typing import Any
 from dptrain.config import Config
 from dptrain.errors import UserError
 from dptrain.storage.manifest import InvalidManifest, check_manifest, check_plan
-from dptrain.storage.runlog import CHECKPOINTS, SUMMARY, StorageError, storage_error, write_atomic
+from dptrain.storage.runlog import (CHECKPOINTS, StorageError, finished_epochs, storage_error,
+                                    write_atomic)
 
 META = "meta.json"
 _FOLDER = re.compile(r"epoch-(\d+)")
@@ -419,7 +420,8 @@ def resume_config(mode: str, run_dir: Path, flags: dict[str, Any]) -> Config:
     if config.train.epochs < found.epoch:
         raise UserError(f"--resume {run_dir}: its checkpoint is at epoch {found.epoch}; "
                         f"--epochs must be at least that, got {config.train.epochs}")
-    if config.train.epochs == found.epoch and (Path(run_dir) / SUMMARY).exists():
+    # The summary must be of this epoch: an extension that crashed kept the shorter run's.
+    if config.train.epochs == found.epoch == finished_epochs(Path(run_dir)):
         raise Finished(f"{run_dir} has already finished all {found.epoch} epochs; nothing to do "
                        "(pass a larger --epochs to train on)")
     return config
