@@ -314,8 +314,9 @@ class RunLock:
     holder's pid. The kernel drops the lock when the holder's process ends, by SIGKILL too, so
     a killed run never blocks the next one; the file itself stays (deleting it would race)."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, kind: str = "run"):
         self.out = Path(out)
+        self.kind = kind  # what holds the folder, for the message of the one refused: run, sweep
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -336,7 +337,8 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"--out {self.out} is in use by another run ({self._holder()}); "
+            kind, holder = self._holder()
+            raise UserError(f"--out {self.out} is in use by another {kind} ({holder}); "
                             "wait for it to end, or choose another folder") from None
         except OSError as e:  # a file system without locks (some NFS set-ups): go on unlocked
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
@@ -344,7 +346,7 @@ class RunLock:
                 raise
         self._fd = fd
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": self.kind}
         try:
             with storage_errors(path):
                 os.ftruncate(fd, 0)
@@ -358,15 +360,17 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def _holder(self) -> str:
-        """Who holds the lock, from the file it writes just after taking it."""
+    def _holder(self) -> tuple[str, str]:
+        """What holds the lock (run, sweep) and who, from the file it writes just after taking
+        it."""
         for _ in range(40):
             try:
-                holder = json.loads((self.out / LOCK).read_text())
-                return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
-            except (OSError, ValueError, KeyError, TypeError):
+                holder = json.loads(read_small(self.out / LOCK, 4096) or b"")
+                return (str(holder.get("kind", "run")),
+                        f"pid {holder['pid']} on {holder['host']}, since {holder['since']}")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 time.sleep(0.05)  # taken a moment ago: the pid is on its way
-        return "its pid is not recorded"
+        return "run", "its pid is not recorded"
 
 
 class RunLog:
