@@ -421,6 +421,39 @@ def test_the_scratch_of_a_killed_launcher_is_removed(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name])
 
 
+def test_a_workers_traceback_leaves_nothing_in_tmpdir(tmp_path):
+    """A forked worker that ended in a traceback left $TMPDIR/pytorch-errorfile-*.pickle
+    (torch.multiprocessing writes it for the agent and never deletes it)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    crash = ("import sys, dptrain.train\n"
+             "def bug(*args, **kwargs): raise RuntimeError('a bug in the loop')\n"
+             "dptrain.train.train = bug\n"
+             "from dptrain.cli import main\nsys.argv[0] = 'dptrain'\nmain()\n")
+    result = subprocess.run([sys.executable, "-c", crash, "ddp", "--nproc", "2", "--device", "cpu",
+                             "--out", str(tmp_path / "run"), "--checkpoint-every", "0"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "TMPDIR": str(scratch)})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "RuntimeError: a bug in the loop" in result.stderr
+    assert "failed with exit code 1" in result.stderr and "its traceback is above" in result.stderr
+    assert list(scratch.iterdir()) == []
+
+
+def test_torchruns_grace_applies_on_every_path():
+    """Our grace (launch.STOP_GRACE_SECONDS) replaces each of torch's fixed 30 s: if torch
+    changes where they are, this fails instead of the jobs waiting 30 s again."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import PContext
+    from torch.multiprocessing.spawn import ProcessContext
+
+    from dptrain.distributed import launch
+
+    launch.honour_stop_grace()
+    for method in (LocalElasticAgent._stop_workers, PContext.close, ProcessContext.join):
+        assert getattr(method, "dptrain", False), method
+
+
 def failure_of(tmp_path, rank, exitcode, record):
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
