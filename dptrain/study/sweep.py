@@ -374,6 +374,9 @@ def _new_log(path: Path):
     with storage_errors(path):
         if path.is_symlink() or path.is_file():
             path.unlink()
+        elif path.exists():
+            raise UserError(f"{path} is not a file: a sweep writes its runs' logs there; move "
+                            "it away, or choose another --out")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o666)
     return os.fdopen(fd, "w")
