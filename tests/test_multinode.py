@@ -79,6 +79,7 @@ def error_lines(tmp_path, nodes):
             if line.startswith("dptrain: error:")]
 
 
+@pytest.mark.slow
 def test_nodes_that_resolve_different_runs_are_refused_naming_keys_and_nodes(tmp_path,
                                                                               free_port):
     """Another --lr and --seed on one node trained silently, both nodes exiting 0; now every
@@ -98,6 +99,7 @@ def test_nodes_that_resolve_different_runs_are_refused_naming_keys_and_nodes(tmp
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_refused_run_folder_is_not_retried_by_a_restart(tmp_path, free_port):
     """Rank 0 found --out in use: every torchrun restart tried again, and one that came after
     the holder had ended trained into the folder. A restart now stops on the user error."""

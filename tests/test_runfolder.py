@@ -421,6 +421,7 @@ def test_the_scratch_of_a_killed_launcher_is_removed(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name])
 
 
+@pytest.mark.slow
 def test_a_workers_traceback_leaves_nothing_in_tmpdir(tmp_path):
     """A forked worker that ended in a traceback left $TMPDIR/pytorch-errorfile-*.pickle
     (torch.multiprocessing writes it for the agent and never deletes it)."""

@@ -292,6 +292,7 @@ SEQ_SWEEP = ["sweep", "--mode", "seq", "--epochs", "1", "--batch-size", "4096", 
              "--checkpoint-every", "0"]
 
 
+@pytest.mark.slow
 def test_a_sweep_writes_only_its_own_files_and_reruns_transient_failures(tmp_path):
     """Through a link, `sweep --resume` overwrote a log and sweep-config.toml elsewhere, and
     `report` a figure; a run whose folder was in use was recorded as failed in a sweep marked
