@@ -7,6 +7,7 @@ strategy summing gradients over ranks, every mode applies the same update as the
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -18,11 +19,13 @@ from torch import nn
 from dptrain.storage import checkpoint
 from dptrain.storage.checkpoint import Checkpoint
 from dptrain.config import Config, Plan
+from dptrain.components.best import best_record, early_stop_line, is_new_best
 from dptrain.components.data import Mnist, Split, epoch_order, shard_bounds
 from dptrain.errors import UserError
 from dptrain.components.model import LOSS_SUMS, MLP
 from dptrain.storage.runlog import RunLog
-from dptrain.components.step import EagerStep, NonFiniteGuard, make_optimizer, make_step
+from dptrain.components.step import (EagerStep, NonFiniteGuard, autocast, make_optimizer,
+                                     make_step)
 from dptrain.distributed.strategy import Strategy
 
 LossSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -70,15 +73,17 @@ def rank_slice(rows, strategy: Strategy):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, samples: Samples, rows: np.ndarray, strategy: Strategy,
-             loss_sum: LossSum, batch: int) -> tuple[float, float]:
+             loss_sum: LossSum, batch: int, precision: str = "fp32") -> tuple[float, float]:
     """(mean loss, accuracy) over `rows`, computed across all ranks.
 
-    Every rank runs the same number of forward passes (FSDP gathers parameters in each).
+    Every rank runs the same number of forward passes (FSDP gathers parameters in each), at
+    the training precision (fsdp's bf16 parameters allow no other, and every mode does alike).
     """
     totals = torch.zeros(2, dtype=torch.float64, device=samples.device)
     for chunk in global_batches(samples.rows(rows), batch):
         x, y = samples.batch(rank_slice(chunk, strategy))
-        logits = model(x)
+        with autocast(precision, samples.device):
+            logits = model(x)
         totals[0] += loss_sum(logits, y)
         totals[1] += (logits.argmax(dim=1) == y).sum()
     strategy.after_evaluation(model)
@@ -111,7 +116,8 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
     """Train (from a checkpoint when given), logging each epoch's validation and checkpointing,
     then test; returns the results and the full state."""
     torch.manual_seed(config.train.seed)  # the same initial parameters on every rank and mode
-    model = strategy.wrap(MLP(config.model.hidden, config.model.activation, config.train.loss))
+    model = strategy.wrap(MLP(config.model.hidden, config.model.activation, config.train.loss),
+                          precision=config.train.precision)
     samples = Samples(mnist, strategy.device)
     guard = NonFiniteGuard(strategy.device)
     optimizer = make_optimizer(config.optim, model.parameters(), plan.lr_at(0), skip_if=guard.flag)
@@ -120,11 +126,19 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         checkpoint.restore(strategy, model, optimizer, resume)
         records, earlier_seconds = list(resume.records), resume.meta["train_seconds"]
     loss_sum = LOSS_SUMS[config.train.loss]
-    step = make_step(strategy, model, optimizer, samples, guard)
-    eval_batch = config.train.eval_batch_size
+    step = make_step(strategy, model, optimizer, samples, guard, config.optim.clip_grad_norm,
+                     accumulate=config.train.accumulate, precision=config.train.precision)
+    evaluate_ = functools.partial(evaluate, model, samples, strategy=strategy, loss_sum=loss_sum,
+                                  batch=config.train.eval_batch_size,
+                                  precision=config.train.precision)
 
     loop_start, saving = time.perf_counter(), 0.0
+    stop = early_stop_line(records, config.train)  # a resumed run that had already stopped
+    if stop:
+        log.note(stop)
     for epoch in range(len(records) + 1, config.train.epochs + 1):
+        if stop:
+            break
         start = time.perf_counter()
         order = epoch_order(split.train, config.train.seed, epoch)
         first_step = (epoch - 1) * plan.updates_per_epoch
@@ -137,7 +151,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
                             f"{train_loss:.3g}, over a million times chance level; not "
                             f"checkpointed; {_kept(log.out)}. Lower --lr")
         epoch_seconds = time.perf_counter() - start
-        val_loss, val_accuracy = evaluate(model, samples, split.val, strategy, loss_sum, eval_batch)
+        val_loss, val_accuracy = evaluate_(split.val)
         records.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_accuracy": val_accuracy,
                         "lr": plan.lr_at(first_step + plan.updates_per_epoch - 1),  # the last
@@ -145,32 +159,51 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
                         "val_seconds": time.perf_counter() - start - epoch_seconds,
                         "samples_per_second": plan.samples_per_epoch / epoch_seconds,
                         "checkpoint_seconds": 0.0})
-        if _checkpoint_due(config, epoch):
-            if not strategy.parameters_finite(model):  # never checkpoint a diverged model
-                raise UserError(f"the parameters became non-finite during epoch {epoch} (a "
-                                f"gradient overflowed); not checkpointed; {_kept(log.out)}. "
-                                "Lower --lr, or check the data")
-            saving_start = time.perf_counter()
-            meta = checkpoint.manifest(
-                epoch=epoch, step=epoch * plan.updates_per_epoch, mode=strategy.mode,
-                world_size=strategy.env.world_size, config=config, plan=plan, records=records,
-                train_seconds=earlier_seconds + saving_start - loop_start - saving,
-                checkpoint_format=strategy.checkpoint_format)
-            checkpoint.write(strategy, model, optimizer, log.out, meta, config.run.keep)
-            saving += time.perf_counter() - saving_start
+        # Every rank holds the same records, so all decide alike (no collective).
+        stop = early_stop_line(records, config.train)
+        trained = earlier_seconds + time.perf_counter() - loop_start - saving
+        # An early stop is checkpointed as a last epoch is: to export the run or train it on.
+        if _checkpoint_due(config, epoch) or (stop and config.run.checkpoint_every):
+            saving += _save(config, plan, strategy, model, optimizer, log, records, trained)
+        if config.run.keep_best and is_new_best(records, config.train.best_metric):
+            saving += _save(config, plan, strategy, model, optimizer, log, records, trained,
+                            best=True)
         log.epoch(records[-1])
+        if stop:
+            log.note(stop)
     # Checkpoint writing is not training: it is reported apart, as checkpoint_seconds.
     train_seconds = earlier_seconds + time.perf_counter() - loop_start - saving
 
-    test_loss, test_accuracy = evaluate(model, samples, split.test, strategy, loss_sum, eval_batch)
+    test_loss, test_accuracy = evaluate_(split.test)
     memory = strategy.memory_report(model, optimizer)
     state = strategy.full_state_dict(model)
-    last = records[-1]
+    last, best = records[-1], best_record(records, config.train.best_metric)
     return {"train_seconds": train_seconds, "train_loss": last["train_loss"],
             "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
             "checkpoint_seconds": sum(r["checkpoint_seconds"] for r in records),
-            "test_loss": test_loss, "test_accuracy": test_accuracy, "memory": memory,
-            "state_dict": state}
+            "test_loss": test_loss, "test_accuracy": test_accuracy,
+            "epochs_trained": last["epoch"], "stopped_early": bool(stop),
+            "best_epoch": best["epoch"], "best_metric": config.train.best_metric,
+            "best_value": best[config.train.best_metric],
+            "memory": memory, "state_dict": state}
+
+
+def _save(config: Config, plan: Plan, strategy: Strategy, model, optimizer, log: RunLog,
+          records: list[dict], train_seconds: float, *, best: bool = False) -> float:
+    """Checkpoint the last epoch of `records` into the --keep rotation, or as the best;
+    returns the seconds it took."""
+    epoch = records[-1]["epoch"]
+    if not strategy.parameters_finite(model):  # never checkpoint a diverged model
+        raise UserError(f"the parameters became non-finite during epoch {epoch} (a gradient "
+                        f"overflowed); not checkpointed; {_kept(log.out)}. Lower --lr, or "
+                        "check the data")
+    start = time.perf_counter()
+    meta = checkpoint.manifest(
+        epoch=epoch, step=epoch * plan.updates_per_epoch, mode=strategy.mode,
+        world_size=strategy.env.world_size, config=config, plan=plan, records=records,
+        train_seconds=train_seconds, checkpoint_format=strategy.checkpoint_format)
+    checkpoint.write(strategy, model, optimizer, log.out, meta, config.run.keep, best=best)
+    return time.perf_counter() - start
 
 
 def _checkpoint_due(config: Config, epoch: int) -> bool:

@@ -347,17 +347,20 @@ def test_a_fresh_run_never_deletes_files_it_did_not_write(tmp_path):
     (out / "notes.txt").write_text("kept")
     for force in (False, True):
         message = run_seq_error(out, epochs=1, force=force)
-        assert "model.pt, checkpoints/best, which dptrain did not write" in message, message
+        assert "model.pt, checkpoints/best/weights.bin, which dptrain did not write" in message, \
+            message
         assert "even with --force" in message
     assert (out / "model.pt").read_bytes() == b"my model"
     assert (out / "checkpoints" / "best" / "weights.bin").read_bytes() == b"mine"
 
-    # Moved away, the run goes on beside notes.txt; a rerun may replace what it wrote, a
-    # dptrain best checkpoint (a manifest) included, but not a foreign folder added since.
+    # Moved away, the run goes on beside notes.txt; a rerun may replace what it wrote, its
+    # best checkpoint included, but not a foreign folder added since.
     (out / "model.pt").unlink()
     shutil.rmtree(out / "checkpoints")
-    run_seq(out, epochs=1)
-    shutil.copytree(out / "checkpoints" / "epoch-0001", out / "checkpoints" / "best")
+    from dptrain.worker import run
+
+    run("seq", seq_config(out, 1, keep_best=True))
+    assert (out / "checkpoints" / "best" / "epoch-0001" / "meta.json").exists()
     (out / "checkpoints" / ".epoch-0002.tmp").mkdir()  # a crashed write's
     (out / "checkpoints" / "mine").mkdir()
     assert "checkpoints/mine, which dptrain did not write" in run_seq_error(out, 1, force=True)

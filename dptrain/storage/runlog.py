@@ -153,8 +153,10 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 # What a fresh run replaces or deletes in its folder: these files, and checkpoints/.
 _REPLACED = (CONFIG, METRICS, SUMMARY, STOPPED, MODEL)
-# dptrain's own temporary checkpoint folders, left by a crash mid-write.
-_CHECKPOINT_TMP = re.compile(r"\.(epoch-\d+|best)\.tmp")
+# A checkpoint folder's name, and that of its temporary folder (a crash mid-write leaves it).
+_CHECKPOINT_NAME = re.compile(r"epoch-\d+")
+_CHECKPOINT_TMP = re.compile(r"\.epoch-\d+\.tmp")
+BEST = "best"  # checkpoints/best/epoch-NNNN/: the best epoch's checkpoint (--keep-best)
 _MANIFEST_KEYS = {"epoch", "mode", "world_size", "config"}  # what every dptrain meta.json holds
 _MANIFEST_BYTES = 64 << 20  # far above a manifest's size (its metrics grow ~300 B an epoch)
 
@@ -163,10 +165,10 @@ def foreign_files(out: Path, force: bool) -> list[str]:
     """What a fresh run would replace or delete in `out` that no dptrain run wrote there.
 
     dptrain's are: config.toml holding a run's [resolved] section; beside it, metrics.jsonl,
-    summary.json, stopped.json and model.pt; and in checkpoints/, folders with a dptrain
-    manifest (epoch-NNNN, best) and the temporary ones of a crashed write. Links count as
-    foreign (nothing is written through one), but for a linked checkpoints/ under --force:
-    the link goes, never what it points to.
+    summary.json, stopped.json and model.pt; and in checkpoints/ and checkpoints/best/,
+    epoch-NNNN folders with a dptrain manifest and the temporary ones of a crashed write.
+    Links count as foreign (nothing is written through one), but for a linked checkpoints/
+    under --force: the link goes, never what it points to.
     """
     foreign = []
     ours = _is_run_config(out / CONFIG)
@@ -179,12 +181,21 @@ def foreign_files(out: Path, force: bool) -> list[str]:
         if not force:
             foreign.append(f"{CHECKPOINTS} (a symbolic link)")
     elif os.path.lexists(checkpoints):
-        if not _real_dir(checkpoints):
-            return foreign + [CHECKPOINTS]
-        for entry in sorted(checkpoints.iterdir()):
-            if not (_real_dir(entry) and (_CHECKPOINT_TMP.fullmatch(entry.name)
-                                          or _is_manifest(entry / "meta.json"))):
-                foreign.append(f"{CHECKPOINTS}/{entry.name}")
+        foreign += _foreign_checkpoints(checkpoints, CHECKPOINTS, best=True)
+    return foreign
+
+
+def _foreign_checkpoints(folder: Path, name: str, *, best: bool) -> list[str]:
+    """What in a checkpoints folder (`name` relative to the run) is not a dptrain checkpoint."""
+    if not _real_dir(folder):
+        return [name]
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if best and entry.name == BEST and _real_dir(entry):
+            foreign += _foreign_checkpoints(entry, f"{name}/{BEST}", best=False)
+        elif not (_real_dir(entry) and (_CHECKPOINT_TMP.fullmatch(entry.name) or (
+                _CHECKPOINT_NAME.fullmatch(entry.name) and _is_manifest(entry / "meta.json")))):
+            foreign.append(f"{name}/{entry.name}")
     return foreign
 
 
@@ -241,14 +252,18 @@ def _is_manifest(path: Path) -> bool:
     return isinstance(meta, dict) and _MANIFEST_KEYS <= meta.keys()
 
 
-def finished_epochs(out: Path) -> int | None:
-    """The epochs of the finished run in `out` (its summary.json), None if it has none."""
+def finished_epoch(out: Path) -> int | None:
+    """The last epoch the finished run in `out` trained (its summary.json: epochs_trained, or
+    epochs where an older summary has no such key); None if it has no summary."""
     data = read_small(Path(out) / SUMMARY, 1 << 20)
     try:
-        epochs = json.loads(data).get("epochs") if data else None
-    except (ValueError, AttributeError, RecursionError):
+        summary = json.loads(data) if data else None
+    except (ValueError, RecursionError):
         return None
-    return epochs if isinstance(epochs, int) else None
+    if not isinstance(summary, dict):
+        return None
+    epoch = summary.get("epochs_trained", summary.get("epochs"))
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def write_atomic(path: Path, write) -> None:
@@ -506,7 +521,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     rows = [("test accuracy", f"{summary['test_accuracy']:.4f}"),
             ("test loss", f"{summary['test_loss']:.4f}"),
             ("val accuracy", f"{summary['val_accuracy']:.4f}"),
-            ("epochs", str(summary["epochs"])),
+            ("epochs", f"{summary['epochs_trained']} of {summary['epochs']} (stopped early)"
+             if summary.get("stopped_early") else str(summary["epochs"])),
             ("global batch", str(summary["global_batch"])),
             ("updates / epoch", str(summary["updates_per_epoch"])),
             ("lr", f"{summary['lr']:.6g}"),
