@@ -61,6 +61,7 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     import torch
 
     from dptrain.components.data import load_mnist, split_indices
+    from dptrain.distributed.agreement import agree_on_start, run_identity
     from dptrain.distributed.strategy import DistEnv, make_strategy
     from dptrain.train import train
 
@@ -83,6 +84,7 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     lock = RunLock(out)  # rank 0's, taken before anything is written
     ok = False
     try:
+        agree_on_start(strategy, run_identity(mode, config, plan, found.epoch if found else 0))
         _check_out_dir_together(strategy, out, force or found is not None, lock)
         log = RunLog(out, active=env.is_main)
         setting = {"mode": mode, "world_size": env.world_size, "backend": strategy.backend,
@@ -212,14 +214,18 @@ def _check_out_dir_together(strategy, out: Path, force: bool, lock: RunLock) -> 
         raise problem or UserError(words)
 
 
-def report_user_error(message: str) -> None:
-    """Hand a user error to the launcher (torchelastic's error file) or print it on rank 0."""
+def report_user_error(message: str, *, user_error: bool = True) -> None:
+    """Hand an error's line to the launcher (torchelastic's error file) or print it on rank 0.
+    user_error: the run cannot succeed as it is; a torchrun restart stops on it at once."""
+    from dptrain.distributed.agreement import USER_ERROR_KEY
+
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     written = False
-    if error_file:
+    if error_file and error_file != os.devnull:  # never replace /dev/null (write_atomic would)
         # Whole or absent: torchrun stops this rank with SIGTERM when a peer dies, possibly
         # mid-write, and cannot parse a half-written file (its agent then crashes).
-        text = json.dumps({"message": message, "timestamp": int(time.time())})
+        text = json.dumps({"message": message, "timestamp": int(time.time()),
+                           USER_ERROR_KEY: user_error})
         try:
             write_atomic(Path(error_file), lambda f: f.write(text.encode()))
             written = True
@@ -286,7 +292,7 @@ def _worker(mode: str, force: bool, **flags) -> None:
 
 
 def _stop(message: str, status: int) -> None:
-    report_user_error(message)
+    report_user_error(message, user_error=status == USER_ERROR_EXIT)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)  # as after a complete run; the process group is already destroyed

@@ -27,7 +27,8 @@ from typing import Any
 from dptrain.config import Config
 from dptrain.errors import UserError
 from dptrain.storage.manifest import InvalidManifest, check_manifest, check_plan
-from dptrain.storage.runlog import CHECKPOINTS, SUMMARY, StorageError, storage_error, write_atomic
+from dptrain.storage.runlog import (CHECKPOINTS, StorageError, finished_epoch, storage_error,
+                                    write_atomic)
 
 META = "meta.json"
 _FOLDER = re.compile(r"epoch-(\d+)")
@@ -473,7 +474,9 @@ def resume_config(mode: str, run_dir: Path, flags: dict[str, Any]) -> Config:
     if config.train.epochs < found.epoch:
         raise UserError(f"--resume {run_dir}: its checkpoint is at epoch {found.epoch}; "
                         f"--epochs must be at least that, got {config.train.epochs}")
-    if (Path(run_dir) / SUMMARY).exists():
+    # A summary counts only if it is of this checkpoint: an extension that crashed kept the
+    # shorter run's summary beside the longer run's checkpoints.
+    if finished_epoch(Path(run_dir)) == found.epoch:
         from dptrain.components.best import early_stop_reason
 
         if config.train.epochs == found.epoch:
