@@ -22,9 +22,15 @@ CLASSES = range(10)
 
 
 def load_model(run_dir: Path):
-    """(MLP with the run's final parameters, in eval mode; the run's Config)."""
+    """(MLP with the run's final parameters, in eval mode; the run's Config).
+
+    model.pt may come from anyone: it is loaded (weights_only, a bounded archive) only into a
+    model the machine has room for, and must hold exactly that model's tensors, all finite.
+    """
+    from dptrain.components.memory import estimate_memory, require_memory
     from dptrain.components.model import MLP
-    from dptrain.storage.safeload import first_line, torch_load
+    from dptrain.storage.safeload import ARCHIVE_OVERHEAD, torch_load
+    from dptrain.storage.statecheck import StateMismatch, check_state, tensor_bytes
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -34,13 +40,17 @@ def load_model(run_dir: Path):
         if not (run_dir / name).exists():
             raise UserError(f"{run_dir}: no {name} here; give the folder of a finished run")
     config = build_config(read_toml(run_dir / CONFIG), source=str(run_dir / CONFIG))
+    require_memory(estimate_memory(config, per_rank_batch=0, training=False), config,
+                   what=str(run_dir / CONFIG))
     model = MLP(config.model.hidden, config.model.activation)
-    state = torch_load(run_dir / MODEL)  # weights_only; refused or corrupt: one line
+    expected = model.state_dict()
+    state = torch_load(run_dir / MODEL, max_bytes=tensor_bytes(expected) + ARCHIVE_OVERHEAD)
     try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, KeyError) as e:  # another model's shape, or not a state
-        raise UserError(f"{run_dir / MODEL}: cannot load it into the run's model "
-                        f"({first_line(e)})") from None
+        check_state(state, expected)
+    except StateMismatch as e:  # another model's shape (config.toml edited?), NaN, not a state
+        raise UserError(f"{run_dir / MODEL}: cannot load it into the model of {CONFIG} (hidden "
+                        f"{list(config.model.hidden)}): {e.problem}") from None
+    model.load_state_dict(state)
     return model.eval(), config
 
 
