@@ -201,7 +201,7 @@ def test_a_model_too_large_for_this_machine_is_refused_before_allocating(run):
                                               r"\([\d,]+ parameters\) needs about [\d,.]+ GB"):
             attempt()
     text = (run / "config.toml").read_text()
-    (run / "config.toml").write_text(text.replace("hidden = [16, 16]", "hidden = [1000000, 1000000]"))
+    (run / "config.toml").write_text(text.replace("hidden = [16, 16]", f"hidden = {huge}"))
     with pytest.raises(OutOfMemory, match="config.toml: the model of hidden"):
         load_model(run)
 

@@ -114,7 +114,7 @@ def verify(path: Path) -> dict[str, Any]:
         if not os.path.lexists(file):
             raise CheckpointError(f"{name} is missing")
         try:
-            matches = file.lstat().st_size == size and _sha256(file) == digest
+            matches = _matches(file, size, digest)
         except LoadError as e:
             raise CheckpointError(str(e)) from None
         if not matches:
@@ -279,11 +279,18 @@ def _not_there(path: Path) -> str:
 
 
 def _sha256(path: Path) -> str:
-    """The SHA-256 of a regular file (never through a link), read in blocks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _matches(path: Path, size: int, digest: str) -> bool:
+    """A regular file (never through a link) of `size` bytes and this SHA-256, read in blocks
+    only when the size matches; safeload.LoadError if it is no regular file."""
     from dptrain.storage.safeload import open_regular
 
     with open_regular(path, follow_links=False, shown_as=path.name) as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        return (os.fstat(f.fileno()).st_size == size
+                and hashlib.file_digest(f, "sha256").hexdigest() == digest)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -46,7 +46,8 @@ def expected_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 def tensor_bytes(tree: Any) -> int:
     """The bytes of every tensor in a nested state."""
-    return sum(t.numel() * t.element_size() for _, t in _leaves(tree) if isinstance(t, torch.Tensor))
+    tensors = (t for _, t in _leaves(tree) if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def check_state(found: Any, expected: Any) -> None:
