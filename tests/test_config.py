@@ -258,7 +258,8 @@ def test_values_that_overflow_or_are_not_finite_are_reported_together(tmp_path):
 
 
 @pytest.mark.parametrize("text", ["a = " + "[" * 100_000 + "]" * 100_000,
-                                  "[model]\nhidden = " + "[" * 9 + "16" + "]" * 9])
+                                  "[model]\nhidden = " + "[" * 9 + "16" + "]" * 9],
+                         ids=["100000-deep", "9-deep"])
 def test_a_deeply_nested_config_is_one_line(tmp_path, text):
     with pytest.raises(ConfigError, match="nests tables or lists more than 8 levels deep"):
         read_toml(write(tmp_path, text))

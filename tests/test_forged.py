@@ -229,7 +229,7 @@ def finishes(action, seconds: float = 20):
     (lambda p: p.write_bytes(b" " * (2 << 20)), "meta.json: refused: larger than the 1,097,728"),
     (lambda p: p.write_text("[" * 100_000), "meta.json is nested more than 32 levels deep"),
     (lambda p: p.write_text("[" * 40 + "]" * 40), "meta.json is nested more than 32 levels deep"),
-])
+], ids=["fifo", "dev-zero", "2MB", "100000-deep", "40-deep"])
 def test_a_manifest_that_is_no_file_or_too_big_is_passed_over_at_once(run, plant_meta, reason):
     (newest(run) / "meta.json").unlink()
     plant_meta(newest(run) / "meta.json")
