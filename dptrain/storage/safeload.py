@@ -112,28 +112,23 @@ def torch_load(path: Path, map_location: Any = "cpu", *, max_bytes: int,
                follow_links: bool = True) -> Any:
     """torch.load(path, weights_only=True) of a regular file whose archive passes
     check_archive(max_bytes); LoadError in one line if anything fails."""
+    import torch
+
     with open_regular(path, follow_links=follow_links) as f:
         try:
             check_archive(f, os.fstat(f.fileno()).st_size, max_bytes)
         except LoadError as e:
             raise LoadError(f"{path}: {e}") from None
         f.seek(0)
-        return torch_load_stream(f, map_location, name=str(path))
-
-
-def torch_load_stream(stream: IO[bytes], map_location: Any = "cpu", *, name: str) -> Any:
-    """torch.load(stream, weights_only=True); LoadError naming `name` if it fails."""
-    import torch
-
-    try:
-        with warnings.catch_warnings():  # e.g. about a plain pickle's protocol: not one line
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(stream, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise LoadError(f"{name}: refused: it holds more than tensors and plain values, or is "
-                        f"corrupt ({weights_only_reason(e)})") from None
-    except (RuntimeError, OSError, EOFError, ValueError, RecursionError) as e:
-        raise LoadError(f"{name}: cannot load it ({first_line(e)})") from None
+        try:
+            with warnings.catch_warnings():  # e.g. about a plain pickle's protocol: not one line
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise LoadError(f"{path}: refused: it holds more than tensors and plain values, or "
+                            f"is corrupt ({weights_only_reason(e)})") from None
+        except (RuntimeError, OSError, EOFError, ValueError, RecursionError) as e:
+            raise LoadError(f"{path}: cannot load it ({first_line(e)})") from None
 
 
 def weights_only_reason(error: Exception) -> str:

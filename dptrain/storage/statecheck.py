@@ -60,7 +60,7 @@ def check_state(found: Any, expected: Any) -> None:
 
 def check_value(found: Any, expected: Any, path: str) -> None:
     """check_state for one non-tensor value, named `path` (safedcp's flattened items)."""
-    problem = _leaf(found, expected, path)
+    problem = _difference(found, expected, path)
     if problem:
         raise StateMismatch(problem)
 
