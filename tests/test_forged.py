@@ -202,7 +202,7 @@ def test_a_model_too_large_for_this_machine_is_refused_before_allocating(run):
             attempt()
     text = (run / "config.toml").read_text()
     (run / "config.toml").write_text(text.replace("hidden = [16, 16]", f"hidden = {huge}"))
-    with pytest.raises(OutOfMemory, match="config.toml: the model of hidden"):
+    with pytest.raises(OutOfMemory, match="model.pt: the model of hidden"):
         load_model(run)
 
 

@@ -92,7 +92,7 @@ def check_archive(file: IO[bytes], size: int, limit: int) -> None:
     the file holds (records that overlap would repeat its bytes) nor than `limit`.
     """
     if size > limit:
-        raise LoadError(f"refused: {size:,} bytes, more than the {limit:,} its model can need")
+        raise LoadError(f"refused: {size:,} bytes, more than the {limit:,} it may take")
     try:
         with zipfile.ZipFile(file) as archive:
             records = archive.infolist()
