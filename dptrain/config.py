@@ -29,6 +29,7 @@ START_METHODS = ("auto", "fork", "fresh")
 LR_SCHEDULES = ("constant", "cosine", "linear", "step")
 DECAYING = ("cosine", "linear")  # the schedules whose shape depends on the run's length
 BEST_METRICS = ("val_accuracy", "val_loss")
+PRECISIONS = ("fp32", "bf16")
 
 # Output-only section of a run's config.toml; ignored when that file is read back as --config.
 RESOLVED_SECTION = "resolved"
@@ -85,6 +86,11 @@ class TrainConfig:
     eval_batch_size: int = 1024
     early_stop: int = 0  # stop after K epochs without a better best_metric; 0 = never
     best_metric: str = "val_accuracy"  # what "better" means for early_stop and keep_best
+    # Micro-batches per rank per update, their gradients summed before the one sum over ranks:
+    # the same update, with a K-th of the activation memory.
+    accumulate: int = 1
+    # bf16: forward and backward under torch.autocast, weights and optimizer state in float32.
+    precision: str = "fp32"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -253,6 +259,7 @@ def validate(c: Config) -> list[str]:
     p += _choice("optim.optimizer", c.optim.optimizer, OPTIMIZERS)
     p += _choice("optim.lr_scaling", c.optim.lr_scaling, LR_SCALINGS)
     p += _choice("train.loss", c.train.loss, LOSSES)
+    p += _choice("train.precision", c.train.precision, PRECISIONS)
     p += _choice("system.backend", c.system.backend, BACKENDS)
     p += _choice("system.device", c.system.device, DEVICES)
     p += _choice("system.grad_sync", c.system.grad_sync, GRAD_SYNCS)
@@ -279,6 +286,7 @@ def validate(c: Config) -> list[str]:
         ("train.early_stop", c.train.early_stop, c.train.early_stop >= 0, ">= 0 (0 = never)"),
         ("train.batch_size", c.train.batch_size, c.train.batch_size >= 1, ">= 1"),
         ("train.eval_batch_size", c.train.eval_batch_size, c.train.eval_batch_size >= 1, ">= 1"),
+        ("train.accumulate", c.train.accumulate, c.train.accumulate >= 1, ">= 1"),
         ("system.threads", c.system.threads, c.system.threads >= 0, ">= 0 (0 = automatic)"),
         ("system.timeout", c.system.timeout, 0 < c.system.timeout <= MAX_TIMEOUT,
          f"> 0 and at most {MAX_TIMEOUT:g} seconds (a week)"),
@@ -423,6 +431,11 @@ def resolve(config: Config, *, mode: str, world_size: int, n_train: int) -> Plan
     if global_batch < world_size:
         problems.append(f"train.batch_size: the global batch {global_batch} is smaller than "
                         f"the world size {world_size}; every rank needs at least one sample")
+    elif train.accumulate > global_batch // world_size:
+        share = global_batch // world_size
+        problems.append(f"train.accumulate: {train.accumulate} micro-batches, but a rank's share "
+                        f"of the global batch {global_batch} over {world_size} rank(s) is only "
+                        f"{share} sample(s); use --accumulate {share} or less")
     lr = resolve_lr(config.optim, global_batch, world_size)
     if not (0 < lr < math.inf):
         problems.append(f"optim.lr: {config.optim.lr!r} scaled by lr_scaling "

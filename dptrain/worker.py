@@ -109,7 +109,9 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
         finally:
             log.close()
         state_dict = results.pop("state_dict")
-        summary = {**setting, **_plan_fields(plan), "epochs": config.train.epochs, **results,
+        summary = {**setting, **_plan_fields(plan), "epochs": config.train.epochs,
+                   "accumulate": config.train.accumulate, "precision": config.train.precision,
+                   **results,
                    "resumed_from_epoch": found.epoch if found else 0, "restarts": restarts,
                    "wall_seconds": time.time() - command_start_time(),
                    "torch": torch.__version__, "host": socket.gethostname(),

@@ -82,8 +82,10 @@ def estimate_memory(config: Config, *, per_rank_batch: int, shards: int = 1,
 
 def training_memory(config: Config, *, mode: str, world_size: int,
                     global_batch: int) -> MemoryEstimate:
-    """estimate_memory for one rank of a run of `mode` at `world_size`."""
-    return estimate_memory(config, per_rank_batch=math.ceil(global_batch / world_size),
+    """estimate_memory for one rank of a run of `mode` at `world_size` (whose micro-batches,
+    with --accumulate K, hold a K-th of its share of the global batch)."""
+    share = math.ceil(global_batch / world_size)
+    return estimate_memory(config, per_rank_batch=math.ceil(share / config.train.accumulate),
                            shards=world_size if mode == "fsdp" else 1)
 
 

@@ -8,6 +8,7 @@ makes ddp and fsdp compute the sequential gradient exactly, uneven batches inclu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -90,7 +91,8 @@ class Strategy:
         self.env = env
         self.device = device
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
+        """The model, ready to train at `precision` (the step's autocast does the rest)."""
         return model.to(self.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -131,6 +133,11 @@ class Strategy:
     def after_evaluation(self, model: nn.Module) -> None:
         """Forward passes without a backward are done: leave the parameters as training and
         checkpoints expect them (fsdp: sharded again)."""
+
+    def no_gradient_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Forward and backward passes inside leave their gradients on this rank, added to those
+        it holds; the next backward outside sums them all over ranks (--accumulate)."""
+        return contextlib.nullcontext()
 
     def local_gradients(self, model: nn.Module) -> list[torch.Tensor]:
         """The gradients this rank holds after backward (its shards under fsdp), summed over
@@ -266,7 +273,7 @@ class DDPStrategy(_ProcessGroupStrategy):
         super().__init__(env, device, backend, system)
         self.grad_sync = self._grad_sync()
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -300,6 +307,9 @@ class DDPStrategy(_ProcessGroupStrategy):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module
 
+    def no_gradient_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return model.no_sync()  # DDP reads the flag in forward too: both run inside
+
 
 # A Linear whose parameters reach this many bytes is its own FSDP unit, gathered just for its
 # compute, so that a wide model is unsharded one big layer at a time. Smaller layers share the
@@ -325,28 +335,41 @@ class FSDPStrategy(_ProcessGroupStrategy):
     grad_sync = "collective"  # reduce-scatter, through the process group
     checkpoint_format = "dcp"  # torch.distributed.checkpoint: each rank writes its own shards
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.env.world_size,))
+        # bf16: gather bf16 parameters (half the bytes) for the compute, sum gradients in float32.
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if precision == "bf16" else MixedPrecisionPolicy())
         model.to(self.device)
         own = own_units(model)
         # A layer unit gathers its shards in that layer's forward, which must then run; with
         # the root's unit alone, the root gathers everything and the fused loss can run.
         model.fused = not own
         for layer in own:
-            fully_shard(layer, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
         # The root keeps its parameters gathered from forward to backward (FSDP2's default for
         # the root): one all-gather per step. Evaluation has no backward to reshard them after,
         # so after_evaluation does.
-        fully_shard(model, mesh=mesh)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 # Sum, as DDP's hook above; the plain SUM op also works on gloo (no PREMUL_SUM).
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
         return model
+
+    @contextlib.contextmanager
+    def no_gradient_sync(self, model: nn.Module):
+        # No reduce-scatter: each unit keeps its unsharded gradients (in the reduce dtype) and
+        # adds them into the next backward's before that one's reduce-scatter.
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
     def after_evaluation(self, model: nn.Module) -> None:
         model.reshard()
