@@ -79,12 +79,17 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     found, skipped = checkpoint.resumable(Path(resume), len(split.train)) if resume else (None, [])
     if resume:
         _check_resumable(found, skipped, resume, plan, env.world_size)
+        stray = checkpoint.stray_entries(Path(resume))
+        if stray:  # it would fail that epoch's checkpoint, on every resume: say so now
+            raise checkpoint.CheckpointError(f"--resume {resume}: {'; '.join(stray)}; dptrain "
+                                             "writes only folders there: remove it")
 
     strategy = make_strategy(mode, env, config.system)
     lock = RunLock(out)  # rank 0's, taken before anything is written
     ok = False
     try:
         agree_on_start(strategy, run_identity(mode, config, plan, found.epoch if found else 0))
+        _check_memory_together(strategy, config, plan)
         _check_out_dir_together(strategy, out, force or found is not None, lock)
         log = RunLog(out, active=env.is_main)
         setting = {"mode": mode, "world_size": env.world_size, "backend": strategy.backend,
@@ -195,6 +200,33 @@ def _plan_fields(plan: Plan) -> dict:
             "samples_per_epoch": plan.samples_per_epoch, "base_lr": plan.base_lr,
             "lr": plan.lr, "warmup_steps": plan.warmup_steps,
             "lr_schedule": plan.schedule_text()}
+
+
+def _check_memory_together(strategy, config: Config, plan: Plan) -> None:
+    """Each rank's model, optimizer and batch fit the memory of its device (the node's, for
+    the CPU ranks on it together; a GPU's, for the ranks that share it), before anything is
+    allocated; else every rank stops with one line."""
+    import math
+
+    import torch
+
+    from dptrain.components.memory import available_bytes, require_memory, training_memory
+
+    estimate = training_memory(config, mode=plan.mode, world_size=plan.world_size,
+                               global_batch=plan.global_batch)
+    device, problem = strategy.device, None
+    if device.type == "cuda":
+        ranks = math.ceil(strategy.env.local_world_size / torch.cuda.device_count())
+        available, where = torch.cuda.mem_get_info(device)[0], f"GPU {device.index}"
+    else:
+        ranks, available, where = strategy.env.local_world_size, available_bytes(), "this node"
+    try:
+        require_memory(estimate, config, ranks=ranks, available=available, where=where)
+    except UserError as e:
+        problem = e
+    if not strategy.all_agree(problem is None):
+        words = next(w for w in strategy.gather_object(str(problem) if problem else None) if w)
+        raise problem or UserError(words)
 
 
 def _check_out_dir_together(strategy, out: Path, force: bool, lock: RunLock) -> None:
