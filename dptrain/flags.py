@@ -148,7 +148,9 @@ def process_group_flags(
         f"{'|'.join(BACKENDS)}; auto = nccl on cuda, gloo on cpu.", _DEFAULTS.system.backend,
         SYSTEM)] = None,
     timeout: Annotated[Optional[float], _opt(
-        "Seconds a collective waits for a peer before the job fails.", _DEFAULTS.system.timeout,
+        "Seconds a collective waits for a peer before the job fails. A hung worker then gets "
+        "5 s to end (SIGTERM) before it is killed ($TORCH_ELASTIC_SHUTDOWN_TIMEOUT).",
+        _DEFAULTS.system.timeout,
         SYSTEM)] = None,
     grad_sync: Annotated[Optional[str], _opt(
         f"{'|'.join(GRAD_SYNCS)}: how ddp sums gradients. shm = through shared memory (CPU ranks "

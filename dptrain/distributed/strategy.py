@@ -418,16 +418,21 @@ class FSDPStrategy(_ProcessGroupStrategy):
 def load_torch_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
                      device: torch.device) -> None:
     """A seq/ddp checkpoint's state.pt into a plain model and its optimizer (weights_only);
-    safeload.LoadError in one line if it is refused or does not fit them."""
-    from dptrain.storage.safeload import LoadError, first_line, torch_load
+    safeload.LoadError in one line if it is refused or is not what they would hold: every
+    tensor and setting is checked against them (statecheck.py) before any kernel sees it."""
+    from dptrain.storage.safeload import ARCHIVE_OVERHEAD, LoadError, torch_load
+    from dptrain.storage.statecheck import check_state, expected_state, tensor_bytes
 
-    state = torch_load(folder / STATE_FILE, map_location=device)
+    expected = expected_state(model, optimizer)
+    path = folder / STATE_FILE
+    state = torch_load(path, map_location=device, follow_links=False,
+                       max_bytes=tensor_bytes(expected) + ARCHIVE_OVERHEAD)
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise LoadError(f"{folder / STATE_FILE}: not the state of this run's model and optimizer "
-                        f"({type(e).__name__}: {first_line(e)})") from None
+        check_state(state, expected)
+    except LoadError as e:
+        raise LoadError(f"{path}: {e}") from None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
 
 
 def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
@@ -441,7 +446,7 @@ def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp_load(state, folder)
+    dcp_load(state, folder)  # checked against `state` before and after (safedcp.py)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
 
