@@ -134,7 +134,8 @@ def test_hung_peer_ends_the_job_within_the_timeout_naming_it(tmp_path, mode):
     process = start_cli(mode, "--nproc", "2", "--device", "cpu", "--out", str(out),
                         "--batch-size", "256", "--epochs", "50", "--timeout", "3",
                         log=tmp_path / "log")
-    workers = watch(process, checkpoint_exists(out))
+    metrics = out / "metrics.jsonl"  # epoch 1's record follows its checkpoint
+    workers = watch(process, lambda: metrics.exists() and metrics.read_text().endswith("\n"))
     # The two workers: the descendants still running (short-lived helpers, such as a
     # library's probe of the system at import, have lower pids and are gone by now).
     running = alive(workers)
@@ -142,7 +143,7 @@ def test_hung_peer_ends_the_job_within_the_timeout_naming_it(tmp_path, mode):
     rank0, rank1 = sorted(running)
     try:
         # Stays stopped: torchrun's SIGTERM cannot end it. Its heartbeat has beaten at epoch 1's
-        # start (telemetry.begin_epoch), an epoch before the checkpoint we waited for.
+        # start (telemetry.begin_epoch), an epoch before the record we waited for.
         os.kill(rank1, signal.SIGSTOP)
         stopped = time.monotonic()
         wait_for(lambda: not alive([rank0]), timeout=60, what="rank 0 to time out")
@@ -166,7 +167,7 @@ def test_hung_peer_ends_the_job_within_the_timeout_naming_it(tmp_path, mode):
     assert alive(workers) == set()
     assert list((out / "checkpoints").glob("epoch-*"))  # the newest --keep survive the hang
     # Epoch 1's record, from both ranks: the phases of the mode, which cover the epoch.
-    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    record = json.loads(metrics.read_text().splitlines()[0])
     phases = record["phase_seconds"]["mean"]
     assert list(phases) == (["batch", "forward_backward", "sum", "wait", "optimizer"]
                             if mode == "ddp" else
