@@ -87,8 +87,10 @@ app.command("seq", cls=Command, help="Train in this process: the sequential base
 app.command("ddp", cls=Command, help="Train with DistributedDataParallel on --nproc workers "
                                      "(torchrun).\n\n" + DEFAULTS_NOTE)(
     with_flags(_train_command("ddp"), training_flags, process_group_flags, launch_flags))
-app.command("fsdp", cls=Command, help="Train with FSDP2 (fully_shard per Linear, then the root) "
-                                      "on --nproc workers (torchrun).\n\n" + DEFAULTS_NOTE)(
+app.command("fsdp", cls=Command, help="Train with FSDP2 on --nproc workers (torchrun): "
+                                      "parameters sharded over the ranks; layers of 4 MiB or "
+                                      "more are units of their own, the rest one unit.\n\n"
+                                      + DEFAULTS_NOTE)(
     with_flags(_train_command("fsdp"), training_flags, process_group_flags, launch_flags))
 register_study_commands(app)  # sweep, plot, report, evaluate, predict
 

@@ -69,6 +69,11 @@ def test_help_shows_each_flags_built_in_default_and_no_flag_type_tag():
         for row in help_rows(*command).values():
             assert "<bool>" not in row, row
     assert "a --config file may change them" in run_cli("seq", "--help", env=WIDE).stdout
+    # A sweep reads some training flags otherwise: its own folder, resume and threads.
+    sweep = help_rows("sweep")
+    assert "[default: runs/sweep-<modes>-<timestamp>]" in sweep["--out"]
+    assert "'auto'" not in sweep["--resume"] and "SWEEP_DIR" in sweep["--resume"]
+    assert "0 = auto" not in sweep["--threads"] and "[default: 1]" in sweep["--threads"]
 
 
 @pytest.mark.parametrize("args, fragments", [
