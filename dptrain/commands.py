@@ -4,12 +4,13 @@ Registered on the CLI's app by `register(app)`. Importing this module costs noth
 matplotlib and Pillow are imported inside the commands that need them.
 """
 
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from dptrain.errors import USER_ERROR_EXIT, UserError
+from dptrain.errors import USER_ERROR_EXIT, Stopped, UserError
 from dptrain.flags import (CHECKPOINT, SYSTEM, TRAIN, Command, _opt, config_from_flags,
                            process_group_flags, training_flags, with_flags)
 from dptrain.storage.runlog import default_out_dir, err, make_console
@@ -71,10 +72,11 @@ def sweep(mode: str | None, nproc: str | None, vary: list[str] | None, no_seq: b
     try:
         rows = run_sweep(grid, config, out, force=flags["force"], resume=resume,
                          echo=console.print)
-    except (SweepInterrupted, KeyboardInterrupt):  # Ctrl-C reaches the runs and the sweep
-        err(f"interrupted; the runs that finished are in {out}/sweep.csv; continue with "
-            f"`dptrain sweep --resume {out}`")
-        raise typer.Exit(130) from None
+    except (SweepInterrupted, KeyboardInterrupt, Stopped) as e:  # the run has stopped too
+        signum = getattr(e, "signum", signal.SIGINT)
+        err(f"stopped by signal {signal.Signals(signum).name}; the runs that finished are in "
+            f"{out}/sweep.csv; continue with `dptrain sweep --resume {out}`")
+        raise typer.Exit(128 + signum) from None
     console.print(sweep_table(rows, [a.key for a in grid.axes]))
     failed = [r for r in rows if r["status"] != "ok"]
     for r in failed:

@@ -154,11 +154,15 @@ def assert_same_parameters(a: dict, b: dict, *, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
-def start_cli(*args: str, log: Path) -> subprocess.Popen:
-    """`python -m dptrain ARGS` in the background, its output (both streams) into `log`."""
+def start_cli(*args: str, log: Path, sigint_ignored: bool = False) -> subprocess.Popen:
+    """`python -m dptrain ARGS` in the background, its output (both streams) into `log`.
+    sigint_ignored: started as a shell script starts a background job (`dptrain seq &`)."""
+    import signal
+
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "dptrain", *args], stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, preexec_fn=ignore)
 
 
 def children(pid: int) -> list[int]:

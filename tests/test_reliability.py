@@ -108,6 +108,34 @@ def test_signal_stops_everything_then_resume_is_exact(tmp_path, reference, mode,
 
 
 @pytest.mark.slow
+def test_sigint_stops_a_background_seq_and_sweep_as_it_stops_ddp(tmp_path):
+    """A script's `dptrain seq &` or `dptrain sweep &` starts with SIGINT ignored; `kill -INT`
+    stops it all the same: one line, exit status 130, the sweep's run stopped with it."""
+    seq_out, sweep_out = tmp_path / "seq", tmp_path / "sweep"
+    many = ["--epochs", "100", "--device", "cpu"]
+    seq = start_cli("seq", "--out", str(seq_out), *many, log=tmp_path / "seq.log",
+                    sigint_ignored=True)
+    sweep = start_cli("sweep", "--mode", "seq", "--out", str(sweep_out), *many,
+                      log=tmp_path / "sweep.log", sigint_ignored=True)
+    started = {}
+    for process, out in ((seq, seq_out), (sweep, sweep_out / "seq-1")):
+        started[process.pid] = watch(process, checkpoint_exists(out))
+        process.send_signal(signal.SIGINT)
+    for process, log in ((seq, "seq.log"), (sweep, "sweep.log")):
+        process.wait(timeout=30)
+        output = (tmp_path / log).read_text()
+        assert process.returncode == 128 + signal.SIGINT, output
+        errors = [line for line in output.splitlines() if line.startswith("dptrain: error:")]
+        assert len(errors) == 1 and "stopped by signal SIGINT" in errors[0], output
+        assert "Traceback" not in output
+        assert alive(started[process.pid]) == set(), "orphan processes"
+    # The sweep passed the signal on: its run stopped as a run does, naming its checkpoint.
+    assert "stopped by signal SIGINT; the last complete checkpoint" in (
+        sweep_out / "seq-1.log").read_text()
+    assert "continue with `dptrain sweep --resume" in (tmp_path / "sweep.log").read_text()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_killed_worker_restarts_from_the_checkpoint(tmp_path, reference, mode):
     out = tmp_path / "run"

@@ -16,6 +16,7 @@ import itertools
 import json
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from rich.markup import escape
 
 from dptrain.config import (Config, ConfigError, build_config, cpu_cores, read_toml, section_of,
                             to_toml)
-from dptrain.errors import UserError
+from dptrain.errors import Stopped, UserError
 from dptrain.storage.runlog import METRICS, SUMMARY, write_atomic
 
 SWEEP_JSON = "sweep.json"
@@ -50,7 +51,11 @@ INTERRUPTED = 130
 
 
 class SweepInterrupted(Exception):
-    """Ctrl-C reached a run: the sweep stops after writing what it has."""
+    """A signal stopped a run: the sweep stops after writing what it has."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -254,14 +259,32 @@ def run_one(out: Path, cell, mode: str, nproc: int, *, force: bool, resume: bool
     argv += ["--resume", "auto"] if resume else ["--force"] if force else []
     started = time.time()
     with open(run_dir.parent / f"{mode}-{nproc}.log", "w") as log:
-        child = subprocess.run(argv, stdout=log, stderr=subprocess.PIPE, text=True)
-        log.write(child.stderr)
-    if child.returncode in (INTERRUPTED, -2):
+        stderr, returncode = _run_child(argv, log, name)
+    if returncode in (INTERRUPTED, -signal.SIGINT):  # a Ctrl-C sent to the run alone
         raise SweepInterrupted(f"{name} was interrupted")
-    if child.returncode != 0 or not (run_dir / SUMMARY).exists():
+    if returncode != 0 or not (run_dir / SUMMARY).exists():
         return {**row, "status": "failed", "wall_seconds": time.time() - started,
-                "error": error_line(child.stderr, child.returncode)}
+                "error": error_line(stderr, returncode)}
     return {**row, **_finished(run_dir)}
+
+
+def _run_child(argv: list[str], log, name: str) -> tuple[str, int]:
+    """Run one training to its end, its stdout into `log`; (its stderr, its exit status).
+
+    The run gets a session of its own, so that a stop reaches it exactly once, from here: a
+    terminal's Ctrl-C would reach both it and the sweep, a `kill -INT` of the sweep only the
+    sweep. Passed on, the signal lets the run stop as it always does (a checkpoint named)."""
+    child = subprocess.Popen(argv, stdout=log, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        stderr = child.communicate()[1]
+    except (KeyboardInterrupt, Stopped) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        child.send_signal(signum)
+        log.write(child.communicate()[1])
+        raise SweepInterrupted(f"{name} was stopped", signum) from None
+    log.write(stderr)
+    return stderr, child.returncode
 
 
 def _json_value(value: Any) -> Any:
