@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -60,12 +61,15 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     summary (complete on rank 0)."""
     import torch
 
-    from dptrain.components.data import load_mnist, split_indices
+    from dptrain.components.data import load_mnist, recorded_location, split_indices
     from dptrain.distributed.strategy import DistEnv, make_strategy
     from dptrain.train import train
 
     env = DistEnv.from_environ()
     keep_freed_memory()
+    # config.toml records where the data is, as an absolute path (the CLI has found it already).
+    config = replace(config, data=replace(config.data, data_dir=recorded_location(
+        config.data.data_dir)[0]))
     mnist = load_mnist(config.data.data_dir)
     split = split_indices(len(mnist.labels), config.data.split_seed)
     plan = resolve(config, mode=mode, world_size=env.world_size, n_train=len(split.train))

@@ -6,6 +6,7 @@ no process group is needed, whichever mode trained the run.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,10 +66,14 @@ class Evaluation:
 
 def evaluate_run(run_dir: Path, data_dir: str | None = None) -> Evaluation:
     """The run's model on its test split (the split seed of its config)."""
-    from dptrain.components.data import load_mnist, split_indices
+    from dptrain.components.data import load_mnist, recorded_location, split_indices
 
     model, config = load_model(run_dir)
-    mnist = load_mnist(data_dir if data_dir is not None else config.data.data_dir)
+    if data_dir is None:  # where the run found the data, unless it has moved since
+        data_dir, note = recorded_location(config.data.data_dir, typed=False)
+        if note:
+            print(f"dptrain: warning: {note}", file=sys.stderr)
+    mnist = load_mnist(data_dir)
     test = split_indices(len(mnist.labels), config.data.split_seed).test
     images = mnist.images[test].astype(np.float32) / 255.0  # as training scaled them
     predicted = predict_proba(model, images).argmax(axis=1)
