@@ -95,7 +95,8 @@ class LaunchConfig:
     max_restarts: int = 0  # torchrun restarts all workers this often; they resume from a checkpoint
     # How the workers start: forked from the launcher, which has imported everything once, or
     # as fresh `python -m dptrain.worker` processes. auto: fork for CPU runs, fresh for CUDA
-    # (a fork of CUDA workers is not yet measured on a GPU; see launch.worker_entry).
+    # (a fork of CUDA workers is not yet measured on a GPU; see launch.worker_entry; where the
+    # launcher had to ask CUDA itself, forked CUDA workers could not start: they start fresh).
     start_method: str = "auto"
 
 

@@ -62,7 +62,7 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     import torch
 
     from dptrain.components.data import load_mnist, recorded_location, split_indices
-    from dptrain.distributed.strategy import DistEnv, make_strategy
+    from dptrain.distributed.strategy import TF32_OVERRIDE_ENV, DistEnv, make_strategy
     from dptrain.train import train
 
     env = DistEnv.from_environ()
@@ -100,6 +100,9 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
             records=found.records if found else [])
         if found:
             _announce_resume(log, found, skipped, config, restarts)
+        if os.environ.get(TF32_OVERRIDE_ENV):
+            log.note(f"[yellow]warning:[/] {TF32_OVERRIDE_ENV} is set; float32 matmuls stay "
+                     f"{strategy.fp32_precision} (TF32 off unless that says tf32), as parity needs")
         try:
             results = train(config, plan, strategy, mnist, split, log, resume=found)
         except UserError as e:  # diverged, say: a restart would only repeat it
@@ -111,6 +114,7 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
         summary = {**setting, **_plan_fields(plan), "epochs": config.train.epochs, **results,
                    "resumed_from_epoch": found.epoch if found else 0, "restarts": restarts,
                    "wall_seconds": time.time() - command_start_time(),
+                   "fp32_precision": strategy.fp32_precision,
                    "torch": torch.__version__, "host": socket.gethostname(),
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         log.finish(summary, state_dict)

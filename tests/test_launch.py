@@ -1,11 +1,13 @@
 """How workers start (launch.py) and which device each rank takes (strategy.resolve_device)."""
 
+import json
 import os
 
 import pytest
 import torch
 
-from conftest import assert_same_parameters, load_state, train
+from conftest import assert_same_parameters, load_state, run_cli, train
+from dptrain.distributed import launch
 from dptrain.config import build_config
 from dptrain.errors import UserError
 from dptrain.distributed.launch import worker_entry
@@ -33,12 +35,84 @@ def test_start_method_choices(one_gpu, monkeypatch, device, method, fresh):
     assert bool(os.environ[FORKED_ENV]) != fresh
 
 
-def test_cuda_workers_are_never_forked_from_a_launcher_that_initialized_cuda(one_gpu,
-                                                                              monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+FORKED = ["--start-method=fork", "worker.py"]
+
+
+@pytest.fixture
+def cuda_questions(monkeypatch):
+    """Stand-ins one level down, where torch asks: CUDA's own count (cudaGetDeviceCount, which
+    poisons a fork of this process: a forked child is then 'in bad fork') answers
+    answers["cuda"], NVML's answers answers["nvml"] (-1: NVML cannot answer). Returns the
+    list of the CUDA questions asked, and the answers to change."""
+    asked, answers = [], {"cuda": 1, "nvml": 1}
+
+    def cuda_device_count():
+        asked.append("cuda")
+        return answers["cuda"]
+
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", cuda_device_count, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_isInBadFork", lambda: "cuda" in asked, raising=False)
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: answers["nvml"])
+    monkeypatch.delenv(launch.NVML_CHECK_ENV, raising=False)
+    # Forking imports torch._dynamo (seconds); what it returns is all that matters here.
+    monkeypatch.setenv(FORKED_ENV, "")
+    monkeypatch.setattr(launch, "fork_workers",
+                        lambda mode: os.environ.update({FORKED_ENV: "1"}) or FORKED)
+    return asked, answers
+
+
+def test_the_launcher_never_asks_cuda_itself_before_it_forks(cuda_questions, monkeypatch):
+    """Not even where the user set PYTORCH_NVML_BASED_CUDA_CHECK=0, nor in torchrun."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    asked, _ = cuda_questions
+    monkeypatch.setenv(launch.NVML_CHECK_ENV, "0")
+    launch.ask_cuda_through_nvml()
+    assert worker_entry("ddp", build_config({}, {"start_method": "fork"})) == FORKED
+    LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=1)  # what torchrun asks next
+    assert asked == []
+
+
+def test_forked_cuda_workers_start_fresh_where_nvml_cannot_answer(cuda_questions, capsys):
+    asked, answers = cuda_questions
+    answers["nvml"] = -1  # torch asks CUDA itself
+    launch.ask_cuda_through_nvml()
     config = build_config({}, {"device": "cuda", "start_method": "fork"})
-    with pytest.raises(RuntimeError, match="initialized CUDA"):
-        worker_entry("ddp", config)
+    assert worker_entry("ddp", config) == launch.FRESH
+    assert asked == ["cuda"] and not os.environ.get(FORKED_ENV)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "starting the workers fresh instead" in lines[0], lines
+    # No GPU after all: CPU workers, whom a poisoned fork cannot harm, are forked as ever.
+    answers["cuda"] = 0
+    assert worker_entry("ddp", build_config({}, {"start_method": "fork"})) == FORKED
+    assert capsys.readouterr().err == ""
+
+
+def test_every_mode_takes_the_device_cuda_can_run_not_the_one_nvml_sees(cuda_questions,
+                                                                        monkeypatch):
+    """NVML sees a GPU that CUDA cannot start (a driver too old for the wheel): the CPU, in
+    seq's process and in a worker that inherited the launcher's setting alike."""
+    _, answers = cuda_questions
+    answers["cuda"] = 0
+    assert resolve_device("auto", DistEnv()) == torch.device("cpu")
+    monkeypatch.setenv(launch.NVML_CHECK_ENV, "1")  # a worker's environment
+    assert torch.cuda.is_available()  # what torch says there, asked as it is set
+    assert resolve_device("auto", DistEnv()) == torch.device("cpu")
+    assert os.environ[launch.NVML_CHECK_ENV] == "1"
+    with pytest.raises(UserError, match="CUDA is not available"):
+        resolve_device("cuda", DistEnv())
+
+
+@pytest.mark.slow
+def test_fp32_is_pinned_against_the_tf32_override_and_recorded(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("seq", "--epochs", "1", "--batch-size", "4096", "--checkpoint-every", "0",
+                     "--device", "cpu", "--out", str(out),
+                     env={"TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "warning: TORCH_ALLOW_TF32_CUBLAS_OVERRIDE is set" in result.stdout
+    # torch reads the override as TF32 on until it is turned off: "tf32" had it not been.
+    assert json.loads((out / "summary.json").read_text())["fp32_precision"] == "ieee"
 
 
 def test_gloo_ranks_share_a_gpu_and_nccl_ranks_do_not(one_gpu):
