@@ -65,10 +65,10 @@ def _config(mode: str, flags: dict) -> tuple[Config, str]:
     if ignored_by_mode(mode, config):  # here already, before the data is loaded
         raise ConfigError("; ".join(ignored_by_mode(mode, config)))
     out = Path(config.run.out) if config.run.out else default_out_dir(mode)
-    return _with_data_dir(_with_out(config, out), typed=flags.get("data_dir") is not None), resume
+    return with_data_dir(_with_out(config, out), typed=flags.get("data_dir") is not None), resume
 
 
-def _with_data_dir(config: Config, *, typed: bool) -> Config:
+def with_data_dir(config: Config, *, typed: bool) -> Config:
     """The config with data_dir where MNIST is found, as an absolute path (recorded_location)."""
     from dataclasses import replace
 

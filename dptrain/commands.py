@@ -115,7 +115,10 @@ def _sweep_plan(mode, nproc, vary, no_seq, flags: dict):
     if len(set(keys)) != len(keys):
         raise UserError(f"--vary: a key is given twice ({', '.join(keys)}); list all its "
                         "values in one --vary")
-    config = config_from_flags(flags)
+    from dptrain.cli import with_data_dir
+
+    # Every run, and the sweep's own config files, name the data by its absolute folder.
+    config = with_data_dir(config_from_flags(flags), typed=flags.get("data_dir") is not None)
     out = Path(flags["out"]) if flags.get("out") else default_out_dir(f"sweep-{'-'.join(modes)}")
     return grid, config, out, False
 

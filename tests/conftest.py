@@ -231,3 +231,11 @@ def trained_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained") / "seq"
     train("seq", out, "--epochs", "3")
     return out
+
+
+@pytest.fixture(scope="session")
+def seq_one_epoch(tmp_path_factory) -> tuple[Path, dict]:
+    """(folder, summary) of `dptrain seq --epochs 1`, the default config otherwise: the
+    reference of every 1-epoch comparison with the default config, trained once."""
+    out = tmp_path_factory.mktemp("seq-one-epoch") / "seq"
+    return out, train("seq", out, "--epochs", "1")

@@ -130,9 +130,9 @@ def test_start_method_is_checked():
 
 
 @pytest.mark.slow
-def test_fresh_workers_train_the_same_model(tmp_path):
+def test_fresh_workers_train_the_same_model(tmp_path, seq_one_epoch):
     """CPU runs fork by default; workers started afresh (as CUDA runs are) compute the same."""
-    seq = train("seq", tmp_path / "seq", "--epochs", "1")
+    seq_dir, seq = seq_one_epoch
     fresh = train("ddp", tmp_path / "fresh", "--epochs", "1", "--start-method", "fresh")
     assert fresh["test_accuracy"] == pytest.approx(seq["test_accuracy"], abs=2e-4)
-    assert_same_parameters(load_state(tmp_path / "seq"), load_state(tmp_path / "fresh"), atol=1e-4)
+    assert_same_parameters(load_state(seq_dir), load_state(tmp_path / "fresh"), atol=1e-4)
