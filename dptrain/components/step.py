@@ -59,9 +59,10 @@ class EagerStep:
     """Forward, backward (with the strategy's gradient sum), check and update, op by op."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-                 guard: NonFiniteGuard, strategy):
+                 guard: NonFiniteGuard, strategy, clip_grad_norm: float = 0.0):
         self.model, self.optimizer, self.samples = model, optimizer, samples
         self.guard, self.strategy = guard, strategy
+        self.clip_grad_norm = clip_grad_norm  # 0 = no clipping
         # Per update of the epoch: [this rank's loss sum, the guard's flag after its check].
         self._record = torch.zeros(0, 2, dtype=torch.float32, device=samples.device)
 
@@ -82,6 +83,8 @@ class EagerStep:
         # as backward's gradient: no product node, no ones to fill.)
         loss.backward(loss.detach() * 0.0 + 1 / global_batch)
         self.guard.check(self.strategy.local_gradients(self.model))
+        if self.clip_grad_norm:
+            self.strategy.clip_gradients(self.model, self.clip_grad_norm)
         self.optimizer.step()
         torch.stack((loss.detach(), self.guard.flag), out=self._record[index])
 
@@ -95,7 +98,7 @@ class EagerStep:
 
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-              guard: NonFiniteGuard) -> EagerStep:
+              guard: NonFiniteGuard, clip_grad_norm: float = 0.0) -> EagerStep:
     """The step implementation for the strategy's device. The eager step is the only one so
     far; a CUDA-graphed step is the planned second (issue 10), behind these same methods."""
-    return EagerStep(model, optimizer, samples, guard, strategy)
+    return EagerStep(model, optimizer, samples, guard, strategy, clip_grad_norm)
