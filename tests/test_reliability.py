@@ -24,9 +24,10 @@ FLAGS = {"seq": ["--batch-size", "1024", "--epochs", "3"],
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """mode -> the folder of an uninterrupted run (made on first use)."""
-    root, made = tmp_path_factory.mktemp("reference"), {}
+def reference(tmp_path_factory, trained_run):
+    """mode -> the folder of an uninterrupted run (made on first use; seq's is the session's
+    trained_run, which has the same config)."""
+    root, made = tmp_path_factory.mktemp("reference"), {"seq": trained_run}
 
     def get(mode):
         if mode not in made:
