@@ -64,6 +64,7 @@ def _config(mode: str, flags: dict) -> tuple[Config, str]:
     config, resume = config_and_resume(mode, flags)
     if ignored_by_mode(mode, config):  # here already, before the data is loaded
         raise ConfigError("; ".join(ignored_by_mode(mode, config)))
+    _check_memory(mode, config)
     out = Path(config.run.out) if config.run.out else default_out_dir(mode)
     return with_data_dir(_with_out(config, out), typed=flags.get("data_dir") is not None), resume
 
@@ -78,6 +79,23 @@ def with_data_dir(config: Config, *, typed: bool) -> Config:
     if note:
         print(f"dptrain: warning: {note}", file=sys.stderr)
     return replace(config, data=replace(config.data, data_dir=found))
+
+
+def _check_memory(mode: str, config: Config) -> None:
+    """Refuse, before starting anything, a model that this machine's memory cannot hold: all
+    of its training state on CPU ranks; else its parameters, which each rank builds on the host
+    (the workers check their GPU's memory themselves)."""
+    from dptrain.components.data import TRAIN_SAMPLES
+    from dptrain.components.memory import (VALUE_BYTES, MemoryEstimate, parameter_count,
+                                           require_memory, training_memory)
+
+    ranks = 1 if mode == "seq" else config.launch.nproc
+    world_size = ranks * (1 if mode == "seq" else config.launch.nnodes)
+    estimate = training_memory(config, mode=mode, world_size=world_size, global_batch=(
+        TRAIN_SAMPLES if config.train.full_batch else min(config.train.batch_size, TRAIN_SAMPLES)))
+    if config.system.device != "cpu":
+        estimate = MemoryEstimate(parameter_count(config.model.hidden) * VALUE_BYTES, 0, 0, 0)
+    require_memory(estimate, config, ranks=ranks)
 
 
 app.command("seq", cls=Command, help="Train in this process: the sequential baseline.\n\n"

@@ -138,7 +138,6 @@ def test_worker_side_error_reaches_the_user_as_one_line(tmp_path):
     assert_one_line_error(result, "--backend nccl needs CUDA devices")
 
 
-@pytest.mark.slow
 @pytest.fixture(scope="module")
 def finished_seq(tmp_path_factory):
     """(folder, summary) of a finished 1-epoch seq run at batch 4096; tests change copies."""
@@ -152,6 +151,7 @@ def copy_of(finished_seq, tmp_path):
     return shutil.copytree(finished_seq[0], tmp_path / "run"), finished_seq[1]
 
 
+@pytest.mark.slow
 def test_finished_run_is_never_overwritten_silently(tmp_path, finished_seq):
     out, first = copy_of(finished_seq, tmp_path)
     assert_one_line_error(run_cli("seq", "--epochs", "1", "--out", str(out)), "--force")
