@@ -105,7 +105,8 @@ def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan
     not finite on any rank: that update and the rest of the epoch's were not applied.
     """
     step.begin_epoch(plan.updates_per_epoch)
-    batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
+    with telemetry.phase("batch"):
+        batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
     for index, rows in enumerate(batches):
         telemetry.update(index)
         step(index, rank_slice(rows, strategy), len(rows), plan.lr_at(first_step + index))
@@ -148,9 +149,10 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         if stop:
             break
         start = time.perf_counter()
-        order = epoch_order(split.train, config.train.seed, epoch)
         first_step = (epoch - 1) * plan.updates_per_epoch
         telemetry.begin_epoch(epoch, first_step)
+        with telemetry.phase("batch"):  # the epoch's shuffle: the index of its batches
+            order = epoch_order(split.train, config.train.seed, epoch)
         try:
             train_loss = train_epoch(step, samples, order, plan, strategy, first_step, telemetry)
         except NonFinite as e:

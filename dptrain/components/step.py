@@ -92,9 +92,10 @@ class EagerStep:
 
     def __call__(self, index: int, rows: torch.Tensor, global_batch: int, lr: float) -> None:
         """Update `index` of the epoch on this rank's `rows` of a global batch of that size."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.telemetry.phase("optimizer"):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
         # Every rank runs K micro-batches (fsdp gathers parameters in each forward); those of a
         # short tail batch may be empty.
         *first, last = rows.tensor_split(self.accumulate) if self.accumulate > 1 else (rows,)

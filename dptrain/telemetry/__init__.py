@@ -21,7 +21,7 @@ from dptrain.telemetry.phases import KINDS, TIMED, CudaClock, HostClock, Layout,
 
 # Places in the loop that are labelled (for the heartbeat and the profiler) but not timed here:
 # evaluation and checkpoint writing have their own seconds in each record.
-PLACES = ("evaluation", "checkpoint", "epoch_end")
+PLACES = ("evaluation", "checkpoint")
 
 
 class _Label:

@@ -2,12 +2,13 @@
 collective split into its own work and the wait for the slowest peer.
 
 Timed phases (seconds per epoch, per rank):
-  batch             the rank's rows gathered from the epoch's order (index_select)
+  batch             the epoch's shuffled order, then each update's rows gathered (index_select)
   forward_backward  forward and backward compute, without the collectives inside them
   gather            fsdp: the parameter all-gathers, as long as the last rank to arrive took
   sum               the gradient sum (ddp's comm hook, fsdp's reduce-scatter), likewise
-  wait              time in those collectives spent waiting for a slower peer
-  optimizer         the NaN check and the optimizer step
+  wait              time in those collectives, and in the epoch's final loss sum, spent
+                    waiting for a slower peer
+  optimizer         the lr and cleared gradients, the NaN check, clipping, the optimizer step
 
 Summing against waiting, without comparing clocks. A collective ends at about the same moment
 on every rank: when the last rank has arrived and the data has moved. So the time a rank spends
@@ -35,7 +36,8 @@ import time
 
 import numpy as np
 
-TIMED = ("batch", "forward_backward", "optimizer")
+# epoch_end: the epoch's loss sum, a collective once per epoch; only its wait is a phase.
+TIMED = ("batch", "forward_backward", "optimizer", "epoch_end")
 KINDS = ("gather", "sum")  # the collectives whose exposure is recorded per update
 # The order of the phases in records and figures.
 PHASES = ("batch", "forward_backward", "gather", "sum", "wait", "optimizer")
@@ -116,7 +118,9 @@ def split(gathered: np.ndarray, layout: Layout, kinds: set[str]) -> dict:
     largest spread of the ranks' arrival at a gradient sum (0 without one)."""
     phases = {name: gathered[:, layout.phase(name)] for name in TIMED}
     exposed_total = np.zeros(len(gathered))
-    wait = np.zeros(len(gathered))
+    # At the epoch's end a rank waits for the slowest one's last update.
+    epoch_end = phases.pop("epoch_end")
+    wait = epoch_end - epoch_end.min()
     straggler = 0.0
     for kind in KINDS:
         first = layout.kind(kind)
