@@ -21,6 +21,7 @@ from dptrain.config import Config, Plan
 from dptrain.components.data import Mnist, Split, epoch_order, shard_bounds
 from dptrain.errors import UserError
 from dptrain.components.model import LOSS_SUMS, MLP
+from dptrain.components.noise import epoch_batches, estimate
 from dptrain.storage.runlog import RunLog
 from dptrain.components.step import EagerStep, NonFiniteGuard, make_optimizer, make_step
 from dptrain.distributed.strategy import Strategy
@@ -87,8 +88,9 @@ def evaluate(model: nn.Module, samples: Samples, rows: np.ndarray, strategy: Str
 
 
 def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan,
-                strategy: Strategy, first_step: int) -> float:
-    """One pass over the train split; returns the mean train loss over all ranks.
+                strategy: Strategy, first_step: int) -> tuple[float, dict]:
+    """One pass over the train split; returns the mean train loss over all ranks and the
+    epoch's gradient noise scale record (noise.estimate; empty where the run has none).
 
     The host reads the device once, at the end. Raises NonFinite if an update's gradients were
     not finite on any rank: that update and the rest of the epoch's were not applied.
@@ -97,13 +99,17 @@ def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan
     batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
     for index, rows in enumerate(batches):
         step(index, rank_slice(rows, strategy), len(rows), plan.lr_at(first_step + index))
-    loss_sum, skipped = strategy.all_reduce_sum(step.end_epoch()).tolist()
+    loss_sum, skipped, *norms = strategy.all_reduce_sum(step.end_epoch()).tolist()
     if skipped:
         # Ranks that hold different gradient shards (fsdp) may have stopped at different
         # updates; the earliest counts. Only a run that is about to stop gets here.
         first = plan.updates_per_epoch - max(strategy.gather_object(int(step.end_epoch()[1])))
         raise NonFinite(first_step + first, step.loss_at(first))
-    return loss_sum / plan.samples_per_epoch
+    noise = {}
+    if step.tap is not None:
+        batches = epoch_batches(plan.samples_per_epoch, plan.global_batch)
+        noise = estimate(norms, batches, step.tap.parts, plan.n_train)
+    return loss_sum / plan.samples_per_epoch, noise
 
 
 def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: Split,
@@ -120,7 +126,8 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         checkpoint.restore(strategy, model, optimizer, resume)
         records, earlier_seconds = list(resume.records), resume.meta["train_seconds"]
     loss_sum = LOSS_SUMS[config.train.loss]
-    step = make_step(strategy, model, optimizer, samples, guard)
+    tap = strategy.gradient_tap(model, micro_batches=1)
+    step = make_step(strategy, model, optimizer, samples, guard, tap=tap)
     eval_batch = config.train.eval_batch_size
 
     loop_start, saving = time.perf_counter(), 0.0
@@ -129,7 +136,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         order = epoch_order(split.train, config.train.seed, epoch)
         first_step = (epoch - 1) * plan.updates_per_epoch
         try:
-            train_loss = train_epoch(step, samples, order, plan, strategy, first_step)
+            train_loss, noise = train_epoch(step, samples, order, plan, strategy, first_step)
         except NonFinite as e:
             raise _diverged(e, epoch, plan, log.out) from None
         if train_loss > DIVERGED_LOSS:  # the same reduced value on every rank: all stop
@@ -144,7 +151,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
                         "epoch_seconds": epoch_seconds,
                         "val_seconds": time.perf_counter() - start - epoch_seconds,
                         "samples_per_second": plan.samples_per_epoch / epoch_seconds,
-                        "checkpoint_seconds": 0.0})
+                        "checkpoint_seconds": 0.0, **noise})
         if _checkpoint_due(config, epoch):
             if not strategy.parameters_finite(model):  # never checkpoint a diverged model
                 raise UserError(f"the parameters became non-finite during epoch {epoch} (a "
@@ -170,6 +177,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
             "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
             "checkpoint_seconds": sum(r["checkpoint_seconds"] for r in records),
             "test_loss": test_loss, "test_accuracy": test_accuracy, "memory": memory,
+            **({"noise_scale": last["noise_scale"]} if "noise_scale" in last else {}),
             "state_dict": state}
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dptrain.config import OptimConfig
+from dptrain.components.noise import GradientTap
 from dptrain.components.optim import FusedAdam, FusedSGD
 
 
@@ -61,13 +62,16 @@ class EagerStep:
     """Forward, backward (with the strategy's gradient sum), check and update, op by op."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-                 guard: NonFiniteGuard, strategy):
+                 guard: NonFiniteGuard, strategy, *, tap: GradientTap | None = None):
         self.model, self.optimizer, self.samples = model, optimizer, samples
         self.guard, self.strategy = guard, strategy
+        self.tap = tap  # the gradient noise scale's norms (noise.py), where a run has them
         self._losses = torch.zeros(0, dtype=torch.float64, device=samples.device)
 
     def begin_epoch(self, updates: int) -> None:
         self.guard.reset()
+        if self.tap is not None:
+            self.tap.begin_epoch()
         if len(self._losses) != updates:
             self._losses = torch.zeros(updates, dtype=torch.float64, device=self.samples.device)
 
@@ -75,19 +79,28 @@ class EagerStep:
         """Update `index` of the epoch on this rank's `rows` of a global batch of that size."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.tap is not None:
+            self.tap.begin_update(index)
         x, y = self.samples.batch(rows)
         loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
         self.optimizer.zero_grad(set_to_none=True)
         # The gradient of loss / global batch; NaN if this rank's loss is not finite: then the
         # gradients turn NaN (every summed element) on every rank, and all skip alike.
         (loss * (loss.detach() * 0.0 + 1 / global_batch)).backward()
-        self.guard.check(self.strategy.local_gradients(self.model))
+        grads = self.strategy.local_gradients(self.model)
+        self.guard.check(grads)
+        if self.tap is not None:
+            self.tap.summed(grads)
         self.optimizer.step()
         self._losses[index] = loss.detach()
 
     def end_epoch(self) -> torch.Tensor:
-        """[this rank's loss sum over the epoch, updates skipped] (float64, on the device)."""
-        return torch.stack([self._losses.sum(), self.guard.skipped.to(torch.float64)])
+        """[this rank's loss sum over the epoch, updates skipped, then the tap's matrix, if
+        any] (float64, on the device): what the epoch's one all-reduce sums."""
+        totals = torch.stack([self._losses.sum(), self.guard.skipped.to(torch.float64)])
+        if self.tap is None:
+            return totals
+        return torch.cat([totals, self.tap.end_epoch(len(self._losses))])
 
     def loss_at(self, index: int) -> float:
         """This rank's loss sum at update `index` of the last epoch (for the stop line)."""
@@ -95,7 +108,7 @@ class EagerStep:
 
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-              guard: NonFiniteGuard) -> EagerStep:
+              guard: NonFiniteGuard, *, tap: GradientTap | None = None) -> EagerStep:
     """The step implementation for the strategy's device. The eager step is the only one so
     far; a CUDA-graphed step is the planned second (issue 10), behind these same methods."""
-    return EagerStep(model, optimizer, samples, guard, strategy)
+    return EagerStep(model, optimizer, samples, guard, strategy, tap=tap)
