@@ -122,3 +122,16 @@ def test_seq_without_micro_batches_has_no_estimate(trained_run):
     lines = (trained_run / "metrics.jsonl").read_text().splitlines()
     assert all("noise_scale" not in json.loads(line) for line in lines)
     assert "noise_scale" not in json.loads((trained_run / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_plot_draws_the_noise_scale(ddp_runs, trained_run, tmp_path):
+    """`dptrain plot` adds a third panel, the noise scale over epochs, when a run has it."""
+    from PIL import Image
+
+    from dptrain.study.plots import plot_runs
+
+    runs = [ddp_runs["root"] / "ddp-2", ddp_runs["root"] / "ddp-4"]
+    with_noise = Image.open(plot_runs(runs, tmp_path / "noise.png")).size
+    without = Image.open(plot_runs([trained_run], tmp_path / "plain.png")).size
+    assert with_noise[0] > 1.4 * without[0] and with_noise[1] == without[1]
