@@ -1,0 +1,325 @@
+"""`dptrain plan`'s predictions against real runs (docs/STUDY.md section 6).
+
+    python benchmarks/plan_check.py updates --out DIR [--settings adam-16,sgd-16,...]
+    python benchmarks/plan_check.py times --out DIR [--settings ...]      (a quiet machine)
+    python benchmarks/plan_check.py compare --out DIR
+
+updates: for each setting (optimizer x width, the sqrt lr rule) and global batch of section 4's
+  grid, one real run (ddp x2: the same updates as seq at any nproc, and it measures the noise
+  scale) until it reaches the setting's highest target or its cap; DIR/SETTING/B<batch>/. The
+  runs at the reference batch 1024 are plan's calibration: from them, exactly as `dptrain plan`
+  does (study/plan.py: noise_model), S(B) = S_min (1 + B_noise / B) predicts every other batch.
+  Update counts do not depend on the machine's load: runs are deterministic on the CPU.
+times: seconds per update of every (nproc 1, 2, 4; batch) from real runs (`dptrain sweep`,
+  3 epochs, the median epoch after the first), and `dptrain plan --max-nproc 4` for each
+  setting and target (its own timing and calibration): timings, so a quiet machine only.
+compare: predicted against measured updates to each target (and, with `times`, time to target
+  and the best configuration); writes compare.json, compare.txt and the figures into DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from dptrain.config import resolve, to_toml  # noqa: E402
+from dptrain.flags import config_from_flags  # noqa: E402
+from dptrain.study import measure  # noqa: E402
+from dptrain.study.plan import noise_model, predicted_updates, updates_to_reach  # noqa: E402
+
+BATCHES = (256, 512, 1024, 2048, 4096, 8192, 16384, 42000)
+REFERENCE = 1024
+N_TRAIN = 42000
+NPROCS = (1, 2, 4)
+GOAL = 0.35  # predicted updates within +-35% of measured, for batches up to 8x the reference
+
+
+@dataclass(frozen=True)
+class Setting:
+    config: str
+    hidden: tuple[int, ...]
+    targets: tuple[float, ...]
+    min_epochs: int  # every run trains at least this long (unless it reaches the targets),
+    max_updates: int  # then up to this many updates,
+    max_epochs: int  # but never more epochs than this
+
+
+SETTINGS = {
+    "adam-16": Setting("p-plan-adam.toml", (16, 16), (0.93, 0.94), 30, 600, 600),
+    "sgd-16": Setting("p-plan-sgd.toml", (16, 16), (0.93, 0.94), 30, 600, 600),
+    "adam-1024": Setting("p-plan-adam.toml", (1024, 1024), (0.95, 0.97), 10, 100, 25),
+    "sgd-1024": Setting("p-plan-sgd.toml", (1024, 1024), (0.95, 0.97), 10, 100, 25),
+}
+
+
+def updates_per_epoch(batch: int) -> int:
+    return N_TRAIN // batch
+
+
+def run_config(setting: Setting, batch: int, out: Path) -> Path:
+    """The run's config file: the setting's, with its width and batch."""
+    config = config_from_flags({"config": str(REPO / "configs" / "study" / setting.config),
+                                "hidden": ",".join(map(str, setting.hidden)),
+                                "batch_size": batch})
+    resolve(config, mode="ddp", world_size=2, n_train=N_TRAIN)  # a bad cell fails here
+    path = out / "config.toml"
+    path.write_text(to_toml(config))
+    return path
+
+
+def cap(setting: Setting, batch: int) -> int:
+    wanted = math.ceil(setting.max_updates / updates_per_epoch(batch))
+    return min(setting.max_epochs, max(setting.min_epochs, wanted))
+
+
+def updates(out: Path, names: list[str]) -> None:
+    for name in names:
+        setting = SETTINGS[name]
+        for batch in BATCHES:
+            folder = out / name / f"B{batch}"
+            result = folder / "result.json"
+            if result.exists():  # rerun-safe: an interrupted grid continues
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            epochs = cap(setting, batch)
+            print(f"{name} batch {batch}: up to {epochs} epochs, until val accuracy "
+                  f"{max(setting.targets)}", flush=True)
+            run = measure.train_until(run_config(setting, batch, folder), folder / "run",
+                                      mode="ddp", nproc=2, epochs=epochs,
+                                      target=max(setting.targets), budget=math.inf,
+                                      log=folder / "run.log")
+            result.write_text(json.dumps({**run, "batch": batch, "cap_epochs": epochs},
+                                         indent=1) + "\n")
+            last = run["records"][-1]
+            print(f"  {run['ended']}: {len(run['records'])} epochs, val accuracy "
+                  f"{last['val_accuracy']:.4f}, {run['seconds']:.0f} s", flush=True)
+
+
+def times(out: Path, names: list[str]) -> None:
+    """Seconds per update per (nproc, batch) and width; `dptrain plan` per setting and target."""
+    dptrain = [sys.executable, "-m", "dptrain"]
+    widths = {SETTINGS[n].hidden: n for n in names}
+    for hidden, name in widths.items():
+        text = ",".join(map(str, hidden))
+        folder = out / f"times-{text.replace(',', '-')}"
+        if not (folder / "sweep.json").exists():
+            subprocess.run([*dptrain, "sweep", "--config",
+                            str(REPO / "configs" / "study" / SETTINGS[name].config),
+                            "--mode", "ddp", "--nproc", "2,4", "--hidden", text, "--epochs", "3",
+                            "--vary", "batch_size=" + ",".join(map(str, BATCHES)),
+                            "--out", str(folder), "--force"], check=True)
+    for name in names:
+        setting = SETTINGS[name]
+        constants = None
+        for target in setting.targets:
+            folder = out / f"plan-{name}-{target}"
+            if not (folder / "plan.json").exists():
+                argv = [*dptrain, "plan", "--config",
+                        str(REPO / "configs" / "study" / setting.config), "--hidden",
+                        ",".join(map(str, setting.hidden)), "--target-accuracy", str(target),
+                        "--max-nproc", "4", "--budget", "600", "--out", str(folder), "--force"]
+                subprocess.run(argv + (["--constants", str(constants)] if constants else []),
+                               check=True)
+            constants = folder
+
+
+def measured(out: Path, name: str) -> dict[int, dict]:
+    found = {}
+    for batch in BATCHES:
+        path = out / name / f"B{batch}" / "result.json"
+        if path.exists():
+            found[batch] = json.loads(path.read_text())
+    return found
+
+
+def seconds_per_update(out: Path, hidden) -> dict[tuple[int, int], float]:
+    """(nproc, batch) -> measured seconds per update, from the `times` sweep if it ran."""
+    path = out / f"times-{'-'.join(map(str, hidden))}" / "sweep.json"
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text())["runs"]
+    return {(r["nproc"], r["global_batch"]): r["epoch_seconds"] / r["updates_per_epoch"]
+            for r in rows if r["status"] == "ok" and r.get("epoch_seconds")}
+
+
+def compare(out: Path) -> dict:
+    report, lines = {}, []
+    for name, setting in SETTINGS.items():
+        runs = measured(out, name)
+        if REFERENCE not in runs:
+            continue
+        reference = runs[REFERENCE]["records"]
+        step_seconds = seconds_per_update(out, setting.hidden)
+        for target in setting.targets:
+            model = noise_model(reference, target, REFERENCE, updates_per_epoch(REFERENCE))
+            if model is None:
+                lines.append(f"{name} to {target}: the reference run did not reach it")
+                continue
+            rows = []
+            for batch, run in sorted(runs.items()):
+                upe = updates_per_epoch(batch)
+                got = updates_to_reach(run["records"], target, upe)
+                predicted = predicted_updates(model["s_min"], model["noise_scale"], batch)
+                crossing = run["records"][min(len(run["records"]),
+                                              math.ceil((got or 0) / upe)) - 1] if got else None
+                rows.append({
+                    "batch": batch, "measured_updates": got,
+                    "trained_updates": len(run["records"]) * upe,
+                    "predicted_updates": predicted,
+                    "ratio": predicted / got if got else None,
+                    "noise_scale_at_target": crossing.get("noise_scale") if crossing else None,
+                    "best_val_accuracy": max(r["val_accuracy"] for r in run["records"]),
+                    "measured_seconds": {n: got * step_seconds[(n, batch)] for n in NPROCS
+                                         if got and (n, batch) in step_seconds}})
+            judged = [r for r in rows if r["batch"] <= 8 * REFERENCE]
+            within = [r for r in judged if r["ratio"] and abs(r["ratio"] - 1) <= GOAL]
+            entry = {**model, "rows": rows, "within_goal": len(within), "judged": len(judged),
+                     "empirical": fit_s_min_b_crit(rows)}
+            entry.update(best_configurations(out, name, target, rows))
+            report[f"{name}@{target}"] = entry
+            lines += table(name, target, entry)
+    (out / "compare.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "compare.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    figures(out, report)
+    return report
+
+
+def fit_s_min_b_crit(rows: list[dict]) -> dict | None:
+    """The paper's own check: least squares of the measured S(B) = S_min + S_min B_crit / B
+    over the batches up to 8x (linear in 1/B). A B_crit far from the noise scale measured at
+    the reference says the relation holds, with another B_noise; a poor fit says it does not."""
+    import numpy as np
+
+    points = [(r["batch"], r["measured_updates"]) for r in rows
+              if r["measured_updates"] and r["batch"] <= 8 * REFERENCE]
+    if len(points) < 3:
+        return None
+    b, s = np.array(points, dtype=float).T
+    slope, intercept = np.polyfit(1 / b, s, 1)
+    fitted = intercept + slope / b
+    return {"s_min": float(intercept), "b_crit": float(slope / intercept) if intercept else None,
+            "worst_relative_error": float(np.max(np.abs(fitted / s - 1)))}
+
+
+def best_configurations(out: Path, name: str, target: float, rows: list[dict]) -> dict:
+    """The best measured (nproc, batch) by time to target, and plan's recommendation with its
+    measured time, where `times` ran."""
+    measured_times = {(n, r["batch"]): t for r in rows for n, t in r["measured_seconds"].items()}
+    path = out / f"plan-{name}-{target}" / "plan.json"
+    if not measured_times or not path.exists():
+        return {}
+    best = min(measured_times, key=measured_times.get)
+    recommended = json.loads(path.read_text())["recommendation"]
+    key = (recommended["nproc"], recommended["batch"])
+    return {"best_measured": {"nproc": best[0], "batch": best[1],
+                              "seconds": measured_times[best]},
+            "recommended": {"nproc": key[0], "batch": key[1], "command": recommended["command"],
+                            "predicted_seconds": recommended["seconds_to_target"],
+                            "measured_seconds": measured_times.get(key)},
+            "recommended_over_best": (measured_times[key] / measured_times[best]
+                                      if key in measured_times else None)}
+
+
+def table(name: str, target: float, entry: dict) -> list[str]:
+    lines = [f"{name} to val accuracy {target}: B_noise {entry['noise_scale']:.0f} at the "
+             f"reference, S0 {entry['updates_to_target']:.1f}, S_min {entry['s_min']:.1f}; "
+             f"{entry['within_goal']} of {entry['judged']} batches <= 8x within "
+             f"+-{GOAL:.0%}",
+             f"  {'batch':>6} {'measured':>9} {'predicted':>9} {'ratio':>6} {'B_noise there':>13}"]
+    for r in entry["rows"]:
+        got = (f"{r['measured_updates']:9.1f}" if r["measured_updates"] else
+               f"{'>' + str(r['trained_updates']):>9}")
+        ratio = f"{r['ratio']:6.2f}" if r["ratio"] else f"{'-':>6}"
+        noise = f"{r['noise_scale_at_target']:13.0f}" if r["noise_scale_at_target"] else \
+            f"{'-':>13}"
+        lines.append(f"  {r['batch']:>6} {got} {r['predicted_updates']:9.1f} {ratio} {noise}")
+    fit = entry.get("empirical")
+    if fit:
+        lines.append(f"  fit of measured S(B), B <= 8x: S_min {fit['s_min']:.1f}, B_crit "
+                     f"{fit['b_crit']:.0f}, worst error {fit['worst_relative_error']:.0%}")
+    if entry.get("best_measured"):
+        best, rec = entry["best_measured"], entry["recommended"]
+        lines.append(f"  best measured: nproc {best['nproc']} batch {best['batch']} "
+                     f"{best['seconds']:.3g} s; recommended nproc {rec['nproc']} batch "
+                     f"{rec['batch']}: {rec['measured_seconds'] or float('nan'):.3g} s measured "
+                     f"({entry['recommended_over_best'] or float('nan'):.2f}x the best)")
+    return lines
+
+
+def figures(out: Path, report: dict) -> None:
+    from dptrain.study.plots import _pyplot, _save
+
+    plt = _pyplot()
+    names = [n for n in SETTINGS if any(k.startswith(n + "@") for k in report)]
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.8),
+                             constrained_layout=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for i, target in enumerate(SETTINGS[name].targets):
+            entry = report.get(f"{name}@{target}")
+            if not entry:
+                continue
+            color = f"C{i}"
+            batches = [r["batch"] for r in entry["rows"]]
+            grid = [b * 2 ** (k / 8) for b in (min(batches),)
+                    for k in range(0, 8 * round(math.log2(max(batches) / min(batches))) + 1)]
+            line = [predicted_updates(entry["s_min"], entry["noise_scale"], b) for b in grid]
+            ax.plot(grid, line, color=color, label=f"predicted to {target}")
+            ax.fill_between(grid, [v / (1 + GOAL) for v in line], [v / (1 - GOAL) for v in line],
+                            color=color, alpha=0.1)
+            done = [r for r in entry["rows"] if r["measured_updates"]]
+            ax.plot([r["batch"] for r in done], [r["measured_updates"] for r in done], "o",
+                    color=color, label=f"measured to {target}")
+            censored = [r for r in entry["rows"] if not r["measured_updates"]]
+            ax.plot([r["batch"] for r in censored], [r["trained_updates"] for r in censored],
+                    "^", mfc="none", color=color, label=f"not reached in (updates)")
+        ax.axvline(8 * REFERENCE, color="gray", ls=":", lw=1)
+        ax.set(xscale="log", yscale="log", xlabel="global batch", ylabel="updates to target",
+               title=name)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="x-small")
+    fig.suptitle("Updates to a validation accuracy: predicted from one run at batch 1024 "
+                 "(lines; band: the +-35% goal) against real runs (dots)")
+    _save(fig, plt, out / "p-updates.png")
+
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.8),
+                             constrained_layout=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for i, (batch, run) in enumerate(sorted(measured(out, name).items())):
+            points = [r for r in run["records"] if "noise_scale" in r]
+            ax.plot([r["val_accuracy"] for r in points], [r["noise_scale"] for r in points],
+                    ".-", color=f"C{i}", label=f"batch {batch}", lw=1, ms=3)
+        ax.set(yscale="log", xlabel="validation accuracy", ylabel="B_simple (samples)",
+               title=name)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize="x-small")
+    fig.suptitle("The noise scale grows as training progresses: B_simple per epoch against the "
+                 "accuracy reached, each batch's run")
+    _save(fig, plt, out / "p-noise_scale.png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=("updates", "times", "compare"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    args = parser.parse_args()
+    names = args.settings.split(",")
+    unknown = set(names) - set(SETTINGS)
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}; choose from {list(SETTINGS)}")
+    {"updates": lambda: updates(args.out, names), "times": lambda: times(args.out, names),
+     "compare": lambda: compare(args.out)}[args.what]()
+
+
+if __name__ == "__main__":
+    main()
