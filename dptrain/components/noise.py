@@ -66,14 +66,13 @@ class GradientTap:
         self._index, self._next = 0, 0
         self._norms: list[torch.Tensor] = []
         self._at: list[int] = []  # flat (update, column) index of each norm
-        self._weights: list[float] = []
 
     @property
     def columns(self) -> int:
         return self.parts + 1
 
     def begin_epoch(self) -> None:
-        self._norms, self._at, self._weights = [], [], []
+        self._norms, self._at = [], []
 
     def begin_update(self, index: int) -> None:
         self._index, self._next = index, 0
@@ -81,25 +80,24 @@ class GradientTap:
     def pre_sum(self, tensors: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """A piece of this rank's gradient before the sum over ranks (ddp, fsdp): a bucket or a
         unit; pieces of one update add up."""
-        self._add(tensors, self.column, 1.0)
+        self._add(tensors, self.column)
 
     def micro_batch(self, tensors: Sequence[torch.Tensor]) -> None:
         """The whole gradient of one micro-batch (seq), before it is added to the others'."""
-        self._add(tensors, self._next, 1.0)
+        self._add(tensors, self._next)
         self._next += 1
 
     def summed(self, grads: Sequence[torch.Tensor]) -> None:
         """The gradients this rank holds after the update's sum (its shards under fsdp)."""
-        self._add(grads, self.parts, self.summed_share)
+        self._add(grads, self.parts)
 
-    def _add(self, tensors, column: int, weight: float) -> None:
+    def _add(self, tensors, column: int) -> None:
         if isinstance(tensors, torch.Tensor):
             norms = [torch.linalg.vector_norm(tensors)]
         else:
             norms = torch._foreach_norm(list(tensors)) if tensors else []
         self._norms.extend(norms)
         self._at.extend([self._index * self.columns + column] * len(norms))
-        self._weights.extend([weight] * len(norms))
 
     def end_epoch(self, updates: int) -> torch.Tensor:
         """The (updates x columns) matrix of squared norms, flattened (float64, on the device):
@@ -107,9 +105,9 @@ class GradientTap:
         out = torch.zeros(updates * self.columns, dtype=torch.float64, device=self.device)
         if self._norms:
             squares = torch.stack(self._norms).to(torch.float64).square()
-            weights = torch.tensor(self._weights, dtype=torch.float64, device=self.device)
             at = torch.tensor(self._at, dtype=torch.int64, device=self.device)
-            out.index_add_(0, at, squares * weights)
+            out.index_add_(0, at, squares)
+            out.view(updates, self.columns)[:, self.parts] *= self.summed_share
         return out
 
 
