@@ -174,19 +174,20 @@ def measure_constants(config: Config, mnist, split, cores: int, max_nproc: int,
     seq = measure.time_seq(configs, guess[1], mnist, split)
     points = [{"mode": "seq", "nproc": 1, "hidden": list(w), "params": parameter_count(w),
                "batch": batch, "step_seconds": s} for w, s in zip(widths, seq)]
-    worker_rss = None
+    # Baselines: a process's peak less what the model says its widest timed model held. The
+    # seq process holds torch and the CLI itself; forked ddp workers share those pages.
+    from dptrain.storage.runlog import peak_rss_bytes
+
+    widest = max(widths, key=parameter_count)
+    baselines = {"seq": peak_rss_bytes() - memory_per_rank(config, widest, batch, 1, "seq", 0)}
     if max_nproc >= 2:
         echo(f"timing updates: ddp x2 at the same widths")
         ddp, worker_rss = measure.time_ddp(configs, guess[2], 2)
         points += [{"mode": "ddp", "nproc": 2, "hidden": list(w), "params": parameter_count(w),
                     "batch": batch, "step_seconds": s} for w, s in zip(widths, ddp)]
-    model = fit(points, cores)
-    baseline = None
-    if worker_rss is not None:  # a worker's peak less what the model says its small width held
-        small = min(widths, key=parameter_count)
-        baseline = worker_rss - memory_per_rank(config, small, batch, 2, "ddp", 0)
-    return {"cost_model": model.as_dict(), "points": points, "baseline_rss_bytes": baseline,
-            "seconds": time.monotonic() - started}
+        baselines["ddp"] = worker_rss - memory_per_rank(config, widest, batch, 2, "ddp", 0)
+    return {"cost_model": fit(points, cores).as_dict(), "points": points,
+            "baseline_rss_bytes": baselines, "seconds": time.monotonic() - started}
 
 
 def load_constants(path: Path, machine: dict) -> dict:
@@ -262,8 +263,9 @@ def batches(config: Config, n_train: int) -> list[int]:
 
 
 def predict(config: Config, model: CostModel, calibration: dict, n_train: int,
-            max_nproc: int, baseline: int, available: int) -> list[dict]:
-    """A row per (process count, global batch)."""
+            max_nproc: int, baselines: dict[str, int], available: int) -> list[dict]:
+    """A row per (process count, global batch); `baselines`: a seq process's and a worker's
+    resident bytes before its model (memory_per_rank)."""
     params = parameter_count(config.model.hidden)
     rows = []
     for nproc in range(1, max_nproc + 1):
@@ -275,6 +277,7 @@ def predict(config: Config, model: CostModel, calibration: dict, n_train: int,
                            n_train=n_train)
             updates = predicted_updates(calibration["s_min"], calibration["noise_scale"], batch)
             seconds = model.seconds_per_update(params, batch, nproc)
+            baseline = baselines["seq" if nproc == 1 else "ddp"]
             memory = {mode: memory_per_rank(config, config.model.hidden, batch, nproc, mode,
                                             baseline) for mode in ("ddp", "fsdp")}
             rows.append({"nproc": nproc, "batch": batch, "lr": plan.lr,
@@ -375,10 +378,12 @@ def make_plan(config: Config, *, target: float | None, max_nproc: int | None, bu
     out.mkdir(parents=True, exist_ok=True)
     constants = (load_constants(constants_from, machine) if constants_from else
                  measure_constants(config, mnist, split, cores, max_nproc, echo))
-    baseline = constants.get("baseline_rss_bytes") or baseline
+    measured = constants.get("baseline_rss_bytes") or {}
+    baselines = {"seq": measured.get("seq", baseline)}
+    baselines["ddp"] = measured.get("ddp", baselines["seq"])
     model = CostModel.from_dict(constants["cost_model"])
     calibration = calibrate(config, out, target, budget, n_train, echo)
-    rows = predict(config, model, calibration, n_train, max_nproc, baseline, available)
+    rows = predict(config, model, calibration, n_train, max_nproc, baselines, available)
     plan = {"machine": machine, "available_memory_bytes": available,
             "config": json.loads(json.dumps(asdict(config))), "constants": constants,
             "calibration": {k: v for k, v in calibration.items()},
