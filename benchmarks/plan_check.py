@@ -84,10 +84,10 @@ def cap(setting: Setting, batch: int) -> int:
     return min(setting.max_epochs, max(setting.min_epochs, wanted))
 
 
-def updates(out: Path, names: list[str]) -> None:
+def updates(out: Path, names: list[str], only: set[int] | None = None) -> None:
     for name in names:
         setting = SETTINGS[name]
-        for batch in setting.batches:
+        for batch in [b for b in setting.batches if not only or b in only]:
             folder = out / name / f"B{batch}"
             result = folder / "result.json"
             if result.exists():  # rerun-safe: an interrupted grid continues
@@ -107,7 +107,7 @@ def updates(out: Path, names: list[str]) -> None:
                   f"{last['val_accuracy']:.4f}, {run['seconds']:.0f} s", flush=True)
 
 
-def times(out: Path, names: list[str]) -> None:
+def times(out: Path, names: list[str], only: set[int] | None = None) -> None:
     """Seconds per update per (nproc, batch) and width; `dptrain plan` per setting and target."""
     dptrain = [sys.executable, "-m", "dptrain"]
     widths = {SETTINGS[n].hidden: n for n in names}
@@ -118,7 +118,8 @@ def times(out: Path, names: list[str]) -> None:
             subprocess.run([*dptrain, "sweep", "--config",
                             str(REPO / "configs" / "study" / SETTINGS[name].config),
                             "--mode", "ddp", "--nproc", "2,4", "--hidden", text, "--epochs", "3",
-                            "--vary", "batch_size=" + ",".join(map(str, BATCHES)),
+                            "--vary", "batch_size=" + ",".join(
+                                str(b) for b in SETTINGS[name].batches if not only or b in only),
                             "--out", str(folder), "--force"], check=True)
     for name in names:
         setting = SETTINGS[name]
@@ -200,6 +201,7 @@ def compare(out: Path) -> dict:
             lines += table(name, target, entry)
     (out / "compare.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "compare.txt").write_text("\n".join(lines) + "\n")
+    (out / "compare.md").write_text(markdown(report))
     print("\n".join(lines))
     figures(out, report)
     return report
@@ -252,7 +254,8 @@ def best_configurations(out: Path, name: str, target: float, rows: list[dict]) -
     if not measured_times or not path.exists():
         return {}
     best = min(measured_times, key=measured_times.get)
-    recommended = json.loads(path.read_text())["recommendation"]
+    plan = json.loads(path.read_text())
+    recommended = plan["recommendation"]
     key = (recommended["nproc"], recommended["batch"])
     return {"best_measured": {"nproc": best[0], "batch": best[1],
                               "seconds": measured_times[best]},
@@ -260,7 +263,10 @@ def best_configurations(out: Path, name: str, target: float, rows: list[dict]) -
                             "predicted_seconds": recommended["seconds_to_target"],
                             "measured_seconds": measured_times.get(key)},
             "recommended_over_best": (measured_times[key] / measured_times[best]
-                                      if key in measured_times else None)}
+                                      if key in measured_times else None),
+            "plan_seconds": {f"{r['nproc']}x{r['batch']}": r["seconds_to_target"]
+                             for r in plan["rows"]},
+            "plan_run_seconds": plan["seconds"]}
 
 
 def table(name: str, target: float, entry: dict) -> list[str]:
@@ -290,6 +296,68 @@ def table(name: str, target: float, entry: dict) -> list[str]:
                      f"{best['seconds']:.3g} s; recommended nproc {rec['nproc']} batch "
                      f"{rec['batch']}: {rec['measured_seconds'] or float('nan'):.3g} s measured "
                      f"({entry['recommended_over_best'] or float('nan'):.2f}x the best)")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """A table per setting for STUDY.md: per batch, measured and predicted updates to each
+    target (one-run model, then two-run), and where `times` ran, the time to target."""
+    text = []
+    for name, setting in SETTINGS.items():
+        entries = [(t, report.get(f"{name}@{t}")) for t in setting.targets]
+        entries = [(t, e) for t, e in entries if e]
+        if not entries:
+            continue
+        head = ["batch"] + [f"to {t}: measured, predicted (two-run)" for t, _ in entries]
+        text += [f"**{name}**", "", "| " + " | ".join(head) + " |",
+                 "| " + " | ".join("---" for _ in head) + " |"]
+        batches = [r["batch"] for r in entries[0][1]["rows"]]
+        for i, batch in enumerate(batches):
+            cells = [str(batch)]
+            for _, entry in entries:
+                r = entry["rows"][i]
+                got = f"{r['measured_updates']:.0f}" if r["measured_updates"] else \
+                    f"> {r['trained_updates']}"
+                two = f" ({r['two_run_predicted']:.0f})" if r["two_run_predicted"] else ""
+                mark = "**" if r["ratio"] and abs(r["ratio"] - 1) <= GOAL else ""
+                cells.append(f"{got}, {mark}{r['predicted_updates']:.0f}{mark}{two}")
+            text.append("| " + " | ".join(cells) + " |")
+        text.append("")
+        for target, entry in entries:
+            text += time_table(name, target, entry)
+        for target, entry in entries:
+            text.append(f"- to {target}: B_noise {entry['noise_scale']:.0f} at batch "
+                        f"{REFERENCE}, S_min {entry['s_min']:.0f}; {entry['within_goal']} of "
+                        f"{entry['judged']} within +-35% (two-run: "
+                        f"{entry['two_run_within_goal']} of {entry['two_run_judged']})")
+        text.append("")
+    return "\n".join(text) + "\n"
+
+
+def time_table(name: str, target: float, entry: dict) -> list[str]:
+    """Seconds to the target per batch and nproc, measured (updates x seconds per update)
+    and as plan predicted it, where `times` ran; the best and the recommended marked."""
+    if not entry.get("best_measured"):
+        return []
+    predicted = entry.get("plan_seconds", {})
+    head = ["batch"] + [f"nproc {n}: measured, plan" for n in NPROCS]
+    lines = [f"{name}, seconds to {target} (training steps):", "",
+             "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    best, rec = entry["best_measured"], entry["recommended"]
+    for r in entry["rows"]:
+        cells = [str(r["batch"])]
+        for n in NPROCS:
+            got = r["measured_seconds"].get(n)
+            plan = predicted.get(f"{n}x{r['batch']}")
+            mark = ("best, " if (n, r["batch"]) == (best["nproc"], best["batch"]) else "") + \
+                ("recommended, " if (n, r["batch"]) == (rec["nproc"], rec["batch"]) else "")
+            cells.append((f"{mark}{got:.3g}" if got else "-") +
+                         (f", {plan:.3g}" if plan else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"recommended `{rec['command']}`: {rec['measured_seconds'] or float('nan'):.3g} s"
+              f" measured, {entry['recommended_over_best'] or float('nan'):.2f}x the best "
+              f"measured ({best['seconds']:.3g} s, nproc {best['nproc']}, batch "
+              f"{best['batch']})", ""]
     return lines
 
 
@@ -376,12 +444,15 @@ def main() -> None:
     parser.add_argument("what", choices=("updates", "times", "compare"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--batches", help="only these global batches (a dry run)")
     args = parser.parse_args()
+    only = {int(b) for b in args.batches.split(",")} if args.batches else None
     names = args.settings.split(",")
     unknown = set(names) - set(SETTINGS)
     if unknown:
         parser.error(f"unknown settings {sorted(unknown)}; choose from {list(SETTINGS)}")
-    {"updates": lambda: updates(args.out, names), "times": lambda: times(args.out, names),
+    {"updates": lambda: updates(args.out, names, only),
+     "times": lambda: times(args.out, names, only),
      "compare": lambda: compare(args.out)}[args.what]()
 
 
