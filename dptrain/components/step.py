@@ -62,9 +62,11 @@ class EagerStep:
     """Forward, backward (with the strategy's gradient sum), check and update, op by op."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-                 guard: NonFiniteGuard, strategy, *, tap: GradientTap | None = None):
+                 guard: NonFiniteGuard, strategy, clip_grad_norm: float = 0.0, *,
+                 tap: GradientTap | None = None):
         self.model, self.optimizer, self.samples = model, optimizer, samples
         self.guard, self.strategy = guard, strategy
+        self.clip_grad_norm = clip_grad_norm  # 0 = no clipping
         self.tap = tap  # the gradient noise scale's norms (noise.py), where a run has them
         self._losses = torch.zeros(0, dtype=torch.float64, device=samples.device)
 
@@ -89,8 +91,10 @@ class EagerStep:
         (loss * (loss.detach() * 0.0 + 1 / global_batch)).backward()
         grads = self.strategy.local_gradients(self.model)
         self.guard.check(grads)
-        if self.tap is not None:
+        if self.tap is not None:  # the summed gradient as computed, before any clipping
             self.tap.summed(grads)
+        if self.clip_grad_norm:
+            self.strategy.clip_gradients(self.model, self.clip_grad_norm)
         self.optimizer.step()
         self._losses[index] = loss.detach()
 
@@ -108,7 +112,8 @@ class EagerStep:
 
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-              guard: NonFiniteGuard, *, tap: GradientTap | None = None) -> EagerStep:
+              guard: NonFiniteGuard, clip_grad_norm: float = 0.0, *,
+              tap: GradientTap | None = None) -> EagerStep:
     """The step implementation for the strategy's device. The eager step is the only one so
     far; a CUDA-graphed step is the planned second (issue 10), behind these same methods."""
-    return EagerStep(model, optimizer, samples, guard, strategy, tap=tap)
+    return EagerStep(model, optimizer, samples, guard, strategy, clip_grad_norm, tap=tap)
