@@ -66,21 +66,24 @@ class GradientTap:
         self._index, self._next = 0, 0
         self._norms: list[torch.Tensor] = []
         self._at: list[int] = []  # flat (update, column) index of each norm
+        self._keys: list[int] = []  # its order within that cell (a parameter's position)
 
     @property
     def columns(self) -> int:
         return self.parts + 1
 
     def begin_epoch(self) -> None:
-        self._norms, self._at = [], []
+        self._norms, self._at, self._keys = [], [], []
 
     def begin_update(self, index: int) -> None:
         self._index, self._next = index, 0
 
-    def pre_sum(self, tensors: torch.Tensor | Sequence[torch.Tensor]) -> None:
-        """A piece of this rank's gradient before the sum over ranks (ddp, fsdp): a bucket or a
-        unit; pieces of one update add up."""
-        self._add(tensors, self.column)
+    def pre_sum(self, tensors: torch.Tensor | Sequence[torch.Tensor],
+                keys: Sequence[int] | None = None) -> None:
+        """A piece of this rank's gradient before the sum over ranks (ddp, fsdp): a bucket's
+        gradients or a unit; pieces of one update add up, in the order of `keys` (the
+        parameters' positions), whatever order they came in."""
+        self._add(tensors, self.column, keys)
 
     def micro_batch(self, tensors: Sequence[torch.Tensor]) -> None:
         """The whole gradient of one micro-batch (seq), before it is added to the others'."""
@@ -91,21 +94,25 @@ class GradientTap:
         """The gradients this rank holds after the update's sum (its shards under fsdp)."""
         self._add(grads, self.parts)
 
-    def _add(self, tensors, column: int) -> None:
+    def _add(self, tensors, column: int, keys: Sequence[int] | None = None) -> None:
         if isinstance(tensors, torch.Tensor):
             norms = [torch.linalg.vector_norm(tensors)]
         else:
             norms = torch._foreach_norm(list(tensors)) if tensors else []
         self._norms.extend(norms)
         self._at.extend([self._index * self.columns + column] * len(norms))
+        self._keys.extend(keys if keys is not None else range(len(norms)))
 
     def end_epoch(self, updates: int) -> torch.Tensor:
         """The (updates x columns) matrix of squared norms, flattened (float64, on the device):
         to be summed over ranks with the epoch's other totals."""
         out = torch.zeros(updates * self.columns, dtype=torch.float64, device=self.device)
         if self._norms:
-            squares = torch.stack(self._norms).to(torch.float64).square()
-            at = torch.tensor(self._at, dtype=torch.int64, device=self.device)
+            # A fixed order of addition: DDP may hand the same gradients over in other
+            # buckets after it rebuilds them, and a resumed run must give the same digits.
+            order = sorted(range(len(self._norms)), key=lambda i: (self._at[i], self._keys[i]))
+            squares = torch.stack([self._norms[i] for i in order]).to(torch.float64).square()
+            at = torch.tensor([self._at[i] for i in order], dtype=torch.int64, device=self.device)
             out.index_add_(0, at, squares)
             out.view(updates, self.columns)[:, self.parts] *= self.summed_share
         return out
@@ -171,12 +178,15 @@ def estimate(matrix: Sequence[float], batches: Sequence[int], parts: int,
 # Where each mode reads its small batches (the strategies install these; nothing here is
 # called by the loop):
 
-def tapped_comm_hook(hook, tap: GradientTap):
-    """DDP comm hook `hook`, wrapped: it first reads this rank's bucket before the sum. DDP
-    hands a hook a bucket of this rank's gradients and nothing else does, so the norm costs one
-    pass over the bucket, which the sum reads anyway."""
+def tapped_comm_hook(hook, tap: GradientTap, model: torch.nn.Module):
+    """DDP comm hook `hook`, wrapped: it first reads this rank's gradients in the bucket, before
+    the sum. DDP hands a hook a bucket of this rank's gradients and nothing else does, so the
+    norms cost one pass over the bucket, which the sum reads anyway. Per parameter, in the
+    model's order: DDP rebuilds its buckets after the first update, in another order."""
+    position = {param: i for i, param in enumerate(model.parameters())}
+
     def observed(state, bucket):  # `bucket`, not annotated: DDP checks both (gradsum.py)
-        tap.pre_sum(bucket.buffer())
+        tap.pre_sum(bucket.gradients(), [position[p] for p in bucket.parameters()])
         return hook(state, bucket)
 
     return observed

@@ -298,7 +298,9 @@ class DDPStrategy(_ProcessGroupStrategy):
             state, hook = summer, _sum_gradients_in_shared_memory
         else:
             state, hook = None, _sum_gradients
-        ddp.register_comm_hook(state, noise.tapped_comm_hook(hook, self.tap) if self.tap else hook)
+        if self.tap is not None:
+            hook = noise.tapped_comm_hook(hook, self.tap, model)
+        ddp.register_comm_hook(state, hook)
         return ddp
 
     def _grad_sync(self) -> str:
