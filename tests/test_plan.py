@@ -25,7 +25,7 @@ def invoke(*args: str):
     (["--max-nproc", "0"], "--max-nproc 0: expected at least 1 process"),
     (["--target-accuracy", "0.9", "--epochs", "3"], "pass one of them"),
     (["--target-accuracy", "1.5"], "expected a fraction between 0 and 1"),
-    (["--hidden", "100000,100000"], "--hidden 100000,100000: one replica needs about"),
+    (["--hidden", "100000,100000"], "plan: the model of hidden [100000, 100000] (10,079,"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
     """Refused before anything is measured or allocated, and nothing is written."""
@@ -84,15 +84,19 @@ def test_the_cost_model_fit_recovers_its_constants():
     assert VM_2CORE.crossover(1024) == pytest.approx(15260, rel=1e-3)
 
 
-def test_memory_per_rank():
+def test_memory_per_rank_is_the_baseline_and_the_models_estimate():
+    from dptrain.components.memory import parameter_count, training_memory
+
     config = Config()
-    params = planner.parameter_count((16, 16))
-    assert params == 13002
-    ddp = planner.memory_per_rank(config, (16, 16), 1024, 2, "ddp", 0)
-    fsdp = planner.memory_per_rank(config, (4096, 4096), 1024, 4, "fsdp", 0)
-    # Adam: 16 bytes per parameter, sharded 4 ways under fsdp, plus the biggest layer x3.
-    assert ddp > 16 * params
-    assert fsdp < planner.memory_per_rank(config, (4096, 4096), 1024, 4, "ddp", 0)
+    from dptrain.study.measure import with_width
+
+    wide = with_width(config, (4096, 4096))
+    assert planner.memory_per_rank(config, (4096, 4096), 1024, 4, "fsdp", 500) == 500 + \
+        training_memory(wide, mode="fsdp", world_size=4, global_batch=1024).total
+    # One process is seq, whatever the mode; Adam keeps 16 bytes per parameter.
+    seq = planner.memory_per_rank(config, (16, 16), 1024, 1, "fsdp", 0)
+    assert seq == training_memory(config, mode="seq", world_size=1, global_batch=1024).total
+    assert seq > 16 * parameter_count((16, 16))
 
 
 def runnable(command: str, n_train: int = 42000):

@@ -8,6 +8,7 @@ makes ddp and fsdp compute the sequential gradient exactly, uneven batches inclu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -92,7 +93,8 @@ class Strategy:
         self.env = env
         self.device = device
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
+        """The model, ready to train at `precision` (the step's autocast does the rest)."""
         return model.to(self.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -133,6 +135,11 @@ class Strategy:
     def after_evaluation(self, model: nn.Module) -> None:
         """Forward passes without a backward are done: leave the parameters as training and
         checkpoints expect them (fsdp: sharded again)."""
+
+    def no_gradient_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Forward and backward passes inside leave their gradients on this rank, added to those
+        it holds; the next backward outside sums them all over ranks (--accumulate)."""
+        return contextlib.nullcontext()
 
     def gradient_tap(self, model: nn.Module, micro_batches: int) -> GradientTap | None:
         """What reads the gradient noise scale's small batches (components/noise.py): in one
@@ -284,7 +291,7 @@ class DDPStrategy(_ProcessGroupStrategy):
         super().__init__(env, device, backend, system)
         self.grad_sync = self._grad_sync()
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -321,6 +328,9 @@ class DDPStrategy(_ProcessGroupStrategy):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module
 
+    def no_gradient_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return model.no_sync()  # DDP reads the flag in forward too: both run inside
+
 
 # A Linear whose parameters reach this many bytes is its own FSDP unit, gathered just for its
 # compute, so that a wide model is unsharded one big layer at a time. Smaller layers share the
@@ -346,22 +356,25 @@ class FSDPStrategy(_ProcessGroupStrategy):
     grad_sync = "collective"  # reduce-scatter, through the process group
     checkpoint_format = "dcp"  # torch.distributed.checkpoint: each rank writes its own shards
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.env.world_size,))
+        # bf16: gather bf16 parameters (half the bytes) for the compute, sum gradients in float32.
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if precision == "bf16" else MixedPrecisionPolicy())
         model.to(self.device)
         own = own_units(model)
         # A layer unit gathers its shards in that layer's forward, which must then run; with
         # the root's unit alone, the root gathers everything and the fused loss can run.
         model.fused = not own
         for layer in own:
-            fully_shard(layer, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
         # The root keeps its parameters gathered from forward to backward (FSDP2's default for
         # the root): one all-gather per step. Evaluation has no backward to reshard them after,
         # so after_evaluation does.
-        fully_shard(model, mesh=mesh)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 # Sum, as DDP's hook above; the plain SUM op also works on gloo (no PREMUL_SUM).
@@ -370,6 +383,16 @@ class FSDPStrategy(_ProcessGroupStrategy):
                 if self.tap is not None:
                     module.set_custom_reduce_scatter(noise.tapped_reduce_scatter(self.tap))
         return model
+
+    @contextlib.contextmanager
+    def no_gradient_sync(self, model: nn.Module):
+        # No reduce-scatter: each unit keeps its unsharded gradients (in the reduce dtype) and
+        # adds them into the next backward's before that one's reduce-scatter.
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
     def after_evaluation(self, model: nn.Module) -> None:
         model.reshard()
@@ -397,16 +420,21 @@ class FSDPStrategy(_ProcessGroupStrategy):
 def load_torch_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
                      device: torch.device) -> None:
     """A seq/ddp checkpoint's state.pt into a plain model and its optimizer (weights_only);
-    safeload.LoadError in one line if it is refused or does not fit them."""
-    from dptrain.storage.safeload import LoadError, first_line, torch_load
+    safeload.LoadError in one line if it is refused or is not what they would hold: every
+    tensor and setting is checked against them (statecheck.py) before any kernel sees it."""
+    from dptrain.storage.safeload import ARCHIVE_OVERHEAD, LoadError, torch_load
+    from dptrain.storage.statecheck import check_state, expected_state, tensor_bytes
 
-    state = torch_load(folder / STATE_FILE, map_location=device)
+    expected = expected_state(model, optimizer)
+    path = folder / STATE_FILE
+    state = torch_load(path, map_location=device, follow_links=False,
+                       max_bytes=tensor_bytes(expected) + ARCHIVE_OVERHEAD)
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise LoadError(f"{folder / STATE_FILE}: not the state of this run's model and optimizer "
-                        f"({type(e).__name__}: {first_line(e)})") from None
+        check_state(state, expected)
+    except LoadError as e:
+        raise LoadError(f"{path}: {e}") from None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
 
 
 def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
@@ -420,7 +448,7 @@ def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp_load(state, folder)
+    dcp_load(state, folder)  # checked against `state` before and after (safedcp.py)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
 

@@ -26,7 +26,9 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from dptrain.config import Config, cpu_cores, resolve, resolve_lr, to_toml
+from dptrain.components.memory import (available_bytes, parameter_count, require_memory,
+                                       training_memory)
+from dptrain.config import Config, cpu_cores, resolve, to_toml
 from dptrain.errors import UserError
 from dptrain.study.costmodel import CostModel, VM_2CORE, fit
 
@@ -42,53 +44,19 @@ TARGET_MODE_EPOCHS = 10_000
 WIDEN_BELOW = 200_000
 
 
-def parameter_count(hidden) -> int:
-    sizes = [784, *hidden, 10]
-    return sum(a * b + b for a, b in zip(sizes, sizes[1:]))
-
-
 # --- memory ---------------------------------------------------------------------------------
-
-def optimizer_bytes_per_parameter(config: Config) -> int:
-    """Adam keeps two float32 moments; SGD a momentum buffer when it has momentum."""
-    if config.optim.optimizer == "adam":
-        return 8
-    return 4 if config.optim.momentum else 0
-
 
 def memory_per_rank(config: Config, hidden, batch: int, nproc: int, mode: str,
                     baseline: int) -> int:
     """Predicted peak resident bytes of one rank: `baseline` (the process itself: torch, the
-    mapped data) + parameters, gradients and optimizer state (1/nproc of them under fsdp,
-    plus its largest unit gathered with its gradient and reduce-scatter input) + the
-    activations of its share of the batch (inputs as uint8 and float, every hidden layer's
-    output kept for backward and its gradient, the logits) + ddp's shared-memory sum (at most
-    16 MB). An estimate; STUDY.md section 6 compares it with measured peaks."""
-    params = parameter_count(hidden)
-    state = params * (8 + optimizer_bytes_per_parameter(config))
-    share = math.ceil(batch / nproc)
-    activations = share * (784 * 5 + 4 * 3 * sum(hidden) + 4 * 3 * 10)
-    if mode == "fsdp" and nproc > 1:
-        from dptrain.distributed.strategy import OWN_UNIT_BYTES
+    mapped data; measured by the plan) + the model's memory as components/memory.py estimates
+    it for a run (parameters, gradients, optimizer state, activations; fsdp's shards and its
+    gathered layer). STUDY.md section 6 compares it with measured peaks."""
+    from dptrain.study.measure import with_width
 
-        sizes = [784, *hidden, 10]
-        layers = [4 * (a * b + b) for a, b in zip(sizes, sizes[1:])]
-        own = [b for b in layers if b >= OWN_UNIT_BYTES]
-        largest = max(own + [sum(b for b in layers if b < OWN_UNIT_BYTES)])
-        return baseline + state // nproc + 3 * largest + activations
-    summed = min(16 << 20, 8 * (nproc + 1) * params) if nproc > 1 else 0
-    return baseline + state + activations + summed
-
-
-def available_memory() -> int:
-    """Bytes this machine can still give (MemAvailable; the physical pages if unknown)."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    estimate = training_memory(with_width(config, hidden), mode="seq" if nproc == 1 else mode,
+                               world_size=nproc, global_batch=batch)
+    return baseline + estimate.total
 
 
 def current_rss() -> int:
@@ -100,19 +68,6 @@ def current_rss() -> int:
     except OSError:
         pass
     return 0
-
-
-def check_fits(config: Config, batch: int, baseline: int, available: int) -> None:
-    """Refuse, before anything is allocated, a width whose one replica cannot fit: the plan
-    times it in one process."""
-    need = memory_per_rank(config, config.model.hidden, batch, 1, "seq", baseline)
-    if need > available:
-        hidden = ",".join(map(str, config.model.hidden))
-        raise UserError(f"--hidden {hidden}: one replica needs about {need / 2**30:.1f} GiB "
-                        f"({parameter_count(config.model.hidden):,} parameters x "
-                        f"{8 + optimizer_bytes_per_parameter(config)} bytes, and the "
-                        f"activations of batch {batch}), but this machine has "
-                        f"{available / 2**30:.1f} GiB available; choose a smaller --hidden")
 
 
 # --- the noise-scale model of updates -------------------------------------------------------
@@ -263,7 +218,7 @@ def batches(config: Config, n_train: int) -> list[int]:
 
 
 def predict(config: Config, model: CostModel, calibration: dict, n_train: int,
-            max_nproc: int, baselines: dict[str, int], available: int) -> list[dict]:
+            max_nproc: int, baselines: dict[str, int], available: int | None) -> list[dict]:
     """A row per (process count, global batch); `baselines`: a seq process's and a worker's
     resident bytes before its model (memory_per_rank)."""
     params = parameter_count(config.model.hidden)
@@ -280,13 +235,14 @@ def predict(config: Config, model: CostModel, calibration: dict, n_train: int,
             baseline = baselines["seq" if nproc == 1 else "ddp"]
             memory = {mode: memory_per_rank(config, config.model.hidden, batch, nproc, mode,
                                             baseline) for mode in ("ddp", "fsdp")}
+            fits = available is None or memory["ddp"] * nproc <= available
             rows.append({"nproc": nproc, "batch": batch, "lr": plan.lr,
                          "seconds_per_update": seconds, "updates": updates,
                          "epochs": max(1, math.ceil(updates / plan.updates_per_epoch)),
                          "seconds_to_target": updates * seconds,
                          "ddp_bytes_per_rank": memory["ddp"],
                          "fsdp_bytes_per_rank": memory["fsdp"],
-                         "fits": memory["ddp"] * nproc <= available,
+                         "fits": fits,
                          "turn_taking": nproc > model.cores})
     return rows
 
@@ -370,8 +326,11 @@ def make_plan(config: Config, *, target: float | None, max_nproc: int | None, bu
     split = split_indices(len(mnist.labels), config.data.split_seed)
     n_train = len(split.train)
     reference = resolve(config, mode="seq", world_size=1, n_train=n_train)
-    available, baseline = available_memory(), current_rss()
-    check_fits(config, reference.global_batch, baseline, available)  # before torch, too
+    # Refused as `dptrain seq` would refuse it, before anything is allocated: the plan times
+    # one replica in this process.
+    require_memory(training_memory(config, mode="seq", world_size=1,
+                                   global_batch=reference.global_batch), config, what="plan")
+    available, baseline = available_bytes(), current_rss()
     cores = cpu_cores()
     max_nproc = max_nproc or cores
     machine = this_machine(config)
