@@ -96,17 +96,28 @@ def test_what_an_estimate_leaves_out():
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
+    """ddp x2 and x4 (real workers), and seq with 2 micro-batches (in this process), 1 epoch."""
+    from dptrain.storage import checkpoint
+    from dptrain.worker import run
+
     root = tmp_path_factory.mktemp("noise")
-    return {n: train("ddp", root / f"ddp-{n}", "--epochs", "1", "--checkpoint-every", "0",
-                     nproc=n) for n in (2, 4)} | {"root": root}
+    runs = {n: train("ddp", root / f"ddp-{n}", "--epochs", "1", "--checkpoint-every", "0",
+                     nproc=n) for n in (2, 4)}
+    config, _ = checkpoint.config_and_resume("seq", {
+        "out": str(root / "seq-k2"), "device": "cpu", "epochs": 1, "checkpoint_every": 0,
+        "accumulate": 2, "threads": 1})
+    return runs | {"seq": run("seq", config), "root": root}
 
 
 @pytest.mark.slow
-def test_ddp_at_2_and_4_ranks_agree(ddp_runs):
+def test_ddp_at_2_and_4_ranks_and_seq_micro_batches_agree(ddp_runs):
     """Shares of 512 and of 256 estimate the same |G|^2 and tr(Sigma): their epoch means
-    agree within their standard errors, and the last is in summary.json."""
-    records = {n: json.loads((ddp_runs["root"] / f"ddp-{n}" / "metrics.jsonl").read_text())
-               for n in (2, 4)}
+    agree within their standard errors, and the last is in summary.json. seq's 2 micro-batches
+    are ddp x2's two shares (both split alike): the same estimate, to round-off."""
+    records = {n: json.loads((ddp_runs["root"] / name / "metrics.jsonl").read_text())
+               for n, name in ((2, "ddp-2"), (4, "ddp-4"), ("seq", "seq-k2"))}
+    for key in ("grad_sq", "trace_cov", "noise_scale"):
+        assert records["seq"][key] == pytest.approx(records[2][key], rel=1e-4), key
     for key in ("grad_sq", "trace_cov", "noise_scale"):
         a, b = records[2][key], records[4][key]
         error = np.hypot(records[2][f"{key}_se"], records[4][f"{key}_se"])

@@ -19,11 +19,11 @@ is tr(Sigma) * (1/b - 1/N) (Sigma with the 1/(N-1) normalisation): the estimates
 weight, exact for any b <= N (the full batch, b = N, has no noise), where the paper's 1/b
 assumes an infinite population.
 
-On the device, per update: one norm of each pre-sum gradient piece (a DDP bucket, an FSDP unit's
-reduce-scatter input, a micro-batch's gradients) and one of the summed gradients this rank holds,
-appended to a list; once per epoch they are scattered into an (updates x parts) matrix that joins
-the epoch's one all-reduce of the losses. The host then computes the estimates per update and
-averages them over the epoch (`estimate`).
+On the device, per update: the norms of the pre-sum gradient (a DDP bucket's parameters, an FSDP
+unit's reduce-scatter input, a micro-batch's gradients) and of the summed gradients this rank
+holds, appended to a list (one foreach kernel each); once per epoch they are added, in a fixed
+order, into an (updates x parts+1) matrix that joins the epoch's one all-reduce of the losses.
+The host then computes the estimates per update and averages them over the epoch (`estimate`).
 """
 
 from __future__ import annotations
