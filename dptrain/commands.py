@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from dptrain.errors import USER_ERROR_EXIT, UserError
-from dptrain.flags import (Command, config_from_flags, process_group_flags, training_flags,
-                           with_flags)
+from dptrain.flags import (CHECKPOINT, SYSTEM, TRAIN, Command, _opt, config_from_flags,
+                           process_group_flags, training_flags, with_flags)
 from dptrain.storage.runlog import default_out_dir, err, make_console
 
 
@@ -33,6 +33,19 @@ def sweep_flags(
                                          "speedups).", rich_help_panel="Sweep")] = False,
 ) -> None:
     """Declares the sweep's own options; never called."""
+
+
+# The training flags that a sweep reads otherwise than a training command.
+SWEEP_HELPS = {
+    "out": Annotated[Optional[str], _opt("Sweep folder: one run folder per cell and run, and "
+                                         "sweep.csv.", "runs/sweep-<modes>-<timestamp>", TRAIN)],
+    "resume": Annotated[Optional[str], _opt(
+        "Continue the interrupted sweep in SWEEP_DIR as it was planned (it takes no other flag).",
+        "a fresh start", CHECKPOINT, "--resume")],
+    "threads": Annotated[Optional[int], _opt(
+        "Intra-op threads of every run, seq included, so that a speedup compares processes, "
+        "not thread counts; 0 = 1.", 1, SYSTEM)],
+}
 
 
 def _user_errors(function):
@@ -109,7 +122,10 @@ def _sweep_plan(mode, nproc, vary, no_seq, flags: dict):
     if len(set(keys)) != len(keys):
         raise UserError(f"--vary: a key is given twice ({', '.join(keys)}); list all its "
                         "values in one --vary")
-    config = config_from_flags(flags)
+    from dptrain.cli import with_data_dir
+
+    # Every run, and the sweep's own config files, name the data by its absolute folder.
+    config = with_data_dir(config_from_flags(flags), typed=flags.get("data_dir") is not None)
     out = Path(flags["out"]) if flags.get("out") else default_out_dir(f"sweep-{'-'.join(modes)}")
     return grid, config, out, False
 
@@ -133,12 +149,35 @@ def plan_flags(
     """Declares the plan's own options; never called."""
 
 
+PLAN_HELPS = {
+    "out": Annotated[Optional[str], _opt("Plan folder: plan.json, the calibration run and its "
+                                         "log.", "runs/plan-<timestamp>", TRAIN)],
+    "force": Annotated[bool, typer.Option("--force", help="Replace a plan in --out.",
+                                          rich_help_panel=TRAIN)],
+    "epochs": Annotated[Optional[int], _opt(
+        "Without --target-accuracy: the target is the validation accuracy these epochs reach at "
+        "the configured batch (the calibration run trains them).", 25)],
+    "threads": Annotated[Optional[int], _opt(
+        "Intra-op threads per process, timed and recommended; 0 = 1 (the cost model's).", 1,
+        SYSTEM)],
+}
+# Flags of a training run that plan cannot honour: its runs are measurements, without
+# checkpoints, and it predicts a constant lr after the warmup.
+PLAN_REFUSES = {
+    "resume": "--resume continues a training run; plan starts none to continue",
+    "checkpoint_every": "--checkpoint-every: plan's runs write no checkpoints",
+    "keep": "--keep: plan's runs write no checkpoints",
+    "keep_best": "--keep-best: plan's runs write no checkpoints",
+}
+
+
 def plan(target_accuracy: float | None, max_nproc: int | None, budget: float,
          constants: Path | None, **flags) -> None:
     from dptrain.study.plan import PLAN_JSON, make_plan, plan_table
 
-    if flags.get("resume"):
-        raise UserError("--resume continues a training run; plan starts none to continue")
+    refused = [line for key, line in PLAN_REFUSES.items() if flags.get(key)]
+    if refused:
+        raise UserError("; ".join(refused))
     if target_accuracy is not None and flags.get("epochs") is not None:
         raise UserError("--target-accuracy and --epochs both set the target; pass one of them")
     if target_accuracy is not None and not 0 < target_accuracy < 1:
@@ -149,6 +188,10 @@ def plan(target_accuracy: float | None, max_nproc: int | None, budget: float,
     if not budget > 0:
         raise UserError(f"--budget {budget:g}: expected a positive number of seconds")
     config = config_from_flags(flags)
+    if config.optim.lr_schedule != "constant":
+        raise UserError(f"--lr-schedule {config.optim.lr_schedule}: plan predicts a constant lr "
+                        "after the warmup (a schedule over the epochs changes with them); plan "
+                        "without it, then add it to the command plan recommends")
     out = Path(flags["out"]) if flags.get("out") else default_out_dir("plan")
     if (out / PLAN_JSON).exists() and not flags["force"]:
         raise UserError(f"--out {out} already holds a plan ({PLAN_JSON}); choose another "
@@ -232,12 +275,14 @@ def register(app: typer.Typer) -> None:
                 help="Train once per mode and process count (plus a seq reference), in every "
                      "cell of the --vary keys; write sweep.csv and sweep.json. --resume "
                      "SWEEP_DIR continues an interrupted sweep.")(
-        with_flags(_user_errors(sweep), sweep_flags, training_flags, process_group_flags))
+        with_flags(_user_errors(sweep), sweep_flags, training_flags, process_group_flags,
+                   helps=SWEEP_HELPS))
     app.command("plan", cls=Command,
                 help="Predict the fastest process count and global batch to reach a validation "
                      "accuracy on this machine: time a few updates, train one short calibration "
                      "run, print the table and the command to run; plan.json in --out.")(
-        with_flags(_user_errors(plan), plan_flags, training_flags, process_group_flags))
+        with_flags(_user_errors(plan), plan_flags, training_flags, process_group_flags,
+                   helps=PLAN_HELPS))
     app.command("plot", cls=Command,
                 help="Loss and validation accuracy curves of runs, as one PNG; a run still "
                      "training is drawn up to its last finished epoch.")(_wrap(plot))

@@ -26,6 +26,8 @@ def invoke(*args: str):
     (["--target-accuracy", "0.9", "--epochs", "3"], "pass one of them"),
     (["--target-accuracy", "1.5"], "expected a fraction between 0 and 1"),
     (["--hidden", "100000,100000"], "plan: the model of hidden [100000, 100000] (10,079,"),
+    (["--lr-schedule", "cosine"], "plan predicts a constant lr after the warmup"),
+    (["--keep-best", "--resume", "auto"], "plan starts none to continue; --keep-best: plan's"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
     """Refused before anything is measured or allocated, and nothing is written."""
