@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dptrain.components import noise
+from dptrain.components.noise import GradientTap
 from dptrain.config import SystemConfig, cpu_cores
 from dptrain.errors import UserError
 from dptrain.storage.runlog import peak_rss_bytes, write_atomic
@@ -159,6 +161,15 @@ class Strategy:
         it holds; the next backward outside sums them all over ranks (--accumulate)."""
         return contextlib.nullcontext()
 
+    def gradient_tap(self, model: nn.Module, micro_batches: int) -> GradientTap | None:
+        """What reads the gradient noise scale's small batches (components/noise.py): in one
+        process, the micro-batches of an update; None where an update has fewer than two."""
+        if micro_batches < 2:
+            return None
+        tap = GradientTap(self.device, micro_batches)
+        noise.tap_micro_batches(model, tap)
+        return tap
+
     def local_gradients(self, model: nn.Module) -> list[torch.Tensor]:
         """The gradients this rank holds after backward (its shards under fsdp), summed over
         ranks; what the non-finite check of a step reads (step.NonFiniteGuard)."""
@@ -213,6 +224,10 @@ class _ProcessGroupStrategy(Strategy):
         super().__init__(env, device)
         self.backend = backend
         self.system = system
+        # The ranks' shares are the noise scale's small batches; wrap() installs the reading.
+        n = env.world_size
+        self.tap = GradientTap(device, n, column=env.rank,
+                               summed_share=1 / n if self.mode == "ddp" else 1.0) if n > 1 else None
         if not dist.is_initialized():
             setup = max(system.timeout, SETUP_TIMEOUT_S)
             # device_id binds nccl's communicator to this rank's GPU at once; gloo has none.
@@ -232,6 +247,9 @@ class _ProcessGroupStrategy(Strategy):
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def gradient_tap(self, model: nn.Module, micro_batches: int) -> GradientTap | None:
+        return self.tap
 
     def gather_object(self, obj) -> list:
         gathered = [None] * self.env.world_size
@@ -304,9 +322,12 @@ class DDPStrategy(_ProcessGroupStrategy):
 
             summer = SharedMemorySum(sum(p.numel() for p in model.parameters()), self.env.rank,
                                      self.env.world_size, self.system.timeout)
-            ddp.register_comm_hook(summer, _sum_gradients_in_shared_memory)
+            state, hook = summer, _sum_gradients_in_shared_memory
         else:
-            ddp.register_comm_hook(None, _sum_gradients)
+            state, hook = None, _sum_gradients
+        if self.tap is not None:
+            hook = noise.tapped_comm_hook(hook, self.tap, model)
+        ddp.register_comm_hook(state, hook)
         return ddp
 
     def _grad_sync(self) -> str:
@@ -379,6 +400,8 @@ class FSDPStrategy(_ProcessGroupStrategy):
                 # Sum, as DDP's hook above; the plain SUM op also works on gloo (no PREMUL_SUM).
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
+                if self.tap is not None:
+                    module.set_custom_reduce_scatter(noise.tapped_reduce_scatter(self.tap))
         return model
 
     @contextlib.contextmanager
