@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
 # Reproduce the seed study (cases a-c), go beyond it (d, e), and answer the study's part 2:
 # when data parallelism pays (f, section 2), what FSDP saves (f, section 3), how to scale the
-# lr with the batch (g, section 4). See docs/STUDY.md.
+# lr with the batch (g, section 4), and check `dptrain plan` against real runs (p, section 6).
+# See docs/STUDY.md.
 #
 #   scripts/reproduce_study.sh [--quick] [--out DIR] [--only CASES]   (DIR defaults to runs/study)
 #
 # --quick: 1 epoch per run, nproc 2 instead of 1,2,4,6,8 (8 becomes 2), and small grids: a smoke
-# test of the whole pipeline in about a minute, not a result. --only: a comma-separated subset
-# of a,b,c,d,e,f,g (b and e also draw on a and c's runs). Runs are replaced (--force) when rerun.
+# test of the whole pipeline (but p) in about a minute, not a result. --only: a comma-separated subset
+# of a,b,c,d,e,f,g,p (b and e also draw on a and c's runs). Runs are replaced (--force) when
+# rerun, except p's, which continue where they stopped (their timings: p's quiet-machine part).
 # Set DPTRAIN to choose the command (default: python -m dptrain), PYTHON for the benchmarks.
 set -euo pipefail
 
 out=runs/study
 quick=false
-only=a,b,c,d,e,f,g
+only=a,b,c,d,e,f,g,p
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) quick=true; shift ;;
         --out) out="$2"; shift 2 ;;
         --only) only="$2"; shift 2 ;;
-        *) echo "usage: $0 [--quick] [--out DIR] [--only a,b,c,d,e,f,g]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--quick] [--out DIR] [--only a,b,c,d,e,f,g,p]" >&2; exit 2 ;;
     esac
 done
 # A relative --out means the caller's folder, not the repository's.
@@ -39,6 +41,7 @@ rules=(--vary lr_scaling=none,linear,sqrt --vary warmup_epochs=0,5)
 batches=256,512,1024,2048,4096,8192,16384,42000
 sync_args=()
 optimizers=(adam sgd)
+plan_settings=adam-16,sgd-16,adam-1024,sgd-1024   # section 6: optimizer-width (not --quick)
 extra=(--force)
 if $quick; then
     nprocs=2
@@ -110,5 +113,13 @@ if wanted g; then
     "${dptrain[@]}" sweep --config $cfg/g-lr-adam.toml --mode ddp "${demo[@]}" \
         --out "$out/g-nproc" "${extra[@]}"
     "${dptrain[@]}" report "$out/g-nproc"
+fi
+# --quick skips p (its runs are long by nature; tests/test_plan.py runs a plan end to end).
+if wanted p && ! $quick; then
+    step "p. section 6: plan's predicted updates against real runs, $plan_settings"
+    $python benchmarks/plan_check.py updates --out "$out/p" --settings "$plan_settings"
+    step "p. section 6: timings (seconds per update, time to target, the plan itself)"
+    $python benchmarks/plan_check.py times --out "$out/p" --settings "$plan_settings"
+    $python benchmarks/plan_check.py compare --out "$out/p"
 fi
 echo "study done in $((SECONDS - started)) s; results in $out"

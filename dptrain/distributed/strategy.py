@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dptrain.components import noise
+from dptrain.components.noise import GradientTap
 from dptrain.config import SystemConfig, cpu_cores
 from dptrain.errors import UserError
 from dptrain.storage.runlog import peak_rss_bytes, write_atomic
@@ -165,6 +167,15 @@ class Strategy:
         it holds; the next backward outside sums them all over ranks (--accumulate)."""
         return contextlib.nullcontext()
 
+    def gradient_tap(self, model: nn.Module, micro_batches: int) -> GradientTap | None:
+        """What reads the gradient noise scale's small batches (components/noise.py): in one
+        process, the micro-batches of an update; None where an update has fewer than two."""
+        if micro_batches < 2:
+            return None
+        tap = GradientTap(self.device, micro_batches)
+        noise.tap_micro_batches(model, tap)
+        return tap
+
     def local_gradients(self, model: nn.Module) -> list[torch.Tensor]:
         """The gradients this rank holds after backward (its shards under fsdp), summed over
         ranks; what the non-finite check of a step reads (step.NonFiniteGuard)."""
@@ -219,6 +230,10 @@ class _ProcessGroupStrategy(Strategy):
         super().__init__(env, device)
         self.backend = backend
         self.system = system
+        # The ranks' shares are the noise scale's small batches; wrap() installs the reading.
+        n = env.world_size
+        self.tap = GradientTap(device, n, column=env.rank,
+                               summed_share=1 / n if self.mode == "ddp" else 1.0) if n > 1 else None
         if not dist.is_initialized():
             setup = max(system.timeout, SETUP_TIMEOUT_S)
             # device_id binds nccl's communicator to this rank's GPU at once; gloo has none.
@@ -238,6 +253,9 @@ class _ProcessGroupStrategy(Strategy):
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def gradient_tap(self, model: nn.Module, micro_batches: int) -> GradientTap | None:
+        return self.tap
 
     def gather_object(self, obj) -> list:
         gathered = [None] * self.env.world_size
@@ -319,7 +337,10 @@ class DDPStrategy(_ProcessGroupStrategy):
             state, hook = summer, _sum_gradients_in_shared_memory
         else:
             state, hook = None, _sum_gradients
-        # The telemetry times the chosen hook from the outside; it never replaces it.
+        if self.tap is not None:
+            hook = noise.tapped_comm_hook(hook, self.tap, model)
+        # The telemetry times the chosen hook (with the tap's read) from the outside; it never
+        # replaces it.
         ddp.register_comm_hook(state, telemetry.wrap_hook(hook) if telemetry else hook)
         return ddp
 
@@ -388,10 +409,14 @@ class FSDPStrategy(_ProcessGroupStrategy):
         # the root): one all-gather per step. Evaluation has no backward to reshard them after,
         # so after_evaluation does.
         fully_shard(model, mesh=mesh, mp_policy=policy)
-        # FSDP2's own collectives, timing themselves for the telemetry (telemetry/collectives.py).
+        # The noise tap reads each unit's gradient before its sum; the telemetry times the sum
+        # (with that read) and the all-gather from the outside (telemetry/collectives.py).
         # (set_custom_reduce_scatter is recent: without it, fsdp's phases keep them inside.)
+        reduce_scatter = noise.tapped_reduce_scatter(self.tap) if self.tap is not None else None
         timeable = telemetry and hasattr(FSDPModule, "set_custom_reduce_scatter")
-        comms = telemetry.fsdp_comms() if timeable else None
+        comms = telemetry.fsdp_comms(reduce_scatter) if timeable else None
+        if comms:
+            reduce_scatter = comms[1]
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 # Sum, as DDP's hook above; the plain SUM op also works on gloo (no PREMUL_SUM).
@@ -399,7 +424,8 @@ class FSDPStrategy(_ProcessGroupStrategy):
                 module.set_force_sum_reduction_for_comms(True)
                 if comms:
                     module.set_custom_all_gather(comms[0])
-                    module.set_custom_reduce_scatter(comms[1])
+                if reduce_scatter is not None:
+                    module.set_custom_reduce_scatter(reduce_scatter)
         return model
 
     @contextlib.contextmanager

@@ -113,11 +113,35 @@ def plot_runs(run_dirs: list[Path], out: Path, *, breakdown: bool = False) -> Pa
         _phase_bars(ax, bars)
         ax.set_title("Where the time goes: seconds per epoch (mean over ranks)")
         return _save(fig, plt, out)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
-    _curves(ax_loss, ax_acc, runs)
+    noisy = any(_has_noise(m) for _, _, m in runs)  # a third panel: the noise scale
+    fig, axes = plt.subplots(1, 3 if noisy else 2, figsize=(19 if noisy else 13, 5),
+                             constrained_layout=True)
+    _curves(axes[0], axes[1], runs)
+    if noisy:
+        _noise_curves(axes[2], runs)
     return _save(fig, plt, out)
 
 
+def _has_noise(metrics: list[dict]) -> bool:
+    return any("noise_scale" in m for m in metrics)
+
+
+def _noise_curves(ax, runs: list[tuple[str, dict, list[dict]]]) -> None:
+    """The gradient noise scale B_simple per epoch (components/noise.py), with the standard
+    error of each epoch's estimate, in the colours of _curves; runs without it are skipped."""
+    from matplotlib.ticker import MaxNLocator
+
+    for i, (label, _, metrics) in enumerate(runs):
+        points = [m for m in metrics if "noise_scale" in m]
+        if points:
+            ax.errorbar([m["epoch"] for m in points], [m["noise_scale"] for m in points],
+                        yerr=[m.get("noise_scale_se", 0.0) for m in points], color=f"C{i % 10}",
+                        marker="o" if len(points) <= 12 else None, ms=3, capsize=2, label=label)
+    ax.set(xlabel="epoch", ylabel="B_simple = tr(Σ) / |G|² (samples)",
+           title="Gradient noise scale (± standard error of the epoch's mean)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 # --- where the time goes ----------------------------------------------------------------------
 
 # (key, label, colour) in stacking order: the training steps' phases, what else the epoch took,
@@ -127,7 +151,7 @@ SEGMENTS = (("batch", "batch (index + gather)", "#8c8c8c"),
             ("gather", "parameter all-gather (fsdp)", "#17becf"),
             ("sum", "gradient sum", "#2ca02c"),
             ("wait", "waiting for the slowest peer", "#d62728"),
-            ("optimizer", "optimizer (+ NaN check)", "#ff7f0e"),
+            ("optimizer", "optimizer (lr, NaN check, step)", "#ff7f0e"),
             ("other", "rest of the epoch (the loop, the epoch's loss sum)", "#e0e0e0"),
             ("evaluation", "validation", "#9467bd"),
             ("checkpoint", "checkpoint writing", "#8c564b"))
@@ -198,7 +222,8 @@ def _time_breakdown(plt, sweep_dir: Path, rows: list[dict], keys: list[str]) -> 
     for label, runs in cells:
         ordered = sorted(runs, key=lambda r: (r["mode"] != "seq", r["mode"], r["nproc"]))
         bars = [("seq" if r["mode"] == "seq" else f"{r['mode']} x{r['nproc']}",
-                 read_run(sweep_dir / r["run_dir"])[1]) for r in ordered]
+                 read_run(sweep_dir / check_relative(r["run_dir"], "run_dir"))[1])
+                for r in ordered]
         panels.append((label, bars))
     if not any(epoch_breakdown(m) for _, bars in panels for _, m in bars):
         return None
@@ -210,12 +235,12 @@ def _time_breakdown(plt, sweep_dir: Path, rows: list[dict], keys: list[str]) -> 
                              figsize=(3 + columns * (1.5 + 0.9 * width), 4.5 * lines))
     for i, (ax, (label, bars)) in enumerate(zip(axes.flat, panels)):
         _phase_bars(ax, bars, legend=i == columns - 1)  # beside the first line's last panel
-        ax.set_title(label or setting(rows[0]))
+        if label:
+            ax.set_title(label)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle("Where the time goes: seconds per epoch, mean over ranks and epochs "
-                 f"({setting(rows[0])})" if keys else
-                 "Where the time goes: seconds per epoch, mean over ranks and epochs")
+                 f"({setting(rows[0], keys)})")
     return _save(fig, plt, sweep_dir / "time_breakdown.png")
 
 
@@ -247,7 +272,16 @@ def report(sweep_dir: Path) -> list[Path]:
         paths.append(_save(fig, plt, sweep_dir / name))
     paths.append(_accuracy_vs_nproc(plt, ok, modes, sweep_dir / "accuracy_vs_nproc.png"))
     paths.append(_time_vs_nproc(plt, ok, modes, sweep_dir / "time_vs_nproc.png"))
+    if any(_has_noise(m) for _, _, m in runs):
+        paths.append(_noise_figure(plt, runs, setting(ok[0]), sweep_dir / "noise_scale.png"))
     return paths + extra
+
+
+def _noise_figure(plt, runs, title: str, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    _noise_curves(ax, runs)
+    fig.suptitle(title)
+    return _save(fig, plt, out)
 
 
 def setting(row: dict, keys: list[str] = ()) -> str:
@@ -357,6 +391,11 @@ def grid_figures(plt, rows: list[dict], modes: list[str], keys: list[str],
     if {"batch_size", "full_batch"} & set(keys):
         paths.append(_accuracy_vs_batch(plt, rows, keys, sweep_dir))
     paths += also  # drawn already (time_breakdown)
+    if any(r.get("noise_scale") for r in rows):  # every run with the estimate, over epochs
+        runs = [(f"{r['mode']} x{r['nproc']}, {_values_label(r, keys)}",
+                 *read_run(sweep_dir / r["run_dir"])) for r in rows if r.get("noise_scale")]
+        paths.append(_noise_figure(plt, runs, "the runs' noise scale",
+                                   sweep_dir / "noise_scale.png"))
     if not paths:
         raise UserError(f"{sweep_dir}: this grid has no speedups (no seq run), no memory, no "
                         "phase times and no varied batch to draw")

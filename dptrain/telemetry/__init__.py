@@ -178,16 +178,18 @@ class Telemetry:
 
         return timed_hook
 
-    def fsdp_comms(self):
+    def fsdp_comms(self, reduce_scatter=None):
         """fsdp2: (all-gather, reduce-scatter) comms that time themselves as the parameter
-        gather and the gradient sum, for set_custom_all_gather / set_custom_reduce_scatter;
-        None on CUDA, where they run on FSDP's side streams and host times say nothing."""
+        gather and the gradient sum, for set_custom_all_gather / set_custom_reduce_scatter,
+        around `reduce_scatter` if one was chosen (never replacing it); None on CUDA, where
+        they run on FSDP's side streams and host times say nothing."""
         if isinstance(self.clock, CudaClock):
             return None
         from dptrain.telemetry.collectives import TimedAllGather, TimedReduceScatter
 
         self.kinds.update(KINDS)
-        return TimedAllGather(self._contexts), TimedReduceScatter(self._contexts)
+        return (TimedAllGather(self._contexts),
+                TimedReduceScatter(self._contexts, inner=reduce_scatter))
 
     # --- what the loop calls --------------------------------------------------------------
 
