@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dptrain.config import SystemConfig, cpu_cores
+from dptrain.config import SystemConfig
+from dptrain.distributed import gradsum
 from dptrain.errors import UserError
 from dptrain.storage.runlog import peak_rss_bytes, write_atomic
 
@@ -229,23 +230,6 @@ def _local_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _sum_gradients(_state, bucket):
-    """DDP comm hook: all-reduce SUM (the default hook would divide by the world size).
-
-    Not annotated: DDP checks the annotation against dist.GradBucket, and postponed annotations
-    are strings.
-    """
-    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
-
-
-def _sum_gradients_in_shared_memory(summer, bucket):
-    """DDP comm hook: the same sum through a SharedMemorySum; done when it returns."""
-    done = torch.futures.Future()
-    done.set_result(summer.sum_(bucket.buffer()))
-    return done
-
-
 class DDPStrategy(_ProcessGroupStrategy):
     """DistributedDataParallel: a full replica per rank, gradients all-reduced."""
 
@@ -253,7 +237,7 @@ class DDPStrategy(_ProcessGroupStrategy):
 
     def __init__(self, env: DistEnv, device: torch.device, backend: str, system: SystemConfig):
         super().__init__(env, device, backend, system)
-        self.grad_sync = self._grad_sync()
+        self.grad_sync = gradsum.resolve_grad_sync(system, env, device)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
@@ -261,30 +245,10 @@ class DDPStrategy(_ProcessGroupStrategy):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model.to(self.device), device_ids=device_ids,
                                       gradient_as_bucket_view=True)
-        if self.grad_sync == "shm":
-            from dptrain.distributed.shm_sum import SharedMemorySum
-
-            summer = SharedMemorySum(sum(p.numel() for p in model.parameters()), self.env.rank,
-                                     self.env.world_size, self.system.timeout)
-            ddp.register_comm_hook(summer, _sum_gradients_in_shared_memory)
-        else:
-            ddp.register_comm_hook(None, _sum_gradients)
+        numel = sum(p.numel() for p in model.parameters())
+        state, hook = gradsum.comm_hook(self.grad_sync, numel, self.env, self.system.timeout)
+        ddp.register_comm_hook(state, hook)
         return ddp
-
-    def _grad_sync(self) -> str:
-        """shm where every rank shares this node's CPUs without oversubscribing them."""
-        from dptrain.distributed.shm_sum import supported
-
-        one_node = self.env.local_world_size == self.env.world_size
-        possible = self.device.type == "cpu" and one_node and supported()
-        if self.system.grad_sync == "shm" and not possible:
-            raise UserError("--grad-sync shm needs CPU ranks that all run on one x86-64 node; "
-                            "use --grad-sync collective")
-        if self.system.grad_sync == "auto":
-            fits = self.env.local_world_size <= cpu_cores()
-            return "shm" if possible and fits else "collective"
-        return self.system.grad_sync
-
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module
