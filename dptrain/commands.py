@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from dptrain.errors import USER_ERROR_EXIT, UserError
-from dptrain.flags import (Command, config_from_flags, process_group_flags, training_flags,
-                           with_flags)
+from dptrain.flags import (Command, config_from_flags, ddp_flags, process_group_flags,
+                           training_flags, with_flags)
 from dptrain.storage.runlog import default_out_dir, err, make_console
 
 
@@ -123,6 +123,22 @@ def report(
         print(f"wrote {path}")
 
 
+def matrix(
+    sweep_dirs: Annotated[list[Path], typer.Argument(
+        help="Folders written by `dptrain sweep`: the knobs' runs, their seq references and "
+             "the seq runs of the seed band (e.g. a seq sweep with --vary seed=0,1,2,3,4).")],
+    out: Annotated[Optional[Path], typer.Option(
+        help="Folder for matrix.csv, matrix.md and matrix.png. \\[default: the first sweep's]",
+        show_default=False)] = None,
+) -> None:
+    from dptrain.study.matrix import build_matrix, load_runs, markdown, write_matrix
+
+    rows = build_matrix(load_runs(sweep_dirs))
+    print(markdown(rows), end="")
+    for path in write_matrix(rows, out or sweep_dirs[0]):
+        print(f"wrote {path}")
+
+
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (model.pt, config.toml).")],
     confusion_png: Annotated[Optional[Path], typer.Option(
@@ -155,11 +171,17 @@ def register(app: typer.Typer) -> None:
                 help="Train once per mode and process count (plus a seq reference), in every "
                      "cell of the --vary keys; write sweep.csv and sweep.json. --resume "
                      "SWEEP_DIR continues an interrupted sweep.")(
-        with_flags(_user_errors(sweep), sweep_flags, training_flags, process_group_flags))
+        with_flags(_user_errors(sweep), sweep_flags, training_flags, process_group_flags,
+                   ddp_flags))
     app.command("plot", cls=Command,
                 help="Loss and validation accuracy curves of runs, as one PNG.")(_wrap(plot))
     app.command("report", cls=Command,
                 help="The figures of a sweep, written into its folder.")(_wrap(report))
+    app.command("matrix", cls=Command,
+                help="What each knob changes: every run of the sweeps against its seq fp32 "
+                     "reference (same global batch and seed): the largest parameter "
+                     "difference and a verdict, the accuracy gap against the seed band, the "
+                     "time and memory it costs.")(_wrap(matrix))
     app.command("evaluate", cls=Command, help="Test accuracy, per-class precision/recall and the "
                                               "confusion matrix of a trained run.")(_wrap(evaluate))
     app.command("predict", cls=Command,

@@ -7,6 +7,7 @@ strategy summing gradients over ranks, every mode applies the same update as the
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -114,7 +115,8 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
     model = strategy.wrap(MLP(config.model.hidden, config.model.activation, config.train.loss))
     samples = Samples(mnist, strategy.device)
     guard = NonFiniteGuard(strategy.device)
-    optimizer = make_optimizer(config.optim, model.parameters(), plan.lr_at(0), skip_if=guard.flag)
+    build = functools.partial(make_optimizer, config.optim, lr=plan.lr_at(0), skip_if=guard.flag)
+    optimizer = strategy.make_optimizer(build, model)
     records, earlier_seconds = [], 0.0
     if resume is not None:
         checkpoint.restore(strategy, model, optimizer, resume)
@@ -132,6 +134,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
             train_loss = train_epoch(step, samples, order, plan, strategy, first_step)
         except NonFinite as e:
             raise _diverged(e, epoch, plan, log.out) from None
+        strategy.end_epoch(model)
         if train_loss > DIVERGED_LOSS:  # the same reduced value on every rank: all stop
             raise UserError(f"the loss diverged: epoch {epoch}'s mean train loss is "
                             f"{train_loss:.3g}, over a million times chance level; not "

@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -19,7 +20,7 @@ import typer
 from dptrain.storage import checkpoint
 from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_threads, to_toml
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
-from dptrain.flags import Command, process_group_flags, training_flags, with_flags
+from dptrain.flags import Command, ddp_flags, process_group_flags, training_flags, with_flags
 from dptrain.storage.runlog import (RunLock, RunLog, StorageError, check_out_dir,
                                     command_start_time, default_out_dir, err, stopped_message,
                                     write_atomic)
@@ -79,7 +80,7 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     if resume:
         _check_resumable(found, skipped, resume, plan, env.world_size)
 
-    strategy = make_strategy(mode, env, config.system)
+    strategy = make_strategy(mode, env, config.system, config.ddp)
     lock = RunLock(out)  # rank 0's, taken before anything is written
     ok = False
     try:
@@ -104,7 +105,8 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
         finally:
             log.close()
         state_dict = results.pop("state_dict")
-        summary = {**setting, **_plan_fields(plan), "epochs": config.train.epochs, **results,
+        summary = {**setting, **_plan_fields(plan), **asdict(config.ddp),  # ddp's knobs
+                   "epochs": config.train.epochs, **results,
                    "resumed_from_epoch": found.epoch if found else 0, "restarts": restarts,
                    "wall_seconds": time.time() - command_start_time(),
                    "torch": torch.__version__, "host": socket.gethostname(),
@@ -324,7 +326,8 @@ def _die_with_parent() -> None:
 def main() -> None:
     # Plain tracebacks: a bug in a worker must read like any Python error, rank-prefixed by torchrun.
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command(cls=Command)(with_flags(_worker, mode_flag, training_flags, process_group_flags))
+    app.command(cls=Command)(with_flags(_worker, mode_flag, training_flags, process_group_flags,
+                                        ddp_flags))
     app()
 
 

@@ -19,13 +19,14 @@ global batch (train.py), so the sum is the sequential gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dptrain.config import SystemConfig, cpu_cores
+from dptrain.config import DDPConfig, SystemConfig, cpu_cores, parse_grad_compress
 from dptrain.errors import UserError
 
 Hook = Callable[[Any, Any], torch.futures.Future]
@@ -45,10 +46,11 @@ def shm_sum_hook(summer, bucket):
     return done
 
 
-def resolve_grad_sync(system: SystemConfig, env, device: torch.device) -> str:
+def resolve_grad_sync(system: SystemConfig, knobs: DDPConfig, env, device: torch.device) -> str:
     """The gradient sum a run uses: shm where every rank shares this node's CPUs without
-    oversubscribing them (auto), else the collective; shm asked for where it cannot work is
-    a UserError."""
+    oversubscribing them and no knob needs the process group (auto), else the collective; shm
+    asked for where it cannot work is a UserError (config.ignored_by_mode has already refused
+    shm with compression or local SGD)."""
     from dptrain.distributed.shm_sum import supported
 
     one_node = env.local_world_size == env.world_size
@@ -58,16 +60,227 @@ def resolve_grad_sync(system: SystemConfig, env, device: torch.device) -> str:
                         "use --grad-sync collective")
     if system.grad_sync == "auto":
         fits = env.local_world_size <= cpu_cores()
-        return "shm" if possible and fits else "collective"
+        return "shm" if possible and fits and not needs_collective(knobs) else "collective"
     return system.grad_sync
 
 
-def comm_hook(grad_sync: str, numel: int, env, timeout_s: float) -> tuple[Any, Hook]:
-    """(state, hook) that sum the gradients of a model of `numel` parameters over the ranks,
-    as `grad_sync` says (resolve_grad_sync). Every rank must call it together (shm: the
-    shared buffer is set up with collectives)."""
+def needs_collective(knobs: DDPConfig) -> bool:
+    """Compression and local SGD use torch's hooks, which call the process group's all_reduce.
+
+    Why compression is not offered over the shared-memory sum: compression buys fewer bytes on
+    a link between ranks, and the shared-memory sum has none; it is itself one pass over the
+    gradients in memory (write a slot, read the slots), and a cast to fp16 is another such pass
+    each way, so it can only cost (docs/STUDY.md, section 5, has the numbers). PowerSGD's
+    factors are all-reduced inside torch's hook, which knows only the process group.
+    """
+    return knobs.grad_compress != "none" or knobs.local_sgd > 0
+
+
+def comm_hook(grad_sync: str, knobs: DDPConfig, params: list[torch.Tensor], env,
+              timeout_s: float) -> tuple[Any, Hook]:
+    """(state, hook) that sum the gradients of a model with parameters `params` over the ranks,
+    as `grad_sync` (resolve_grad_sync) and the knobs say. Every rank must call it together
+    (shm: the shared buffer is set up with collectives).
+
+    torch's compression and local-SGD hooks *average* (they divide by the world size N), while
+    dptrain sums; how each is turned into a sum:
+    - fp16, bf16: torch's fp16/bf16_compress_wrapper around dptrain's sum hook: each rank's
+      bucket is cast, summed in that type, and cast back. No division and no scaling anywhere,
+      so the result is exactly the low-precision sum of the cast gradients.
+    - powersgd and local SGD: torch's hook, its result multiplied by N after its future. In
+      PowerSGD's warm-up (a plain all_reduce of g / N) this is exact when N is a power of two
+      (a division and a multiplication by 2^k change no bits, short of subnormals), so warm-up
+      updates equal the plain sum's bit for bit; other N add up to one rounding each way. The
+      error feedback torch keeps is untouched (it is computed inside the hook, before the
+      scaling). After local SGD's warm-up no gradient is summed: N x a rank's gradient is the
+      mean gradient of its own share (exactly, when the global batch is a multiple of N).
+    """
+    compress, rank = parse_grad_compress(knobs.grad_compress)
+    if knobs.local_sgd:
+        from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (
+            PostLocalSGDState, post_localSGD_hook)
+
+        # post_local_gradient_allreduce=False: after the warm-up each rank steps on its own
+        # gradients (no subgroup sums); the averager (DDPStrategy.wrap_optimizer) averages.
+        state = PostLocalSGDState(process_group=None, subgroup=None,
+                                  start_localSGD_iter=knobs.local_sgd_warmup,
+                                  post_local_gradient_allreduce=False)
+        return state, scaled(post_localSGD_hook, env.world_size)
+    if compress in ("fp16", "bf16"):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        wrapper = {"fp16": default_hooks.fp16_compress_wrapper,
+                   "bf16": default_hooks.bf16_compress_wrapper}[compress]
+        return None, wrapper(sum_hook)
+    if compress == "powersgd":
+        from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import (
+            PowerSGDState, powerSGD_hook)
+
+        # torch's recommended settings: error feedback and warm start on; a layer is compressed
+        # only where its factors are at most half its size (min_compression_rate 2).
+        state = PowerSGDState(process_group=None, matrix_approximation_rank=rank,
+                              start_powerSGD_iter=knobs.powersgd_warmup, min_compression_rate=2,
+                              use_error_feedback=True, warm_start=True, random_seed=0)
+        return PowerSGD(state, params), scaled(powersgd_hook, env.world_size)
     if grad_sync == "shm":
         from dptrain.distributed.shm_sum import SharedMemorySum
 
+        numel = sum(p.numel() for p in params)
         return SharedMemorySum(numel, env.rank, env.world_size, timeout_s), shm_sum_hook
     return None, sum_hook
+
+
+class PowerSGD:
+    """torch's PowerSGDState, and the order of the parameters in each bucket its memories (the
+    error feedback, the P and Q factors: flat, per bucket) were laid out in.
+
+    DDP rebuilds its buckets once, after a process's first update, in the order the gradients
+    became ready, which reorders a bucket's parameters. torch's hook memorizes nothing before
+    its warm-up ends (hence start_powerSGD_iter >= 2), but a resumed run compresses from its
+    first update, in the layout before the rebuild, and must then follow the rebuild: each
+    memory is permuted, parameter by parameter, whenever a bucket's order changes. A
+    permutation changes no value, so a resumed run computes what the uninterrupted one does.
+    """
+
+    def __init__(self, state, params: list[torch.Tensor]):
+        self.torch = state
+        self.index = {p: i for i, p in enumerate(params)}  # tensors hash by identity
+        self.shapes = [p.shape for p in params]
+        self.layouts: dict[int, tuple[int, ...]] = {}  # bucket index -> parameter indices
+
+    def follow(self, bucket_index: int, layout: tuple[int, ...]) -> None:
+        """Lay the bucket's memories out in `layout` (its parameters' order this update)."""
+        old = self.layouts.get(bucket_index, layout)
+        self.layouts[bucket_index] = layout
+        if old == layout:
+            return
+        sizes = piece_sizes(self.shapes, self.torch.matrix_approximation_rank)
+        for name, memory in memories(self.torch).items():
+            if bucket_index in memory:
+                pieces = dict(zip(old, memory[bucket_index].split([sizes[name][i] for i in old])))
+                memory[bucket_index] = torch.cat([pieces[i] for i in layout])
+
+
+def powersgd_hook(state, bucket):
+    """torch's powerSGD_hook, its memories laid out as this update's bucket (PowerSGD)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import powerSGD_hook
+
+    state.follow(bucket.index(), tuple(state.index[p] for p in bucket.parameters()))
+    return powerSGD_hook(state.torch, bucket)
+
+
+def memories(state) -> dict[str, dict[int, torch.Tensor]]:
+    """A PowerSGDState's per-bucket memories by name."""
+    return {"error": state.error_dict, "p": state.p_memory_dict, "q": state.q_memory_dict}
+
+
+def piece_sizes(shapes: list[torch.Size], rank: int) -> dict[str, list[int]]:
+    """Per parameter, its elements in each memory of torch's PowerSGD: all of them in the
+    error; n r' in P and m r' in Q for a matrix (n, m) it compresses at rank r' = min(n, m, r),
+    which it does where (n + m) r' x 2 < n m (min_compression_rate 2); 0 for the others."""
+    sizes: dict[str, list[int]] = {"error": [], "p": [], "q": []}
+    for shape in shapes:
+        n = shape[0]
+        m = math.prod(shape[1:]) if len(shape) > 1 else 1
+        r = min(n, m, rank)
+        compressed = (n + m) * r * 2 < n * m
+        sizes["error"].append(n * m)
+        sizes["p"].append(n * r if compressed else 0)
+        sizes["q"].append(m * r if compressed else 0)
+    return sizes
+
+
+def scaled(hook: Hook, factor: float) -> Hook:
+    """`hook`, its result multiplied by `factor` in place once its future completes."""
+    def scaled_hook(state, bucket):
+        return hook(state, bucket).then(lambda fut: fut.value().mul_(factor))
+
+    scaled_hook.__qualname__ = f"scaled({hook.__qualname__})"  # what DDP's logger records
+    return scaled_hook
+
+
+# What a checkpoint keeps of a hook's state: plain tensors and numbers, never the objects
+# (checkpoints are loaded with weights_only=True and checked as untrusted input).
+
+def hook_state_dict(state) -> dict:
+    """This rank's part of a hook's state: {} for the plain sums and fp16/bf16 (stateless);
+    PowerSGD: its update count, its RNG, the layout of each bucket and, per bucket, its P and Q
+    factors and this rank's error feedback; post-local SGD: its update count."""
+    if type(state).__name__ == "PostLocalSGDState":
+        return {"iter": state.iter}
+    if not isinstance(state, PowerSGD):
+        return {}
+    name, keys, pos, has_gauss, gauss = state.torch.rng.get_state()
+    return {"iter": state.torch.iter,
+            "rng": {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "layout": {i: list(layout) for i, layout in state.layouts.items()},
+            **{name: {int(i): t.detach().cpu().clone() for i, t in memory.items()}
+               for name, memory in memories(state.torch).items()}}
+
+
+def load_hook_state(state, saved: dict, device: torch.device) -> None:
+    """Put back what hook_state_dict saved (already checked by check_hook_state)."""
+    if type(state).__name__ == "PostLocalSGDState":
+        state.iter = saved["iter"]
+    elif isinstance(state, PowerSGD):
+        import numpy as np
+
+        rng = saved["rng"]
+        state.torch.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32),
+                                   rng["pos"], rng["has_gauss"], rng["gauss"]))
+        state.torch.iter = saved["iter"]
+        state.layouts = {i: tuple(layout) for i, layout in saved["layout"].items()}
+        for name, memory in memories(state.torch).items():
+            memory.clear()
+            memory.update({i: t.to(device) for i, t in saved[name].items()})
+
+
+def check_hook_state(saved: Any, knobs: DDPConfig, shapes: list[torch.Size], step: int) -> None:
+    """Raise ValueError saying what is wrong unless `saved` is what hook_state_dict returns for
+    these knobs, a model with parameters of `shapes`, after `step` updates."""
+    compress, rank = parse_grad_compress(knobs.grad_compress)
+    if not knobs.local_sgd and compress != "powersgd":
+        return
+    if not isinstance(saved, dict) or not _is_count(saved.get("iter")):
+        raise ValueError("no update count")
+    warmup = knobs.local_sgd_warmup if knobs.local_sgd else knobs.powersgd_warmup
+    # torch's PostLocalSGDState stops counting at its warm-up; PowerSGDState counts on.
+    expected = min(step, warmup) if knobs.local_sgd else step
+    if saved["iter"] != expected:
+        raise ValueError(f"its update count is {saved['iter']}, not {expected}")
+    if knobs.local_sgd:
+        return
+    rng = saved.get("rng")
+    if not (isinstance(rng, dict) and isinstance(rng.get("keys"), torch.Tensor)
+            and rng["keys"].shape == (624,) and rng["keys"].dtype == torch.int64
+            and bool(((rng["keys"] >= 0) & (rng["keys"] < 2 ** 32)).all())
+            and _is_count(rng.get("pos")) and rng["pos"] <= 624
+            and rng.get("has_gauss") in (0, 1) and isinstance(rng.get("gauss"), float)):
+        raise ValueError("not PowerSGD's random generator state")
+    layouts = saved.get("layout")
+    if not (isinstance(layouts, dict) and all(
+            _is_count(b) and isinstance(layout, list) and all(_is_count(i) for i in layout)
+            for b, layout in layouts.items())):
+        raise ValueError("its bucket layouts are not lists of parameter indices")
+    listed = sorted(i for layout in layouts.values() for i in layout)
+    if layouts and listed != list(range(len(shapes))):
+        raise ValueError(f"its bucket layouts do not list each of the {len(shapes)} "
+                         "parameters once")
+    sizes = piece_sizes(shapes, rank)
+    compressing = step > knobs.powersgd_warmup  # update `warmup` is the first compressed
+    for name in sizes:
+        memory = saved.get(name)
+        if not isinstance(memory, dict) or not all(
+                _is_count(b) and isinstance(t, torch.Tensor) and t.dim() == 1
+                and t.dtype == torch.float32 for b, t in memory.items()):
+            raise ValueError(f"its {name} memory is not a table of float32 vectors")
+        expected = {b: sum(sizes[name][i] for i in layout) for b, layout in layouts.items()
+                    } if compressing else {}
+        held = {b: t.numel() for b, t in memory.items()}
+        if held != expected:
+            raise ValueError(f"its {name} memory holds {held} values per bucket, not {expected}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

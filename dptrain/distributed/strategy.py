@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dptrain.config import SystemConfig
+from dptrain.config import DDPConfig, SystemConfig
 from dptrain.distributed import gradsum
 from dptrain.errors import UserError
 from dptrain.storage.runlog import peak_rss_bytes, write_atomic
@@ -98,6 +98,15 @@ class Strategy:
         """The MLP inside whatever `wrap` returned."""
         return model
 
+    def make_optimizer(self, build, model: nn.Module) -> torch.optim.Optimizer:
+        """The run's optimizer for `wrap`'s model: `build(params)` (step.make_optimizer, the
+        fused Adam or SGD), or what a strategy wraps around it (ddp's ZeRO, local SGD)."""
+        return build(model.parameters())
+
+    def end_epoch(self, model: nn.Module) -> None:
+        """An epoch's updates are done: leave one model on every rank for validation and the
+        checkpoint (ddp's local SGD averages it). Every rank must call it."""
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns the tensor."""
         return tensor
@@ -118,7 +127,7 @@ class Strategy:
             "param_bytes": sum(_local_bytes(p) for p in model.parameters()),
             "grad_bytes": sum(_local_bytes(p.grad) for p in model.parameters()
                               if p.grad is not None),
-            "optimizer_bytes": sum(_local_bytes(v) for state in optimizer.state.values()
+            "optimizer_bytes": sum(_local_bytes(v) for state in _own_state(optimizer).values()
                                    for v in state.values() if isinstance(v, torch.Tensor)),
         }
         if self.device.type == "cuda":
@@ -224,6 +233,12 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def _own_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state this rank holds: ZeRO's and local SGD's wrappers keep it in the
+    optimizer they wrap, `.optim` (ZeRO: this rank's shard)."""
+    return getattr(optimizer, "optim", optimizer).state
+
+
 def _local_bytes(tensor: torch.Tensor) -> int:
     """Bytes this rank stores for `tensor`."""
     tensor = _local(tensor)
@@ -231,13 +246,18 @@ def _local_bytes(tensor: torch.Tensor) -> int:
 
 
 class DDPStrategy(_ProcessGroupStrategy):
-    """DistributedDataParallel: a full replica per rank, gradients all-reduced."""
+    """DistributedDataParallel: a full replica per rank, gradients summed by the hook that
+    gradsum.comm_hook chooses; the knobs of [ddp] (compression, local SGD, ZeRO) included."""
 
     mode = "ddp"
 
-    def __init__(self, env: DistEnv, device: torch.device, backend: str, system: SystemConfig):
+    def __init__(self, env: DistEnv, device: torch.device, backend: str, system: SystemConfig,
+                 knobs: DDPConfig = DDPConfig()):
         super().__init__(env, device, backend, system)
-        self.grad_sync = gradsum.resolve_grad_sync(system, env, device)
+        self.knobs = knobs
+        self.grad_sync = gradsum.resolve_grad_sync(system, knobs, env, device)
+        self.hook_state = None  # the comm hook's state (PowerSGD's, local SGD's), for checkpoints
+        self.averager = None  # local SGD's PeriodicModelAverager
 
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
@@ -245,13 +265,116 @@ class DDPStrategy(_ProcessGroupStrategy):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model.to(self.device), device_ids=device_ids,
                                       gradient_as_bucket_view=True)
-        numel = sum(p.numel() for p in model.parameters())
-        state, hook = gradsum.comm_hook(self.grad_sync, numel, self.env, self.system.timeout)
-        ddp.register_comm_hook(state, hook)
+        self.hook_state, hook = gradsum.comm_hook(self.grad_sync, self.knobs,
+                                                  list(model.parameters()), self.env,
+                                                  self.system.timeout)
+        ddp.register_comm_hook(self.hook_state, hook)
         return ddp
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module
+
+    def make_optimizer(self, build, model: nn.Module) -> torch.optim.Optimizer:
+        if self.knobs.zero:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            # Each rank builds `build` (the fused optimizer, with the NaN guard's skip flag)
+            # over its shard of the parameters, steps it, and broadcasts the shard. Every rank
+            # holds the whole summed gradient, so every rank's guard raises the same flag and
+            # every shard skips the same updates: the NaN contract holds as without ZeRO.
+            return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=build)
+        if self.knobs.local_sgd:
+            from torch.distributed.algorithms.model_averaging.averagers import (
+                PeriodicModelAverager)
+            from torch.distributed.optim import PostLocalSGDOptimizer
+
+            self.averager = PeriodicModelAverager(period=self.knobs.local_sgd,
+                                                  warmup_steps=self.knobs.local_sgd_warmup)
+            return PostLocalSGDOptimizer(build(model.parameters()), self.averager)
+        return build(model.parameters())
+
+    def end_epoch(self, model: nn.Module) -> None:
+        """Local SGD: average the parameters unless the epoch's last update did, so that
+        validation, checkpoints and model.pt see one model, the same on every rank."""
+        if self.averager is None:
+            return
+        done, warmup, period = self.averager.step, self.averager.warmup_steps, self.averager.period
+        if done > warmup and (done - 1 - warmup) % period:
+            from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+            average_parameters(iter(model.parameters()), dist.group.WORLD)
+
+    def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        """state.pt as seq's: the model and the whole optimizer state (ZeRO: consolidated on
+        rank 0 from every rank's shard, so it loads at any world size, with or without ZeRO),
+        and, for PowerSGD and local SGD, every rank's own state (`ranks`)."""
+        if self.knobs.zero:
+            optimizer.consolidate_state_dict(to=0)  # a collective: every rank sends its shard
+        ranks = self.gather_object(self._rank_state(optimizer)) if _per_rank(self.knobs) else None
+        if self.env.is_main:
+            state = {"model": self.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
+            if ranks is not None:
+                state["ranks"] = ranks
+            write_atomic(folder / STATE_FILE, lambda f: torch.save(state, f))
+        if self.knobs.zero:
+            # torch keeps the consolidated copy on rank 0 until the next consolidation: the
+            # whole optimizer state, which ZeRO is there to spare. It is written; drop it.
+            getattr(optimizer, "_all_state_dicts", []).clear()
+
+    def _rank_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's part of a checkpoint: its hook state (PowerSGD's error feedback, say)
+        and, under local SGD, its own optimizer state (the ranks step apart)."""
+        own = {"hook": gradsum.hook_state_dict(self.hook_state)}
+        if self.knobs.local_sgd:
+            own["optimizer"] = optimizer.optim.state_dict()["state"]
+        return own
+
+    def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        from dptrain.storage.safeload import LoadError
+
+        state = load_torch_state(self.unwrap(model), optimizer, folder, self.device)
+        if not _per_rank(self.knobs):
+            return
+        ranks = state.get("ranks")
+        if not isinstance(ranks, list) or len(ranks) != self.env.world_size:
+            raise LoadError(f"{folder / STATE_FILE}: no state for each of the "
+                            f"{self.env.world_size} ranks (resume at the checkpoint's world size)")
+        own = ranks[self.env.rank]
+        if self.knobs.local_sgd:
+            optimizer.optim.load_state_dict({**state["optimizer"], "state": own["optimizer"]})
+        gradsum.load_hook_state(self.hook_state, own["hook"], self.device)
+
+
+def _per_rank(knobs: DDPConfig) -> bool:
+    """Whether ranks hold state of their own that a checkpoint must keep for each (PowerSGD's
+    error feedback; local SGD's optimizer states)."""
+    return bool(knobs.local_sgd) or knobs.grad_compress.startswith("powersgd")
+
+
+def check_ddp_state(state: dict, knobs: DDPConfig, model: nn.Module, optimizer, step: int,
+                    world_size: int) -> None:
+    """Raise ValueError unless a ddp checkpoint's state.pt (loaded, its model and optimizer
+    already loaded into `model` and `optimizer`, a plain pair) holds what its knobs need: local
+    SGD's averager step; for PowerSGD and local SGD, each rank's part (its hook state, and
+    under local SGD its optimizer state, which must load into `optimizer` too)."""
+    if knobs.local_sgd and state["optimizer"].get("step") != step:
+        raise ValueError(f"the local-SGD averager's step is {state['optimizer'].get('step')!r}, "
+                         f"not the {step} updates done")
+    if not _per_rank(knobs):
+        return
+    ranks = state.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != world_size:
+        raise ValueError(f"no state for each of its {world_size} ranks")
+    shapes = [p.shape for p in model.parameters()]
+    for rank, own in enumerate(ranks):
+        if not isinstance(own, dict):
+            raise ValueError(f"rank {rank}'s state is not a table")
+        try:
+            gradsum.check_hook_state(own.get("hook"), knobs, shapes, step)
+        except ValueError as e:
+            raise ValueError(f"rank {rank}'s gradient hook: {e}") from None
+        if knobs.local_sgd:
+            optimizer.load_state_dict({**state["optimizer"], "state": own.get("optimizer")})
 
 
 # A Linear whose parameters reach this many bytes is its own FSDP unit, gathered just for its
@@ -325,9 +448,10 @@ class FSDPStrategy(_ProcessGroupStrategy):
 
 
 def load_torch_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
-                     device: torch.device) -> None:
+                     device: torch.device) -> dict:
     """A seq/ddp checkpoint's state.pt into a plain model and its optimizer (weights_only);
-    safeload.LoadError in one line if it is refused or does not fit them."""
+    safeload.LoadError in one line if it is refused or does not fit them. Returns the loaded
+    state (ddp's knobs keep more in it: DDPStrategy.load_state)."""
     from dptrain.storage.safeload import LoadError, first_line, torch_load
 
     state = torch_load(folder / STATE_FILE, map_location=device)
@@ -337,6 +461,7 @@ def load_torch_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder:
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise LoadError(f"{folder / STATE_FILE}: not the state of this run's model and optimizer "
                         f"({type(e).__name__}: {first_line(e)})") from None
+    return state
 
 
 def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
@@ -361,10 +486,14 @@ STATE_LOADERS = {"torch": load_torch_state, "dcp": load_dcp_state}
 STRATEGIES = {"seq": Strategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy}
 
 
-def make_strategy(mode: str, env: DistEnv, system: SystemConfig) -> Strategy:
-    """Pick the device and backend, join the process group (ddp/fsdp), and return the strategy."""
+def make_strategy(mode: str, env: DistEnv, system: SystemConfig,
+                  knobs: DDPConfig = DDPConfig()) -> Strategy:
+    """Pick the device and backend, join the process group (ddp/fsdp), and return the strategy
+    (ddp with its knobs; config.ignored_by_mode has refused them for the other modes)."""
     device = resolve_device(system.device, env, system.backend)
     if mode == "seq":  # config.resolve has already required a world size of 1
         return Strategy(env, device)
     backend = resolve_backend(system.backend, device)
+    if mode == "ddp":
+        return DDPStrategy(env, device, backend, system, knobs)
     return STRATEGIES[mode](env, device, backend, system)

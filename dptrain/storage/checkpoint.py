@@ -33,9 +33,11 @@ META = "meta.json"
 _FOLDER = re.compile(r"epoch-(\d+)")
 # Flags that may differ from the checkpoint's config on --resume: they change where and how the
 # run goes on, not what it computes (nproc may change the lr; the worker checks the plan).
+# zero: ZeRO's parameters equal plain ddp's bit for bit (tests/test_ddp_knobs.py), and its
+# checkpoint holds the consolidated optimizer state, which loads with and without it.
 MAY_CHANGE = {"epochs", "checkpoint_every", "keep", "out", "data_dir", "backend", "device",
               "threads", "timeout", "nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id",
-              "rdzv_backend", "max_restarts", "start_method"}
+              "rdzv_backend", "max_restarts", "start_method", "zero"}
 
 
 class CheckpointError(UserError):
@@ -131,7 +133,7 @@ def _trial_restore(path: Path, meta: dict[str, Any], n_train: int) -> dict[str, 
     from dptrain.config import build_config, resolve
     from dptrain.components.model import MLP
     from dptrain.storage.safeload import LoadError, first_line
-    from dptrain.distributed.strategy import STATE_LOADERS
+    from dptrain.distributed.strategy import STATE_LOADERS, check_ddp_state
     from dptrain.components.step import make_optimizer
 
     config = build_config(meta["config"])
@@ -143,9 +145,15 @@ def _trial_restore(path: Path, meta: dict[str, Any], n_train: int) -> dict[str, 
     model = MLP(config.model.hidden, config.model.activation, config.train.loss)
     optimizer = make_optimizer(config.optim, model.parameters(), plan.lr_at(0))
     try:
-        STATE_LOADERS[meta["format"]](model, optimizer, path, torch.device("cpu"))
+        state = STATE_LOADERS[meta["format"]](model, optimizer, path, torch.device("cpu"))
     except LoadError as e:
         raise CheckpointError(str(e)) from None
+    if meta["mode"] == "ddp":
+        try:  # what ddp's knobs keep beside the model and optimizer (PowerSGD's error, ...)
+            check_ddp_state(state, config.ddp, model, optimizer, meta["step"], meta["world_size"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"state.pt: not the state of its ddp knobs "
+                                  f"({type(e).__name__}: {first_line(e)})") from None
     _check_optimizer(optimizer, meta, plan.lr_at(meta["step"] - 1))
     try:
         _parse_rng(meta["rng"], spare=True)
@@ -414,8 +422,14 @@ def resume_config(mode: str, run_dir: Path, flags: dict[str, Any]) -> Config:
                if key not in MAY_CHANGE]
     if changed:
         raise UserError(f"--resume {run_dir}: {', '.join(changed)} would change the run; only "
-                        "--epochs, the checkpoint, system and launch flags may differ (start a "
-                        "new run with another --out instead)")
+                        "--epochs, --zero, the checkpoint, system and launch flags may differ "
+                        "(start a new run with another --out instead)")
+    world_size = config.launch.nproc * config.launch.nnodes
+    if _rank_state(config) and world_size != found.meta["world_size"]:
+        raise UserError(f"--resume {run_dir}: {_rank_state(config)} keeps state of each of its "
+                        f"{found.meta['world_size']} ranks; resume it at that world size "
+                        f"(--nproc {found.meta['world_size'] // config.launch.nnodes}), not "
+                        f"{world_size}")
     if config.train.epochs < found.epoch:
         raise UserError(f"--resume {run_dir}: its checkpoint is at epoch {found.epoch}; "
                         f"--epochs must be at least that, got {config.train.epochs}")
@@ -423,6 +437,15 @@ def resume_config(mode: str, run_dir: Path, flags: dict[str, Any]) -> Config:
         raise Finished(f"{run_dir} has already finished all {found.epoch} epochs; nothing to do "
                        "(pass a larger --epochs to train on)")
     return config
+
+
+def _rank_state(config: Config) -> str:
+    """The ddp knob whose checkpoint holds per-rank state ("" if none)."""
+    if config.ddp.local_sgd:
+        return "--local-sgd (each rank's own optimizer state)"
+    if config.ddp.grad_compress.startswith("powersgd"):
+        return "--grad-compress powersgd (each rank's error feedback)"
+    return ""
 
 
 def _differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
