@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dptrain.config import build_config, read_toml
+from dptrain.config import Config, build_config, read_toml
 from dptrain.errors import UserError
 from dptrain.storage.runlog import SUMMARY, write_atomic
 from dptrain.study.sweep import read_sweep
@@ -76,13 +76,17 @@ def load_runs(sweep_dirs: list[Path]) -> list[dict[str, Any]]:
 
 
 def knob_values(config: dict) -> dict[str, Any]:
-    """The knobs a run's config sets away from their defaults, with their settings."""
+    """The knobs a run's config sets away from their defaults, with their settings where
+    those are not at their defaults either."""
+    defaults = {key: value for section in asdict(Config()).values()
+                for key, value in section.items()}
     flat = {key: value for section in config.values() for key, value in section.items()}
     changed = {}
     for knob, default in KNOBS.items():
         if flat.get(knob, default) != default:
             changed[knob] = flat[knob]
-            changed.update({s: flat[s] for s in KNOB_SETTINGS.get(knob, ()) if s in flat})
+            changed.update({s: flat[s] for s in KNOB_SETTINGS.get(knob, ())
+                            if s in flat and flat[s] != defaults.get(s)})
     return changed
 
 
