@@ -61,8 +61,8 @@ if $quick; then
     optimizers=(adam)
     knob_widths=(16,16:1:2)
     seeds=0,1
-    compressions=none,powersgd
-    more_knobs=false   # local SGD and ZeRO go through the same sweep and matrix code
+    compressions=none  # the other knobs go through the same sweep, matrix and model code
+    more_knobs=false
     cost_args=(--widths 16,16:64,64 --repeats 2)
     extra+=(--epochs 1)
     echo "quick: 1 epoch per run, nproc 2 (+ seq), small grids: a smoke test, not a result"

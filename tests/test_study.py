@@ -245,11 +245,12 @@ def test_reproduce_study_quick(tmp_path):
     assert_png(out / "g-nproc" / "accuracy_vs_batch.png")
     # Section 5: the knobs against seq fp32, and the cost model extended with them.
     matrix = read_csv(out / "h" / "matrix.csv")
-    assert [(r["knob"], r["verdict"], r["band_runs"]) for r in matrix] == [
-        ("none", "round-off", "2"), ("grad_compress=powersgd", "round-off", "2")]  # warm-up only
+    assert [(r["knob"], r["mode"], r["verdict"], r["band_runs"]) for r in matrix] == [
+        ("none", "ddp", "round-off", "2")]
     assert_png(out / "h" / "matrix.png")
     knob_model = json.loads((out / "h" / "knob_model.json").read_text())
-    assert {r["knob"] for r in knob_model["runs"]} == {"plain", "powersgd:2"}
+    assert [r["knob"] for r in knob_model["runs"]] == ["plain"]
+    assert set(knob_model["pays_from"]) >= {"10 Gb/s Ethernet", "100 Gb/s Ethernet"}
 
 
 @pytest.mark.slow

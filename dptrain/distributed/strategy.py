@@ -268,7 +268,11 @@ class DDPStrategy(_ProcessGroupStrategy):
         self.hook_state, hook = gradsum.comm_hook(self.grad_sync, self.knobs,
                                                   list(model.parameters()), self.env,
                                                   self.system.timeout)
-        ddp.register_comm_hook(self.hook_state, hook)
+        try:
+            ddp.register_comm_hook(self.hook_state, hook)
+        except TypeError as e:  # torch allows bf16 sums only with NCCL >= 2.10 or XCCL in its build
+            raise UserError(f"--grad-compress {self.knobs.grad_compress}: torch refuses it in "
+                            f"this build ({e}); use fp16") from None
         return ddp
 
     def unwrap(self, model: nn.Module) -> nn.Module:
