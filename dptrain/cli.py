@@ -94,12 +94,31 @@ app.command("fsdp", cls=Command, help="Train with FSDP2 (fully_shard per Linear,
 register_study_commands(app)  # sweep, plot, report, evaluate, predict
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from dptrain import __version__
+
+        print(f"dptrain {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print dptrain's version and exit.")] = False,
+) -> None:
+    """Train a 784-16-16-10 MLP on MNIST sequentially, with DDP or with FSDP, and compare."""
+
+
 @app.command("export", cls=Command,
              help="Write the model of a checkpoint (or of a run's newest checkpoint) as a plain "
                   "model.pt, the format of a finished run's model.pt.")
 def export_command(
     source: Annotated[Path, typer.Argument(help="A checkpoint folder (RUN_DIR/checkpoints/"
-                                                "epoch-NNNN) or a run folder.")],
+                                                "epoch-NNNN, or RUN_DIR/checkpoints/best: "
+                                                "--keep-best) or a run folder (its newest "
+                                                "checkpoint).")],
     out: Annotated[Path, typer.Option("--out", help="The file to write.")] = Path("model.pt"),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:

@@ -123,6 +123,15 @@ def report(
         print(f"wrote {path}")
 
 
+# What evaluate and predict take (inference/evaluate.py: load).
+SOURCE_HELP = ("A finished run folder (its model.pt); a run still training (its newest "
+               "checkpoint); a checkpoint folder, RUN/checkpoints/epoch-NNNN or "
+               "RUN/checkpoints/best (--keep-best); or a model.pt file (dptrain export).")
+ACTIVATION_HELP = ("relu|sigmoid|tanh: the activation of a model.pt that has no run's "
+                   "config.toml beside it (an exported one). Its layer widths are read from its "
+                   "tensors, the activation cannot be; a run or checkpoint names its own.")
+
+
 def matrix(
     sweep_dirs: Annotated[list[Path], typer.Argument(
         help="Folders written by `dptrain sweep`: the knobs' runs, their seq references and "
@@ -140,15 +149,17 @@ def matrix(
 
 
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (model.pt, config.toml).")],
+    model: Annotated[Path, typer.Argument(help=SOURCE_HELP)],
     confusion_png: Annotated[Optional[Path], typer.Option(
         help="Also save the confusion matrix as this PNG.")] = None,
     data_dir: Annotated[Optional[str], typer.Option(
         help="MNIST folder (else the run's data_dir, $DPTRAIN_DATA_DIR, the cache).")] = None,
+    activation: Annotated[Optional[str], typer.Option(help=ACTIVATION_HELP,
+                                                      show_default=False)] = None,
 ) -> None:
     from dptrain.inference.evaluate import evaluate_run, print_evaluation
 
-    result = evaluate_run(run_dir, data_dir)
+    result = evaluate_run(model, data_dir, activation)
     print_evaluation(result)
     if confusion_png is not None:
         from dptrain.inference.evaluate import save_confusion_png
@@ -157,12 +168,18 @@ def evaluate(
 
 
 def predict(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (model.pt, config.toml).")],
+    model: Annotated[Path, typer.Argument(help=SOURCE_HELP)],
     images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files of single digits.")],
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per file, one per line, in order: {\"file\", "
+                       "\"digit\", \"probabilities\" (10, digits 0-9)}, or {\"file\", "
+                       "\"error\"}.")] = False,
+    activation: Annotated[Optional[str], typer.Option(help=ACTIVATION_HELP,
+                                                      show_default=False)] = None,
 ) -> None:
     from dptrain.inference.evaluate import predict_files
 
-    if not predict_files(run_dir, images):
+    if not predict_files(model, images, as_json=as_json, activation=activation):
         raise typer.Exit(USER_ERROR_EXIT)
 
 
@@ -174,7 +191,8 @@ def register(app: typer.Typer) -> None:
         with_flags(_user_errors(sweep), sweep_flags, training_flags, process_group_flags,
                    ddp_flags))
     app.command("plot", cls=Command,
-                help="Loss and validation accuracy curves of runs, as one PNG.")(_wrap(plot))
+                help="Loss and validation accuracy curves of runs, as one PNG; a run still "
+                     "training is drawn up to its last finished epoch.")(_wrap(plot))
     app.command("report", cls=Command,
                 help="The figures of a sweep, written into its folder.")(_wrap(report))
     app.command("matrix", cls=Command,
@@ -183,9 +201,11 @@ def register(app: typer.Typer) -> None:
                      "difference and a verdict, the accuracy gap against the seed band, the "
                      "time and memory it costs.")(_wrap(matrix))
     app.command("evaluate", cls=Command, help="Test accuracy, per-class precision/recall and the "
-                                              "confusion matrix of a trained run.")(_wrap(evaluate))
+                                              "confusion matrix of a trained model: a run's, a "
+                                              "checkpoint's or a model.pt.")(_wrap(evaluate))
     app.command("predict", cls=Command,
-                help="Predict the digit in your own images with a trained run.")(_wrap(predict))
+                help="Predict the digit in your own images with a trained model: a run's, a "
+                     "checkpoint's or a model.pt.")(_wrap(predict))
 
 
 def _wrap(function):

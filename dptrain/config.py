@@ -27,6 +27,9 @@ RDZV_BACKENDS = ("c10d", "static")
 GRAD_SYNCS = ("auto", "collective", "shm")
 START_METHODS = ("auto", "fork", "fresh")
 GRAD_COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")  # powersgd[:RANK]
+LR_SCHEDULES = ("constant", "cosine", "linear", "step")
+DECAYING = ("cosine", "linear")  # the schedules whose shape depends on the run's length
+BEST_METRICS = ("val_accuracy", "val_loss")
 
 # Output-only section of a run's config.toml; ignored when that file is read back as --config.
 RESOLVED_SECTION = "resolved"
@@ -57,6 +60,12 @@ class OptimConfig:
     lr_scaling: str = "none"
     ref_batch_size: int = 1024
     warmup_epochs: int = 0
+    # After the warmup, the lr (the scaled one) follows this schedule, update by update.
+    lr_schedule: str = "constant"
+    lr_final_fraction: float = 0.0  # cosine, linear: the lr they reach at the last update, x lr
+    lr_step_epochs: int = 10  # step: the lr is multiplied by lr_step_factor every K epochs
+    lr_step_factor: float = 0.1
+    clip_grad_norm: float = 0.0  # clip the gradient to this global L2 norm; 0 = no clipping
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -71,6 +80,8 @@ class TrainConfig:
     seed: int = 0  # model init and the per-epoch shuffle
     # Small enough to stay in cache: 8192 was no faster, and held ~25 MB more per process.
     eval_batch_size: int = 1024
+    early_stop: int = 0  # stop after K epochs without a better best_metric; 0 = never
+    best_metric: str = "val_accuracy"  # what "better" means for early_stop and keep_best
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -120,6 +131,7 @@ class RunConfig:
     out: str = ""  # "" = runs/<mode>-<timestamp>
     checkpoint_every: int = 1  # epochs between checkpoints; 0 = none
     keep: int = 2  # the newest checkpoints kept
+    keep_best: bool = False  # also keep the best epoch's checkpoint (best_metric) in checkpoints/best/
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -249,13 +261,24 @@ def validate(c: Config) -> list[str]:
     p += _choice("system.grad_sync", c.system.grad_sync, GRAD_SYNCS)
     p += _choice("launch.rdzv_backend", c.launch.rdzv_backend, RDZV_BACKENDS)
     p += _choice("launch.start_method", c.launch.start_method, START_METHODS)
+    p += _choice("optim.lr_schedule", c.optim.lr_schedule, LR_SCHEDULES)
+    p += _choice("train.best_metric", c.train.best_metric, BEST_METRICS)
     checks = [
         ("optim.lr", c.optim.lr, c.optim.lr > 0 and math.isfinite(c.optim.lr), "> 0"),
         ("optim.momentum", c.optim.momentum, 0 <= c.optim.momentum < 1, "in [0, 1)"),
         ("optim.weight_decay", c.optim.weight_decay, c.optim.weight_decay >= 0, ">= 0"),
         ("optim.ref_batch_size", c.optim.ref_batch_size, c.optim.ref_batch_size >= 1, ">= 1"),
         ("optim.warmup_epochs", c.optim.warmup_epochs, c.optim.warmup_epochs >= 0, ">= 0"),
+        ("optim.lr_final_fraction", c.optim.lr_final_fraction,
+         0 <= c.optim.lr_final_fraction <= 1, "in [0, 1]"),
+        ("optim.lr_step_epochs", c.optim.lr_step_epochs, c.optim.lr_step_epochs >= 1, ">= 1"),
+        ("optim.lr_step_factor", c.optim.lr_step_factor, 0 < c.optim.lr_step_factor <= 1,
+         "in (0, 1]"),
+        ("optim.clip_grad_norm", c.optim.clip_grad_norm,
+         c.optim.clip_grad_norm >= 0 and math.isfinite(c.optim.clip_grad_norm),
+         ">= 0 (0 = no clipping)"),
         ("train.epochs", c.train.epochs, c.train.epochs >= 1, ">= 1"),
+        ("train.early_stop", c.train.early_stop, c.train.early_stop >= 0, ">= 0 (0 = never)"),
         ("train.batch_size", c.train.batch_size, c.train.batch_size >= 1, ">= 1"),
         ("train.eval_batch_size", c.train.eval_batch_size, c.train.eval_batch_size >= 1, ">= 1"),
         ("system.threads", c.system.threads, c.system.threads >= 0, ">= 0 (0 = automatic)"),
@@ -271,6 +294,10 @@ def validate(c: Config) -> list[str]:
     ]
     p += [f"{name}: must be {rule}, got {value!r}" for name, value, ok, rule in checks if not ok]
     p += _ddp_problems(c.ddp)
+    if c.optim.lr_schedule in DECAYING and c.optim.warmup_epochs >= c.train.epochs:
+        p.append(f"optim.lr_schedule: {c.optim.lr_schedule} decays the lr after the warmup, but "
+                 f"warmup_epochs {c.optim.warmup_epochs} leaves none of the {c.train.epochs} "
+                 "epochs")
     if c.optim.optimizer == "adam" and c.optim.momentum:
         p.append("optim.momentum: only sgd uses momentum; adam has its own betas")
     host, _, port = c.launch.rdzv_endpoint.rpartition(":")
@@ -376,6 +403,11 @@ class Plan:
     base_lr: float  # the configured lr
     lr: float  # after the scaling rule
     warmup_steps: int
+    total_steps: int = 0  # updates of the whole run (epochs x updates_per_epoch)
+    lr_schedule: str = "constant"  # after the warmup (OptimConfig.lr_schedule)
+    lr_final_fraction: float = 0.0
+    lr_step_updates: int = 1  # step: updates between two steps down
+    lr_step_factor: float = 0.1
 
     @property
     def per_rank_batch(self) -> float:
@@ -383,10 +415,44 @@ class Plan:
         return self.global_batch / self.world_size
 
     def lr_at(self, step: int) -> float:
-        """The lr for update `step` (0-based over the whole run): linear warmup, then constant."""
-        if step >= self.warmup_steps:
-            return self.lr
-        return self.base_lr + (self.lr - self.base_lr) * step / self.warmup_steps
+        """The lr for update `step` (0-based over the whole run): a linear warmup from the base
+        lr to the scaled lr, then the schedule. A pure function of the update index, so that a
+        resumed run goes on exactly, and a checkpoint's recorded lrs can be checked."""
+        if step < self.warmup_steps:
+            return self.base_lr + (self.lr - self.base_lr) * step / self.warmup_steps
+        return self.lr * self.schedule_factor(step - self.warmup_steps)
+
+    def schedule_factor(self, after_warmup: int) -> float:
+        """The schedule's multiple of the scaled lr, `after_warmup` updates after the warmup."""
+        if self.lr_schedule == "step":
+            return self.lr_step_factor ** (after_warmup // self.lr_step_updates)
+        if self.lr_schedule == "constant":
+            return 1.0
+        # cosine and linear reach the final fraction as the run ends (after its last update).
+        progress = min(after_warmup / max(self.total_steps - self.warmup_steps, 1), 1.0)
+        final = self.lr_final_fraction
+        if self.lr_schedule == "cosine":
+            return final + (1 - final) * (1 + math.cos(math.pi * progress)) / 2
+        return 1 - (1 - final) * progress
+
+    def schedule_text(self) -> str:
+        """The resolved schedule in a few words, e.g. 'cosine 0.01 -> 0 over epochs 3-25'."""
+        first = self.warmup_steps // self.updates_per_epoch + 1
+        warmup = (f"warmup {self.base_lr:.4g} -> {self.lr:.4g} over {_epochs(1, first - 1)}, "
+                  "then " if self.warmup_steps else "")
+        if self.lr_schedule == "constant":
+            return f"{warmup}constant {self.lr:.4g}"
+        if self.lr_schedule == "step":
+            every = self.lr_step_updates // self.updates_per_epoch
+            return (f"{warmup}step {self.lr:.4g} x {self.lr_step_factor:g} every {every} "
+                    f"epoch{'s' if every != 1 else ''} from epoch {first}")
+        last = self.total_steps // self.updates_per_epoch
+        return (f"{warmup}{self.lr_schedule} {self.lr:.4g} -> "
+                f"{self.lr * self.lr_final_fraction:.4g} over {_epochs(first, last)}")
+
+
+def _epochs(first: int, last: int) -> str:
+    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
 
 
 def resolve_lr(optim: OptimConfig, global_batch: int, world_size: int) -> float:
@@ -436,7 +502,12 @@ def resolve(config: Config, *, mode: str, world_size: int, n_train: int) -> Plan
                 updates_per_epoch=updates_per_epoch, samples_per_epoch=samples_per_epoch,
                 base_lr=config.optim.lr,
                 lr=resolve_lr(config.optim, global_batch, world_size),
-                warmup_steps=config.optim.warmup_epochs * updates_per_epoch)
+                warmup_steps=config.optim.warmup_epochs * updates_per_epoch,
+                total_steps=train.epochs * updates_per_epoch,
+                lr_schedule=config.optim.lr_schedule,
+                lr_final_fraction=config.optim.lr_final_fraction,
+                lr_step_updates=config.optim.lr_step_epochs * updates_per_epoch,
+                lr_step_factor=config.optim.lr_step_factor)
 
 
 # Multiply-adds per rank per training step (per-rank batch x one sample's forward products,

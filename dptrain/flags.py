@@ -13,8 +13,9 @@ import typer
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from dptrain.config import (ACTIVATIONS, BACKENDS, DEVICES, GRAD_SYNCS, LOSSES, LR_SCALINGS,
-                            OPTIMIZERS, START_METHODS, Config, ConfigError)
+from dptrain.config import (ACTIVATIONS, BACKENDS, BEST_METRICS, DECAYING, DEVICES, GRAD_SYNCS,
+                            LOSSES, LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS, START_METHODS, Config,
+                            ConfigError)
 
 _DEFAULTS = Config()
 TRAIN = "Training"
@@ -57,6 +58,21 @@ def training_flags(
     warmup_epochs: Annotated[Optional[int], _opt(
         "Ramp the lr linearly from the base to the scaled lr over these epochs.",
         _DEFAULTS.optim.warmup_epochs)] = None,
+    lr_schedule: Annotated[Optional[str], _opt(
+        f"{'|'.join(LR_SCHEDULES)}: the lr after the warmup, update by update. cosine, linear: "
+        "from the scaled lr down to --lr-final-fraction of it at the end of the run; step: x "
+        "--lr-step-factor every --lr-step-epochs epochs.", _DEFAULTS.optim.lr_schedule)] = None,
+    lr_final_fraction: Annotated[Optional[float], _opt(
+        "cosine, linear: the lr at the end of the run, as a fraction of the scaled lr.",
+        _DEFAULTS.optim.lr_final_fraction)] = None,
+    lr_step_epochs: Annotated[Optional[int], _opt(
+        "step: epochs between two steps down (counted from the warmup's end).",
+        _DEFAULTS.optim.lr_step_epochs)] = None,
+    lr_step_factor: Annotated[Optional[float], _opt(
+        "step: what each step multiplies the lr by.", _DEFAULTS.optim.lr_step_factor)] = None,
+    clip_grad_norm: Annotated[Optional[float], _opt(
+        "Scale the gradient down to this L2 norm when it is larger (the norm over all ranks' "
+        "summed gradient, as seq's); 0 = no clipping.", _DEFAULTS.optim.clip_grad_norm)] = None,
     optimizer: Annotated[Optional[str], _opt(
         f"{'|'.join(OPTIMIZERS)}.", _DEFAULTS.optim.optimizer)] = None,
     momentum: Annotated[Optional[float], _opt("SGD momentum.", _DEFAULTS.optim.momentum)] = None,
@@ -72,6 +88,12 @@ def training_flags(
                                               _DEFAULTS.data.split_seed)] = None,
     eval_batch_size: Annotated[Optional[int], _opt("Samples per forward pass in evaluation.",
                                                    _DEFAULTS.train.eval_batch_size)] = None,
+    early_stop: Annotated[Optional[int], _opt(
+        "Stop after K epochs without a better --best-metric (then test as usual); 0 = never.",
+        _DEFAULTS.train.early_stop)] = None,
+    best_metric: Annotated[Optional[str], _opt(
+        f"{'|'.join(BEST_METRICS)}: what makes an epoch better, for --early-stop and "
+        "--keep-best.", _DEFAULTS.train.best_metric)] = None,
     data_dir: Annotated[Optional[str], _opt(
         "Folder with the four MNIST files.", "$DPTRAIN_DATA_DIR, else the download cache")] = None,
     out: Annotated[Optional[str], _opt("Run folder.", "runs/<mode>-<timestamp>")] = None,
@@ -82,6 +104,10 @@ def training_flags(
         _DEFAULTS.run.checkpoint_every, CHECKPOINT)] = None,
     keep: Annotated[Optional[int], _opt("Checkpoints kept: the newest K.", _DEFAULTS.run.keep,
                                         CHECKPOINT)] = None,
+    keep_best: Annotated[Optional[bool], _opt(
+        "Also keep the checkpoint of the best epoch (--best-metric) in checkpoints/best/, apart "
+        "from the --keep rotation (written whenever an epoch is better).", "off", CHECKPOINT,
+        "--keep-best")] = None,
     resume: Annotated[Optional[str], _opt(
         "Continue RUN_DIR from its newest complete checkpoint; 'auto': continue --out if it has "
         "one, else start it.", "a fresh start", CHECKPOINT, "--resume")] = None,
@@ -254,6 +280,15 @@ def unused_flags(given: set[str], c: Config) -> list[str]:
         ("warmup_epochs", c.optim.warmup_epochs and c.optim.lr_scaling == "none",
          "--warmup-epochs is not used with lr_scaling none (the warmup ramps from the base lr "
          "to the scaled lr, which none leaves equal); choose an --lr-scaling rule"),
+        ("lr_final_fraction", c.optim.lr_schedule not in DECAYING,
+         "--lr-final-fraction is used by the cosine and linear schedules only; choose one with "
+         "--lr-schedule"),
+        ("lr_step_epochs", c.optim.lr_schedule != "step",
+         "--lr-step-epochs is used by --lr-schedule step only"),
+        ("lr_step_factor", c.optim.lr_schedule != "step",
+         "--lr-step-factor is used by --lr-schedule step only"),
+        ("best_metric", not (c.train.early_stop or c.run.keep_best),
+         "--best-metric is not used without --early-stop or --keep-best"),
     ]
     return [message for key, applies, message in rules if key in given and applies]
 

@@ -19,6 +19,7 @@ from torch import nn
 from dptrain.storage import checkpoint
 from dptrain.storage.checkpoint import Checkpoint
 from dptrain.config import Config, Plan
+from dptrain.components.best import best_record, early_stop_line, is_new_best
 from dptrain.components.data import Mnist, Split, epoch_order, shard_bounds
 from dptrain.errors import UserError
 from dptrain.components.model import LOSS_SUMS, MLP
@@ -122,11 +123,16 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         checkpoint.restore(strategy, model, optimizer, resume)
         records, earlier_seconds = list(resume.records), resume.meta["train_seconds"]
     loss_sum = LOSS_SUMS[config.train.loss]
-    step = make_step(strategy, model, optimizer, samples, guard)
+    step = make_step(strategy, model, optimizer, samples, guard, config.optim.clip_grad_norm)
     eval_batch = config.train.eval_batch_size
 
     loop_start, saving = time.perf_counter(), 0.0
+    stop = early_stop_line(records, config.train)  # a resumed run that had already stopped
+    if stop:
+        log.note(stop)
     for epoch in range(len(records) + 1, config.train.epochs + 1):
+        if stop:
+            break
         start = time.perf_counter()
         order = epoch_order(split.train, config.train.seed, epoch)
         first_step = (epoch - 1) * plan.updates_per_epoch
@@ -148,32 +154,51 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
                         "val_seconds": time.perf_counter() - start - epoch_seconds,
                         "samples_per_second": plan.samples_per_epoch / epoch_seconds,
                         "checkpoint_seconds": 0.0})
-        if _checkpoint_due(config, epoch):
-            if not strategy.parameters_finite(model):  # never checkpoint a diverged model
-                raise UserError(f"the parameters became non-finite during epoch {epoch} (a "
-                                f"gradient overflowed); not checkpointed; {_kept(log.out)}. "
-                                "Lower --lr, or check the data")
-            saving_start = time.perf_counter()
-            meta = checkpoint.manifest(
-                epoch=epoch, step=epoch * plan.updates_per_epoch, mode=strategy.mode,
-                world_size=strategy.env.world_size, config=config, plan=plan, records=records,
-                train_seconds=earlier_seconds + saving_start - loop_start - saving,
-                checkpoint_format=strategy.checkpoint_format)
-            checkpoint.write(strategy, model, optimizer, log.out, meta, config.run.keep)
-            saving += time.perf_counter() - saving_start
+        # Every rank holds the same records, so all decide alike (no collective).
+        stop = early_stop_line(records, config.train)
+        trained = earlier_seconds + time.perf_counter() - loop_start - saving
+        # An early stop is checkpointed as a last epoch is: to export the run or train it on.
+        if _checkpoint_due(config, epoch) or (stop and config.run.checkpoint_every):
+            saving += _save(config, plan, strategy, model, optimizer, log, records, trained)
+        if config.run.keep_best and is_new_best(records, config.train.best_metric):
+            saving += _save(config, plan, strategy, model, optimizer, log, records, trained,
+                            best=True)
         log.epoch(records[-1])
+        if stop:
+            log.note(stop)
     # Checkpoint writing is not training: it is reported apart, as checkpoint_seconds.
     train_seconds = earlier_seconds + time.perf_counter() - loop_start - saving
 
     test_loss, test_accuracy = evaluate(model, samples, split.test, strategy, loss_sum, eval_batch)
     memory = strategy.memory_report(model, optimizer)
     state = strategy.full_state_dict(model)
-    last = records[-1]
+    last, best = records[-1], best_record(records, config.train.best_metric)
     return {"train_seconds": train_seconds, "train_loss": last["train_loss"],
             "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
             "checkpoint_seconds": sum(r["checkpoint_seconds"] for r in records),
-            "test_loss": test_loss, "test_accuracy": test_accuracy, "memory": memory,
-            "state_dict": state}
+            "test_loss": test_loss, "test_accuracy": test_accuracy,
+            "epochs_trained": last["epoch"], "stopped_early": bool(stop),
+            "best_epoch": best["epoch"], "best_metric": config.train.best_metric,
+            "best_value": best[config.train.best_metric],
+            "memory": memory, "state_dict": state}
+
+
+def _save(config: Config, plan: Plan, strategy: Strategy, model, optimizer, log: RunLog,
+          records: list[dict], train_seconds: float, *, best: bool = False) -> float:
+    """Checkpoint the last epoch of `records` into the --keep rotation, or as the best;
+    returns the seconds it took."""
+    epoch = records[-1]["epoch"]
+    if not strategy.parameters_finite(model):  # never checkpoint a diverged model
+        raise UserError(f"the parameters became non-finite during epoch {epoch} (a gradient "
+                        f"overflowed); not checkpointed; {_kept(log.out)}. Lower --lr, or "
+                        "check the data")
+    start = time.perf_counter()
+    meta = checkpoint.manifest(
+        epoch=epoch, step=epoch * plan.updates_per_epoch, mode=strategy.mode,
+        world_size=strategy.env.world_size, config=config, plan=plan, records=records,
+        train_seconds=train_seconds, checkpoint_format=strategy.checkpoint_format)
+    checkpoint.write(strategy, model, optimizer, log.out, meta, config.run.keep, best=best)
+    return time.perf_counter() - start
 
 
 def _checkpoint_due(config: Config, epoch: int) -> bool:

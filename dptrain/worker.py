@@ -143,6 +143,8 @@ def _announce(log: RunLog, config: Config, plan: Plan, setting: dict, out: Path,
                "updates_per_epoch": plan.updates_per_epoch, "lr": f"{plan.lr:.6g}",
                "lr_scaling": config.optim.lr_scaling, "epochs": config.train.epochs,
                "out": str(out)})
+    if plan.lr_schedule != "constant":
+        log.note(f"lr schedule: {plan.schedule_text()}")
 
 
 def _check_resumable(found, skipped: list[str], resume: str, plan: Plan, world_size: int) -> None:
@@ -189,7 +191,8 @@ def _plan_fields(plan: Plan) -> dict:
     return {"global_batch": plan.global_batch, "per_rank_batch": plan.per_rank_batch,
             "updates_per_epoch": plan.updates_per_epoch,
             "samples_per_epoch": plan.samples_per_epoch, "base_lr": plan.base_lr,
-            "lr": plan.lr, "warmup_steps": plan.warmup_steps}
+            "lr": plan.lr, "warmup_steps": plan.warmup_steps,
+            "lr_schedule": plan.schedule_text()}
 
 
 def _check_out_dir_together(strategy, out: Path, force: bool, lock: RunLock) -> None:

@@ -149,8 +149,8 @@ def test_evaluate_of_a_missing_folder_says_so(tmp_path):
     from dptrain.errors import UserError
     from dptrain.inference.evaluate import load_model
 
-    with pytest.raises(UserError, match=r"nope does not exist; give the folder of a finished run"):
+    with pytest.raises(UserError, match=r"nope does not exist; give the folder of a run"):
         load_model(tmp_path / "nope")
     (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match="file is a file, not a run folder"):
+    with pytest.raises(UserError, match="file is a file, not a run folder or a .pt model file"):
         load_model(tmp_path / "file")

@@ -86,7 +86,7 @@ def test_sweep_and_report_errors(tmp_path):
     assert not (tmp_path / "s").exists()
     assert_one_line_error(run_cli("report", str(tmp_path)), "no sweep.json")
     assert_one_line_error(run_cli("report", str(tmp_path / "nope")), "no such folder")
-    assert_one_line_error(run_cli("plot", str(tmp_path)), "not a finished run folder")
+    assert_one_line_error(run_cli("plot", str(tmp_path)), "is not a run folder (no metrics.jsonl)")
     assert_one_line_error(run_cli("sweep", "--resume", str(tmp_path)), "no sweep.json")
     assert_one_line_error(run_cli("sweep", "--resume", "auto"), "folder of the interrupted sweep")
 

@@ -61,9 +61,10 @@ class EagerStep:
     """Forward, backward (with the strategy's gradient sum), check and update, op by op."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-                 guard: NonFiniteGuard, strategy):
+                 guard: NonFiniteGuard, strategy, clip_grad_norm: float = 0.0):
         self.model, self.optimizer, self.samples = model, optimizer, samples
         self.guard, self.strategy = guard, strategy
+        self.clip_grad_norm = clip_grad_norm  # 0 = no clipping
         self._losses = torch.zeros(0, dtype=torch.float64, device=samples.device)
 
     def begin_epoch(self, updates: int) -> None:
@@ -82,6 +83,8 @@ class EagerStep:
         # gradients turn NaN (every summed element) on every rank, and all skip alike.
         (loss * (loss.detach() * 0.0 + 1 / global_batch)).backward()
         self.guard.check(self.strategy.local_gradients(self.model))
+        if self.clip_grad_norm:
+            self.strategy.clip_gradients(self.model, self.clip_grad_norm)
         self.optimizer.step()
         self._losses[index] = loss.detach()
 
@@ -95,7 +98,7 @@ class EagerStep:
 
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-              guard: NonFiniteGuard) -> EagerStep:
+              guard: NonFiniteGuard, clip_grad_norm: float = 0.0) -> EagerStep:
     """The step implementation for the strategy's device. The eager step is the only one so
     far; a CUDA-graphed step is the planned second (issue 10), behind these same methods."""
-    return EagerStep(model, optimizer, samples, guard, strategy)
+    return EagerStep(model, optimizer, samples, guard, strategy, clip_grad_norm)

@@ -147,6 +147,17 @@ class Strategy:
         ranks; what the non-finite check of a step reads (step.NonFiniteGuard)."""
         return [_local(p.grad) for p in model.parameters() if p.grad is not None]
 
+    def clip_gradients(self, model: nn.Module, max_norm: float) -> None:
+        """Scale the gradients down to the L2 norm `max_norm` when their norm is larger.
+
+        The norm is that of the whole gradient summed over ranks, as seq computes it: ddp's
+        replicas each hold all of it, and fsdp's sharded DTensor gradients make torch's
+        clip_grad_norm_ reduce the shards' norms over the ranks (a collective on the device).
+        No host sync: the scale is clamped on the device, never compared on the host. A NaN or
+        inf gradient stays non-finite (the guard has flagged it, and the update is skipped).
+        """
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
     def parameters_finite(self, model: nn.Module) -> bool:
         """True when every parameter is finite on every rank. Every rank must call it."""
         return self.all_agree(math.isfinite(sum(_local(p).sum(dtype=torch.float64).item()

@@ -1,7 +1,8 @@
-"""A trained run in use: `dptrain evaluate` (the test split) and `dptrain predict` (your images).
+"""A trained model in use: `dptrain evaluate` (the test split) and `dptrain predict` (your images).
 
-Both rebuild the plain MLP from the run's config.toml and load its model.pt in this process;
-no process group is needed, whichever mode trained the run.
+Both rebuild the plain MLP in this process, whichever mode trained it (no process group), from
+a finished run (model.pt and config.toml), a checkpoint folder (also of a run still training),
+or a bare model.pt (`load` says how each is read).
 """
 
 from __future__ import annotations
@@ -14,34 +15,115 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from dptrain.config import build_config, read_toml
+from dptrain.config import ACTIVATIONS, Config, ModelConfig, build_config, read_toml
 from dptrain.errors import UserError
-from dptrain.storage.runlog import CONFIG, MODEL, err
+from dptrain.storage.runlog import CHECKPOINTS, CONFIG, MODEL, err
 
 CLASSES = range(10)
+# What evaluate and predict take, for their --help and their errors.
+SOURCES = ("the folder of a run, a checkpoint folder (RUN/checkpoints/epoch-NNNN or best) or a "
+           "model.pt")
 
 
-def load_model(run_dir: Path):
-    """(MLP with the run's final parameters, in eval mode; the run's Config)."""
+@dataclass(frozen=True)
+class Loaded:
+    """A model ready to use (eval mode), the config it was trained with and where it came from."""
+
+    model: object
+    config: Config
+    source: str  # e.g. "runs/a/checkpoints/best/epoch-0007, epoch 7"
+
+
+def load_model(source: Path, activation: str | None = None):
+    """(MLP in eval mode, its Config) of `source` (see `load`)."""
+    loaded = load(source, activation)
+    return loaded.model, loaded.config
+
+
+def load(source: Path, activation: str | None = None) -> Loaded:
+    """The model of `source`:
+
+    - a finished run folder: its model.pt, built as its config.toml says;
+    - a run folder without model.pt (still training, or stopped): its newest checkpoint;
+    - a checkpoint folder, RUN/checkpoints/epoch-NNNN or RUN/checkpoints/best;
+    - a .pt file: a model.pt. Its layer widths are read from its tensors' shapes; its
+      activation from its run's config.toml beside it (RUN/model.pt), else from `activation`,
+      which is then required: a wrong guess would give wrong answers without an error.
+    `activation` is refused where a config names the activation.
+    """
+    from dptrain.storage import checkpoint
+
+    source = Path(source)
+    if source.is_file():
+        return _load_file(source, activation)
+    if activation is not None:
+        raise UserError(f"--activation is for a model.pt without its run's {CONFIG}; {source} "
+                        "is a run or checkpoint folder, whose config names the activation")
+    if checkpoint.names_a_checkpoint(source):  # find says why one is not there
+        return _from_checkpoint(checkpoint.find(source))
+    if not source.exists():
+        raise UserError(f"{source} does not exist; give {SOURCES}")
+    if (source / MODEL).exists():
+        return _load_file(source / MODEL, None)
+    found, _ = checkpoint.latest(source)
+    if found is None:
+        missing = MODEL if (source / CONFIG).exists() else CONFIG
+        raise UserError(f"{source}: no {missing} here, and no complete checkpoint in "
+                        f"{source / CHECKPOINTS}{checkpoint.best_hint(source)}; give {SOURCES}")
+    return _from_checkpoint(found, " (its newest checkpoint: the run has no model.pt yet)")
+
+
+def _from_checkpoint(found, why: str = "") -> Loaded:
+    from dptrain.storage.checkpoint import META, model_of
+
+    config = build_config(found.meta["config"], source=str(found.path / META))
+    return Loaded(model_of(found).eval(), config, f"{found.path}, epoch {found.epoch}{why}")
+
+
+def _load_file(path: Path, activation: str | None) -> Loaded:
+    """A model.pt: its run's, when it is RUN/model.pt beside RUN/config.toml; else bare."""
     from dptrain.components.model import MLP
     from dptrain.storage.safeload import first_line, torch_load
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        what = "is a file, not a run folder" if run_dir.exists() else "does not exist"
-        raise UserError(f"{run_dir} {what}; give the folder of a finished run")
-    for name in (CONFIG, MODEL):
-        if not (run_dir / name).exists():
-            raise UserError(f"{run_dir}: no {name} here; give the folder of a finished run")
-    config = build_config(read_toml(run_dir / CONFIG), source=str(run_dir / CONFIG))
+    if path.suffix != ".pt":
+        raise UserError(f"{path} is a file, not a run folder or a .pt model file; give {SOURCES}")
+    config_file = path.parent / CONFIG
+    if path.name == MODEL and config_file.exists():
+        if activation is not None:
+            raise UserError(f"--activation is for a model.pt without its run's {CONFIG}; "
+                            f"{config_file} names the activation")
+        config = build_config(read_toml(config_file), source=str(config_file))
+        state = torch_load(path)  # weights_only; refused or corrupt: one line
+        what = f"the run's model"
+    else:
+        if activation is None:
+            raise UserError(f"{path}: no run's {CONFIG} beside it names the activation its model "
+                            f"was trained with; pass --activation {'|'.join(ACTIVATIONS)}")
+        if activation not in ACTIVATIONS:
+            raise UserError(f"--activation: expected one of {', '.join(ACTIVATIONS)}, got "
+                            f"{activation!r}")
+        state = torch_load(path)
+        config = Config(model=ModelConfig(hidden=_widths(state, path), activation=activation))
+        what = "a model"
     model = MLP(config.model.hidden, config.model.activation)
-    state = torch_load(run_dir / MODEL)  # weights_only; refused or corrupt: one line
     try:
         model.load_state_dict(state)
-    except (RuntimeError, TypeError, KeyError) as e:  # another model's shape, or not a state
-        raise UserError(f"{run_dir / MODEL}: cannot load it into the run's model "
-                        f"({first_line(e)})") from None
-    return model.eval(), config
+    except (RuntimeError, TypeError, KeyError, AttributeError) as e:  # another shape, not a state
+        raise UserError(f"{path}: cannot load it into {what} ({first_line(e)})") from None
+    widths = "-".join(map(str, (784, *config.model.hidden, 10)))
+    return Loaded(model.eval(), config, f"{path} ({widths}, {config.model.activation})")
+
+
+def _widths(state, path: Path) -> tuple[int, ...]:
+    """The hidden layer sizes of an MLP's state dict, from its weights' shapes (out x in)."""
+    layers = 0
+    while isinstance(state, dict) and f"layers.{layers}.weight" in state:
+        layers += 1
+    weights = [state[f"layers.{i}.weight"] for i in range(layers)]
+    if layers < 2 or any(getattr(w, "ndim", 0) != 2 for w in weights):
+        raise UserError(f"{path}: not the state of a dptrain model (layers.0.weight, "
+                        "layers.1.weight, ...: 2-D weights)")
+    return tuple(int(w.shape[0]) for w in weights[:-1])
 
 
 def predict_proba(model, images: np.ndarray, batch: int = 8192) -> np.ndarray:
@@ -55,7 +137,7 @@ def predict_proba(model, images: np.ndarray, batch: int = 8192) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Evaluation:
-    run_dir: Path
+    source: str  # what was evaluated (Loaded.source)
     confusion: np.ndarray  # [true, predicted] counts over the test split
 
     @property
@@ -63,18 +145,21 @@ class Evaluation:
         return float(np.trace(self.confusion) / self.confusion.sum())
 
 
-def evaluate_run(run_dir: Path, data_dir: str | None = None) -> Evaluation:
-    """The run's model on its test split (the split seed of its config)."""
+def evaluate_run(source: Path, data_dir: str | None = None,
+                 activation: str | None = None) -> Evaluation:
+    """The model of `source` (load) on its run's test split (the split seed of its config;
+    of a bare model.pt, the default split, which every run uses unless told otherwise)."""
     from dptrain.components.data import load_mnist, split_indices
 
-    model, config = load_model(run_dir)
+    loaded = load(source, activation)
+    model, config = loaded.model, loaded.config
     mnist = load_mnist(data_dir if data_dir is not None else config.data.data_dir)
     test = split_indices(len(mnist.labels), config.data.split_seed).test
     images = mnist.images[test].astype(np.float32) / 255.0  # as training scaled them
     predicted = predict_proba(model, images).argmax(axis=1)
     confusion = np.zeros((10, 10), dtype=np.int64)
     np.add.at(confusion, (mnist.labels[test].astype(np.int64), predicted), 1)
-    return Evaluation(Path(run_dir), confusion)
+    return Evaluation(loaded.source, confusion)
 
 
 def class_scores(confusion: np.ndarray) -> list[tuple[int, float, float, float, int]]:
@@ -93,7 +178,7 @@ def print_evaluation(result: Evaluation, console: Console | None = None) -> None
     console = console or Console(highlight=False)
     total = int(result.confusion.sum())
     console.print(f"[bold]test accuracy {result.accuracy:.4f}[/] "
-                  f"({int(np.trace(result.confusion))} of {total} test images) — {result.run_dir}")
+                  f"({int(np.trace(result.confusion))} of {total} test images) — {escape(result.source)}")
     scores = Table(title="per class")
     for header in ("digit", "precision", "recall", "F1", "support"):
         scores.add_column(header, justify="right")
@@ -124,17 +209,22 @@ def save_confusion_png(result: Evaluation, out: Path) -> Path:
                 color="white" if n > high else "black")
     ax.set(xticks=list(CLASSES), yticks=list(CLASSES), xlabel="predicted digit",
            ylabel="true digit",
-           title=f"Confusion matrix, test accuracy {result.accuracy:.4f}\n{result.run_dir}")
+           title=f"Confusion matrix, test accuracy {result.accuracy:.4f}\n{result.source}")
     return _save(fig, plt, out)
 
 
-def predict_files(run_dir: Path, paths: list[Path], console: Console | None = None) -> bool:
-    """Print each file's predicted digit and top-3 probabilities; False if any file failed."""
+def predict_files(source: Path, paths: list[Path], console: Console | None = None, *,
+                  as_json: bool = False, activation: str | None = None) -> bool:
+    """Print each file's predicted digit and top-3 probabilities, as one table, or with
+    `as_json` as one JSON object per file, in order (a failed file's has its "error"); a
+    failed file also gets its error line on stderr. False if any file failed."""
+    import json
+
     from dptrain.inference.digits import ImageError, prepare_file
 
-    model, _config = load_model(run_dir)
+    loaded = load(source, activation)
     console = console or Console(highlight=False)
-    table = Table(title=f"predictions of {run_dir}")
+    table = Table(title=f"predictions of {escape(loaded.source)}")
     for header in ("file", "digit", "top 3 (digit: probability)"):
         table.add_column(header, justify="left" if header == "file" else "right")
     failed = 0
@@ -144,11 +234,19 @@ def predict_files(run_dir: Path, paths: list[Path], console: Console | None = No
         except ImageError as e:
             err(str(e))
             failed += 1
+            if as_json:
+                print(json.dumps({"file": str(path), "error": str(e)}), file=console.file,
+                      flush=True)
             continue
-        probs = predict_proba(model, image[None])[0]
+        probs = predict_proba(loaded.model, image[None])[0]
         top = np.argsort(probs)[::-1][:3]
-        table.add_row(escape(str(path)), f"[bold]{top[0]}[/]",
-                      "  ".join(f"{k}: {probs[k]:.3f}" for k in top))
-    if failed < len(paths):
+        if as_json:  # plain print: never wrapped, no markup
+            print(json.dumps({"file": str(path), "digit": int(top[0]),
+                              "probabilities": [float(p) for p in probs]}),
+                  file=console.file, flush=True)
+        else:
+            table.add_row(escape(str(path)), f"[bold]{top[0]}[/]",
+                          "  ".join(f"{k}: {probs[k]:.3f}" for k in top))
+    if failed < len(paths) and not as_json:
         console.print(table)
     return failed == 0

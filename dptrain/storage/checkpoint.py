@@ -31,11 +31,15 @@ from dptrain.storage.runlog import CHECKPOINTS, SUMMARY, StorageError, storage_e
 
 META = "meta.json"
 _FOLDER = re.compile(r"epoch-(\d+)")
+# RUN/checkpoints/best/epoch-NNNN/: the best epoch's checkpoint (--keep-best), a complete one
+# like the others, outside the --keep rotation; its folder name says which epoch it is.
+BEST = "best"
 # Flags that may differ from the checkpoint's config on --resume: they change where and how the
 # run goes on, not what it computes (nproc may change the lr; the worker checks the plan).
 # zero: ZeRO's parameters equal plain ddp's bit for bit (tests/test_ddp_knobs.py), and its
 # checkpoint holds the consolidated optimizer state, which loads with and without it.
-MAY_CHANGE = {"epochs", "checkpoint_every", "keep", "out", "data_dir", "backend", "device",
+MAY_CHANGE = {"epochs", "checkpoint_every", "keep", "keep_best", "early_stop", "best_metric",
+              "out", "data_dir", "backend", "device",
               "threads", "timeout", "nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id",
               "rdzv_backend", "max_restarts", "start_method", "zero"}
 
@@ -64,9 +68,10 @@ def folder_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
 
-def _folders(run_dir: Path) -> list[Path]:
-    """Checkpoint folders by name, newest epoch first (complete or not)."""
-    root = Path(run_dir) / CHECKPOINTS
+def _folders(run_dir: Path, *, best: bool = False) -> list[Path]:
+    """Checkpoint folders by name, newest epoch first (complete or not); `best`: those of
+    checkpoints/best/ (one, but for a moment after a new best is written)."""
+    root = Path(run_dir) / CHECKPOINTS / (BEST if best else "")
     found = [p for p in root.iterdir() if p.is_dir() and _FOLDER.fullmatch(p.name)] \
         if root.is_dir() else []
     return sorted(found, key=lambda p: int(_FOLDER.fullmatch(p.name)[1]), reverse=True)
@@ -105,11 +110,11 @@ def verify(path: Path) -> dict[str, Any]:
     return meta
 
 
-def latest(run_dir: Path, check=verify) -> tuple[Checkpoint | None, list[str]]:
+def latest(run_dir: Path, check=verify, *, best: bool = False) -> tuple[Checkpoint | None, list[str]]:
     """The newest checkpoint of a run that passes `check` (a folder -> its manifest), and one
-    line per newer folder passed over."""
+    line per newer folder passed over; `best`: the best checkpoint (--keep-best)."""
     skipped = []
-    for path in _folders(run_dir):
+    for path in _folders(run_dir, best=best):
         try:
             return Checkpoint(path, check(path)), skipped
         except CheckpointError as e:
@@ -179,6 +184,8 @@ def _check_optimizer(optimizer, meta: dict[str, Any], lr: float) -> None:
 def find(path: Path) -> Checkpoint:
     """A checkpoint folder itself, or the newest complete checkpoint of a run folder."""
     path = Path(path)
+    if _is_best(path):
+        return _find_best(path)
     if _FOLDER.fullmatch(path.name) and path.parent.name == CHECKPOINTS:
         if not path.exists():
             raise CheckpointError(_not_there(path))
@@ -192,7 +199,42 @@ def find(path: Path) -> Checkpoint:
     found, skipped = latest(path)
     if found is None:
         why = f": {'; '.join(skipped)}" if skipped else f" ({path / CHECKPOINTS}/epoch-NNNN/)"
-        raise CheckpointError(f"{path} holds no complete checkpoint{why}")
+        raise CheckpointError(f"{path} holds no complete checkpoint{why}{best_hint(path)}")
+    return replace(found, passed_over=tuple(skipped))
+
+
+def names_a_checkpoint(path: Path) -> bool:
+    """RUN/checkpoints/epoch-NNNN, or the best checkpoint (RUN/checkpoints/best[/epoch-NNNN])."""
+    path = Path(path)
+    return _is_best(path) or (_FOLDER.fullmatch(path.name) is not None
+                              and path.parent.name == CHECKPOINTS)
+
+
+def best_hint(run_dir: Path) -> str:
+    """'; its best checkpoint is RUN/checkpoints/best' when it has one (--keep-best), else ''."""
+    best = Path(run_dir) / CHECKPOINTS / BEST
+    return f"; its best checkpoint is {best}" if _folders(run_dir, best=True) else ""
+
+
+def _is_best(path: Path) -> bool:
+    """RUN/checkpoints/best, or a folder in it."""
+    return ((path.name == BEST and path.parent.name == CHECKPOINTS)
+            or (_FOLDER.fullmatch(path.name) is not None and path.parent.name == BEST
+                and path.parent.parent.name == CHECKPOINTS))
+
+
+def _find_best(path: Path) -> Checkpoint:
+    """The best checkpoint, named by RUN/checkpoints/best or its epoch-NNNN folder."""
+    best = path if path.name == BEST else path.parent
+    run_dir = best.parent.parent
+    found, skipped = latest(run_dir, best=True)
+    if found is None:
+        why = (f": {'; '.join(skipped)}" if skipped else
+               " (the run was started without --keep-best, or has not finished an epoch)")
+        raise CheckpointError(f"{best} holds no complete best checkpoint{why}")
+    if path is not best and found.path.name != path.name:
+        raise CheckpointError(f"checkpoint {path} does not exist; the best checkpoint is "
+                              f"{found.path}")
     return replace(found, passed_over=tuple(skipped))
 
 
@@ -229,13 +271,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write(strategy, model, optimizer, run_dir: Path, meta: dict[str, Any], keep: int) -> None:
-    """Checkpoint meta["epoch"]; every rank must call it. Keeps the newest `keep` checkpoints.
+def write(strategy, model, optimizer, run_dir: Path, meta: dict[str, Any], keep: int, *,
+          best: bool = False) -> None:
+    """Checkpoint meta["epoch"]; every rank must call it. Keeps the newest `keep` checkpoints;
+    `best`: writes the best checkpoint instead, replacing the previous best once it is complete.
 
     The last of meta["metrics"] is this epoch's record: it gets `checkpoint_seconds`, the time
-    spent writing the state, before the manifest is written.
+    spent writing the state (both writes', when an epoch is also the best), before the
+    manifest is written.
     """
-    root = Path(run_dir) / CHECKPOINTS
+    root = Path(run_dir) / CHECKPOINTS / (BEST if best else "")
     name = folder_name(meta["epoch"])
     tmp = root / f".{name}.tmp"
     main = strategy.env.is_main
@@ -264,8 +309,10 @@ def write(strategy, model, optimizer, run_dir: Path, meta: dict[str, Any], keep:
     start = time.perf_counter()
     together(lambda: _fresh_folder(tmp) if main else None)
     together(lambda: strategy.save_state(model, optimizer, tmp))
-    meta["metrics"][-1]["checkpoint_seconds"] = time.perf_counter() - start
-    together(lambda: (_commit(tmp, root / name, meta), prune(run_dir, keep)) if main else None)
+    record = meta["metrics"][-1]
+    record["checkpoint_seconds"] = record.get("checkpoint_seconds", 0.0) + time.perf_counter() - start
+    after = (lambda: _prune_best(root, name)) if best else (lambda: prune(run_dir, keep))
+    together(lambda: (_commit(tmp, root / name, meta), after()) if main else None)
 
 
 def _write_problem(error, root: Path) -> tuple[str | None, bool | None]:
@@ -326,6 +373,13 @@ def prune(run_dir: Path, keep: int) -> None:
     """Delete complete checkpoints beyond the newest `keep`; incomplete ones are left to be seen."""
     for path in _complete(run_dir)[keep:]:
         shutil.rmtree(path)
+
+
+def _prune_best(root: Path, kept: str) -> None:
+    """Delete every folder in checkpoints/best/ but the new best, `kept` (written just now)."""
+    for path in root.iterdir():
+        if path.name != kept and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
 
 
 def manifest(*, epoch: int, step: int, mode: str, world_size: int, config: Config, plan,
@@ -422,8 +476,8 @@ def resume_config(mode: str, run_dir: Path, flags: dict[str, Any]) -> Config:
                if key not in MAY_CHANGE]
     if changed:
         raise UserError(f"--resume {run_dir}: {', '.join(changed)} would change the run; only "
-                        "--epochs, --zero, the checkpoint, system and launch flags may differ "
-                        "(start a new run with another --out instead)")
+                        "--epochs, --early-stop, --best-metric, --zero, the checkpoint, system "
+                        "and launch flags may differ (start a new run with another --out instead)")
     world_size = config.launch.nproc * config.launch.nnodes
     if _rank_state(config) and world_size != found.meta["world_size"]:
         raise UserError(f"--resume {run_dir}: {_rank_state(config)} keeps state of each of its "
@@ -433,9 +487,17 @@ def resume_config(mode: str, run_dir: Path, flags: dict[str, Any]) -> Config:
     if config.train.epochs < found.epoch:
         raise UserError(f"--resume {run_dir}: its checkpoint is at epoch {found.epoch}; "
                         f"--epochs must be at least that, got {config.train.epochs}")
-    if config.train.epochs == found.epoch and (Path(run_dir) / SUMMARY).exists():
-        raise Finished(f"{run_dir} has already finished all {found.epoch} epochs; nothing to do "
-                       "(pass a larger --epochs to train on)")
+    if (Path(run_dir) / SUMMARY).exists():
+        from dptrain.components.best import early_stop_reason
+
+        if config.train.epochs == found.epoch:
+            raise Finished(f"{run_dir} has already finished all {found.epoch} epochs; nothing "
+                           "to do (pass a larger --epochs to train on)")
+        stopped = early_stop_reason(found.records, config.train)
+        if stopped:  # an early-stopped run does not train on unless told to
+            raise Finished(f"{run_dir} stopped early at epoch {found.epoch}: {stopped}; nothing "
+                           "to do (pass a larger --early-stop, or --early-stop 0, to train on)")
+    _check_schedule_kept(run_dir, saved, config, found.epoch)
     return config
 
 
@@ -448,6 +510,20 @@ def _rank_state(config: Config) -> str:
     return ""
 
 
+def _check_schedule_kept(run_dir: Path, saved: Config, config: Config, trained: int) -> None:
+    """A cosine or linear schedule decays over the run's epochs: another --epochs would change
+    the lr of the epochs already trained, so a resume may not stretch or shrink it."""
+    from dptrain.config import DECAYING
+
+    schedule = saved.optim.lr_schedule
+    if schedule in DECAYING and config.train.epochs != saved.train.epochs:
+        raise UserError(f"--resume {run_dir}: --epochs {config.train.epochs} would change its "
+                        f"{schedule} lr schedule, which decays over the run's "
+                        f"{saved.train.epochs} epochs ({trained} of them trained); only a "
+                        "constant or step schedule can be extended: start a new run for "
+                        f"{config.train.epochs} epochs")
+
+
 def _differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
     tree_a, tree_b = asdict(a), asdict(b)
     return [(key, value, tree_b[section][key]) for section, values in tree_a.items()
@@ -455,20 +531,27 @@ def _differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
 
 
 def export(source: Path, out: Path) -> Checkpoint:
-    """Write the model of a checkpoint (or of a run's newest one) as a plain model.pt.
+    """Write the model of a checkpoint (or of a run's newest one) as a plain model.pt."""
+    import torch
+
+    checkpoint = find(source)
+    state = model_of(checkpoint).state_dict()
+    write_atomic(out, lambda f: torch.save(state, f))
+    return checkpoint
+
+
+def model_of(checkpoint: Checkpoint):
+    """A plain MLP (CPU) with a checkpoint's parameters.
 
     The checkpoint is loaded into a fresh MLP of its config (an fsdp one without a process
     group: DCP reads every shard into the full tensors), so only a model of that shape is
-    ever written; anything refused or unloadable is one line (safeload.LoadError).
+    ever made; anything refused or unloadable is one line (safeload.LoadError).
     """
-    import torch
-
     from dptrain.config import build_config
     from dptrain.components.model import MLP
     from dptrain.storage.safeload import LoadError, first_line, torch_load
     from dptrain.distributed.strategy import STATE_FILE
 
-    checkpoint = find(source)
     shape = build_config(checkpoint.meta["config"]).model
     model = MLP(shape.hidden, shape.activation)
     if checkpoint.meta["format"] == "dcp":
@@ -484,9 +567,7 @@ def export(source: Path, out: Path) -> Checkpoint:
         except (KeyError, TypeError, IndexError, RuntimeError) as e:
             raise LoadError(f"{checkpoint.path / STATE_FILE}: not the state of this run's model "
                             f"({type(e).__name__}: {first_line(e)})") from None
-    state = model.state_dict()
-    write_atomic(out, lambda f: torch.save(state, f))
-    return checkpoint
+    return model
 
 
 def config_and_resume(mode: str, flags: dict[str, Any]) -> tuple[Config, str]:
@@ -518,6 +599,10 @@ def _run_folder(path: Path) -> Path:
     A run goes on from its newest checkpoint only: going back to an older one would replace
     and prune the newer ones as it trains, so that is left to the user to do on purpose.
     """
+    if _is_best(path):
+        raise UserError(f"--resume {path}: a run goes on from its newest checkpoint, not its "
+                        "best; pass --resume with the run folder (evaluate, predict and export "
+                        "take the best checkpoint)")
     if not (_FOLDER.fullmatch(path.name) and path.parent.name == CHECKPOINTS):
         return path
     named, run_dir = find(path), path.parent.parent

@@ -384,7 +384,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
     rows = [("test accuracy", f"{summary['test_accuracy']:.4f}"),
             ("test loss", f"{summary['test_loss']:.4f}"),
             ("val accuracy", f"{summary['val_accuracy']:.4f}"),
-            ("epochs", str(summary["epochs"])),
+            ("epochs", f"{summary['epochs_trained']} of {summary['epochs']} (stopped early)"
+             if summary.get("stopped_early") else str(summary["epochs"])),
             ("global batch", str(summary["global_batch"])),
             ("updates / epoch", str(summary["updates_per_epoch"])),
             ("lr", f"{summary['lr']:.6g}"),

@@ -25,20 +25,45 @@ def _pyplot():
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    """(summary, per-epoch metrics) of a finished run; anything missing is a UserError."""
+    """(summary, per-epoch metrics) of a run. A run still training (or stopped) has no summary
+    yet: its config.toml's [resolved] table stands in, with "unfinished": True."""
+    from dptrain.config import RESOLVED_SECTION, read_toml
+    from dptrain.storage.runlog import CONFIG
+
     run_dir = Path(run_dir)
-    if not (run_dir / SUMMARY).exists() or not (run_dir / METRICS).exists():
-        raise UserError(f"{run_dir}: not a finished run folder (no {SUMMARY} or {METRICS})")
-    summary = json.loads((run_dir / SUMMARY).read_text())
+    if not (run_dir / METRICS).exists():
+        why = "is not a run folder" if not (run_dir / CONFIG).exists() else "has no epochs yet"
+        raise UserError(f"{run_dir} {why} (no {METRICS})")
     lines = (run_dir / METRICS).read_text().splitlines()
-    return summary, [json.loads(line) for line in lines if line.strip()]
+    # A run writes its metrics line by line: a line being written is not yet a record.
+    metrics = [record for line in lines if line.strip() for record in _record(line)]
+    if (run_dir / SUMMARY).exists():
+        return json.loads((run_dir / SUMMARY).read_text()), metrics
+    resolved = read_toml(run_dir / CONFIG).get(RESOLVED_SECTION) if (run_dir / CONFIG).exists() \
+        else None
+    if not isinstance(resolved, dict) or not metrics:
+        what = f"no {CONFIG} with its [resolved] table" if not isinstance(resolved, dict) \
+            else "no finished epoch"
+        raise UserError(f"{run_dir}: nothing to draw yet ({what}, no {SUMMARY})")
+    return {**resolved, "unfinished": True}, metrics
+
+
+def _record(line: str) -> list[dict]:
+    try:
+        return [json.loads(line)]
+    except ValueError:
+        return []
 
 
 def run_label(summary: dict) -> str:
     """e.g. 'ddp x8, B=42000, lr=0.0513, warmup' — what tells two runs apart."""
     label = (f"{summary['mode']} x{summary['world_size']}, B={summary['global_batch']}, "
              f"lr={summary['lr']:.3g}")
-    return label + (", warmup" if summary.get("warmup_steps") else "")
+    schedule = summary.get("lr_schedule", "")  # e.g. "warmup ..., then cosine 0.01 -> 0 ..."
+    label += "".join(f", {kind}" for kind in ("cosine", "linear", "step")
+                     if f"{kind} " in schedule)
+    label += ", warmup" if summary.get("warmup_steps") else ""
+    return label + (", unfinished" if summary.get("unfinished") else "")
 
 
 def _curves(ax_loss, ax_acc, runs: list[tuple[str, dict, list[dict]]]) -> None:
