@@ -72,8 +72,12 @@ def test_each_run_against_seq_fp32(sweeps):
     fp16 = rows["grad_compress=fp16"]
     assert (fp16["band_low"], fp16["band_high"], fp16["band_runs"]) == (
         pytest.approx(0.0), pytest.approx(0.010), 3)
+    assert fp16["seed_spread"] == pytest.approx(0.010)
     assert fp16["accuracy_diff"] == pytest.approx(0.030) and fp16["in_band"] is False
     assert rows["none"]["in_band"] is True
+    # Against the plain ddp run at the same nproc: ZeRO changes nothing computed.
+    assert rows["zero=True"]["plain_param_diff"] == pytest.approx(1e-6, rel=1e-3)
+    assert rows["none"]["plain_param_diff"] == 0.0
     assert rows["none"]["time_saved"] == pytest.approx(0.5)  # 50 ms against 100 ms per update
     assert fp16["time_saved"] == pytest.approx(-1.0)
     assert rows["zero=True"]["model_state_bytes"] == 240  # the largest rank's
