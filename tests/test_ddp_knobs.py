@@ -193,12 +193,13 @@ def test_grad_sync_auto_takes_the_collective_for_torchs_hooks():
         assert resolve_grad_sync(auto, knobs, env, cpu) == "collective"
 
 
-def test_powersgd_memories_follow_a_rebuilt_bucket():
-    """DDP reorders a bucket once, after a process's first update; the error feedback and the
-    factors, laid out per bucket, are permuted with it, piece by piece."""
+def test_powersgd_memories_follow_rebuilt_buckets():
+    """DDP reorders its buckets once, after a process's first update, and may move parameters
+    between them; the error feedback and the factors, laid out per bucket, follow piece by
+    piece (and a checkpoint keeps them per parameter)."""
     from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
 
-    from dptrain.distributed.gradsum import PowerSGD, piece_sizes
+    from dptrain.distributed.gradsum import PowerSGD, memories, piece_sizes
 
     params = [torch.zeros(16, 784), torch.zeros(16), torch.zeros(10, 16), torch.zeros(10)]
     state = PowerSGD(PowerSGDState(None, matrix_approximation_rank=2, start_powerSGD_iter=2),
@@ -207,12 +208,15 @@ def test_powersgd_memories_follow_a_rebuilt_bucket():
     assert sizes == {"error": [12544, 16, 160, 10], "p": [32, 0, 20, 0], "q": [1568, 0, 32, 0]}
     pieces = {name: [torch.full((n,), float(i)) for i, n in enumerate(sizes[name])]
               for name in sizes}
-    state.follow(0, (0, 1, 2, 3))
-    for name, memory in (("error", state.torch.error_dict), ("p", state.torch.p_memory_dict),
-                         ("q", state.torch.q_memory_dict)):
-        memory[0] = torch.cat(pieces[name])
-    state.follow(0, (2, 0, 3, 1))
-    assert torch.equal(state.torch.error_dict[0], torch.cat([pieces["error"][i]
-                                                             for i in (2, 0, 3, 1)]))
-    assert torch.equal(state.torch.q_memory_dict[0], torch.cat([pieces["q"][2],
-                                                                pieces["q"][0]]))
+    state.follow(0, (0, 1))
+    state.follow(1, (2, 3))
+    for name, memory in memories(state.torch).items():
+        memory[0] = torch.cat([pieces[name][0], pieces[name][1]])
+        memory[1] = torch.cat([pieces[name][2], pieces[name][3]])
+    state.follow(0, (2, 0, 3))  # rebuilt: bucket 0 takes parameters of both
+    state.follow(1, (1,))
+    for name, memory in memories(state.torch).items():
+        assert torch.equal(memory[0], torch.cat([pieces[name][i] for i in (2, 0, 3)])), name
+        assert torch.equal(memory[1], pieces[name][1]), name
+    saved = state.pieces()
+    assert all(torch.equal(saved[name][i], pieces[name][i]) for name in sizes for i in range(4))

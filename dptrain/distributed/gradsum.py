@@ -131,42 +131,72 @@ def comm_hook(grad_sync: str, knobs: DDPConfig, params: list[torch.Tensor], env,
 
 
 class PowerSGD:
-    """torch's PowerSGDState, and the order of the parameters in each bucket its memories (the
-    error feedback, the P and Q factors: flat, per bucket) were laid out in.
+    """torch's PowerSGDState, and which parameters, in which order, each bucket's memories (the
+    error feedback, the P and Q factors: flat, one tensor per bucket) hold.
 
     DDP rebuilds its buckets once, after a process's first update, in the order the gradients
-    became ready, which reorders a bucket's parameters. torch's hook memorizes nothing before
-    its warm-up ends (hence start_powerSGD_iter >= 2), but a resumed run compresses from its
-    first update, in the layout before the rebuild, and must then follow the rebuild: each
-    memory is permuted, parameter by parameter, whenever a bucket's order changes. A
-    permutation changes no value, so a resumed run computes what the uninterrupted one does.
+    became ready, which reorders the parameters within a bucket and may move them between
+    buckets. torch's hook memorizes nothing before its warm-up ends (hence
+    start_powerSGD_iter >= 2), but a resumed run compresses from its first update, in the
+    layout before the rebuild, and must then follow the rebuild. So whenever a bucket arrives
+    laid out otherwise than its memories, every bucket's memories are cut into per-parameter
+    pieces (`loose`), and each bucket takes its pieces back, in its new order, before torch's
+    hook runs on it. Moving values changes none, so a resumed run computes what the
+    uninterrupted one does. Checkpoints keep the pieces per parameter, whatever the layout.
     """
 
     def __init__(self, state, params: list[torch.Tensor]):
         self.torch = state
         self.index = {p: i for i, p in enumerate(params)}  # tensors hash by identity
-        self.shapes = [p.shape for p in params]
-        self.layouts: dict[int, tuple[int, ...]] = {}  # bucket index -> parameter indices
+        self.sizes = piece_sizes([p.shape for p in params], state.matrix_approximation_rank)
+        self.layouts: dict[int, tuple[int, ...]] = {}  # bucket index -> its parameters' indices
+        self.loose: dict[str, dict[int, torch.Tensor]] = {name: {} for name in self.sizes}
 
     def follow(self, bucket_index: int, layout: tuple[int, ...]) -> None:
-        """Lay the bucket's memories out in `layout` (its parameters' order this update)."""
-        old = self.layouts.get(bucket_index, layout)
+        """Lay the bucket's memories out in `layout` (its parameters this update, in order)."""
+        elsewhere = any(set(layout) & set(other) for b, other in self.layouts.items()
+                        if b != bucket_index)
+        if self.layouts.get(bucket_index, layout) != layout or elsewhere:
+            self.pieces(take=True)
         self.layouts[bucket_index] = layout
-        if old == layout:
-            return
-        sizes = piece_sizes(self.shapes, self.torch.matrix_approximation_rank)
         for name, memory in memories(self.torch).items():
-            if bucket_index in memory:
-                pieces = dict(zip(old, memory[bucket_index].split([sizes[name][i] for i in old])))
-                memory[bucket_index] = torch.cat([pieces[i] for i in layout])
+            loose = self.loose[name]
+            if bucket_index not in memory and layout and all(i in loose for i in layout):
+                memory[bucket_index] = torch.cat([loose.pop(i) for i in layout])
+
+    def pieces(self, *, take: bool = False) -> dict[str, dict[int, torch.Tensor]]:
+        """Every memory cut per parameter (index -> its piece), loose ones included; `take`:
+        the buckets give theirs up (they are then loose, and no bucket has a layout)."""
+        cut = {name: dict(loose) for name, loose in self.loose.items()}
+        for name, memory in memories(self.torch).items():
+            for b, tensor in memory.items():
+                layout = self.layouts[b]
+                cut[name].update(zip(layout, tensor.split([self.sizes[name][i] for i in layout])))
+        if take:
+            self.loose = cut
+            for memory in memories(self.torch).values():
+                memory.clear()
+            self.layouts = {}
+        return cut
 
 
 def powersgd_hook(state, bucket):
-    """torch's powerSGD_hook, its memories laid out as this update's bucket (PowerSGD)."""
+    """torch's powerSGD_hook, its memories laid out as this update's bucket (PowerSGD), done
+    when it returns.
+
+    torch's hook starts its P and Q all-reduces from the callbacks of the ones before, on the
+    process group's threads. With two buckets or more, two ranks may then start two buckets'
+    all-reduces in different orders, and gloo pairs collectives by order (seen: "Received data
+    size doesn't match expected size" at hidden 256,256, two buckets). Waiting here makes each
+    bucket's sum finish before DDP starts the next bucket's, in the same order on every rank;
+    the backward pass waits too, which on CPU ranks gives up little overlap.
+    """
     from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import powerSGD_hook
 
     state.follow(bucket.index(), tuple(state.index[p] for p in bucket.parameters()))
-    return powerSGD_hook(state.torch, bucket)
+    future = powerSGD_hook(state.torch, bucket)
+    future.wait()
+    return future
 
 
 def memories(state) -> dict[str, dict[int, torch.Tensor]]:
@@ -204,8 +234,8 @@ def scaled(hook: Hook, factor: float) -> Hook:
 
 def hook_state_dict(state) -> dict:
     """This rank's part of a hook's state: {} for the plain sums and fp16/bf16 (stateless);
-    PowerSGD: its update count, its RNG, the layout of each bucket and, per bucket, its P and Q
-    factors and this rank's error feedback; post-local SGD: its update count."""
+    PowerSGD: its update count, its RNG and, per parameter, its pieces of the P and Q factors
+    and of this rank's error feedback; post-local SGD: its update count."""
     if type(state).__name__ == "PostLocalSGDState":
         return {"iter": state.iter}
     if not isinstance(state, PowerSGD):
@@ -214,9 +244,8 @@ def hook_state_dict(state) -> dict:
     return {"iter": state.torch.iter,
             "rng": {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
                     "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "layout": {i: list(layout) for i, layout in state.layouts.items()},
-            **{name: {int(i): t.detach().cpu().clone() for i, t in memory.items()}
-               for name, memory in memories(state.torch).items()}}
+            **{name: {int(i): t.detach().cpu().clone() for i, t in pieces.items()}
+               for name, pieces in state.pieces().items()}}
 
 
 def load_hook_state(state, saved: dict, device: torch.device) -> None:
@@ -230,10 +259,11 @@ def load_hook_state(state, saved: dict, device: torch.device) -> None:
         state.torch.rng.set_state(("MT19937", rng["keys"].numpy().astype(np.uint32),
                                    rng["pos"], rng["has_gauss"], rng["gauss"]))
         state.torch.iter = saved["iter"]
-        state.layouts = {i: tuple(layout) for i, layout in saved["layout"].items()}
-        for name, memory in memories(state.torch).items():
+        for memory in memories(state.torch).values():
             memory.clear()
-            memory.update({i: t.to(device) for i, t in saved[name].items()})
+        state.layouts = {}  # each bucket takes its pieces at its first sum
+        state.loose = {name: {i: t.to(device) for i, t in saved[name].items()}
+                       for name in state.sizes}
 
 
 def check_hook_state(saved: Any, knobs: DDPConfig, shapes: list[torch.Size], step: int) -> None:
@@ -258,28 +288,18 @@ def check_hook_state(saved: Any, knobs: DDPConfig, shapes: list[torch.Size], ste
             and _is_count(rng.get("pos")) and rng["pos"] <= 624
             and rng.get("has_gauss") in (0, 1) and isinstance(rng.get("gauss"), float)):
         raise ValueError("not PowerSGD's random generator state")
-    layouts = saved.get("layout")
-    if not (isinstance(layouts, dict) and all(
-            _is_count(b) and isinstance(layout, list) and all(_is_count(i) for i in layout)
-            for b, layout in layouts.items())):
-        raise ValueError("its bucket layouts are not lists of parameter indices")
-    listed = sorted(i for layout in layouts.values() for i in layout)
-    if layouts and listed != list(range(len(shapes))):
-        raise ValueError(f"its bucket layouts do not list each of the {len(shapes)} "
-                         "parameters once")
-    sizes = piece_sizes(shapes, rank)
     compressing = step > knobs.powersgd_warmup  # update `warmup` is the first compressed
-    for name in sizes:
-        memory = saved.get(name)
-        if not isinstance(memory, dict) or not all(
-                _is_count(b) and isinstance(t, torch.Tensor) and t.dim() == 1
-                and t.dtype == torch.float32 for b, t in memory.items()):
+    for name, sizes in piece_sizes(shapes, rank).items():
+        pieces = saved.get(name)
+        expected = dict(enumerate(sizes)) if compressing else {}
+        if not isinstance(pieces, dict) or not all(
+                isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype == torch.float32
+                for t in pieces.values()):
             raise ValueError(f"its {name} memory is not a table of float32 vectors")
-        expected = {b: sum(sizes[name][i] for i in layout) for b, layout in layouts.items()
-                    } if compressing else {}
-        held = {b: t.numel() for b, t in memory.items()}
+        held = {i: t.numel() for i, t in pieces.items()}
         if held != expected:
-            raise ValueError(f"its {name} memory holds {held} values per bucket, not {expected}")
+            raise ValueError(f"its {name} memory holds {held} values per parameter, not "
+                             f"{expected}")
 
 
 def _is_count(value: Any) -> bool:
