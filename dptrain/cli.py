@@ -73,8 +73,26 @@ def _config(mode: str, flags: dict) -> tuple[Config, str]:
     config, resume = config_and_resume(mode, flags)
     if ignored_by_mode(mode, config):  # here already, before the data is loaded
         raise ConfigError("; ".join(ignored_by_mode(mode, config)))
+    _check_memory(mode, config)
     out = Path(config.run.out) if config.run.out else default_out_dir(mode)
     return _with_out(config, out), resume
+
+
+def _check_memory(mode: str, config: Config) -> None:
+    """Refuse, before starting anything, a model that this machine's memory cannot hold: all
+    of its training state on CPU ranks; else its parameters, which each rank builds on the host
+    (the workers check their GPU's memory themselves)."""
+    from dptrain.components.data import TRAIN_SAMPLES
+    from dptrain.components.memory import (VALUE_BYTES, MemoryEstimate, parameter_count,
+                                           require_memory, training_memory)
+
+    ranks = 1 if mode == "seq" else config.launch.nproc
+    world_size = ranks * (1 if mode == "seq" else config.launch.nnodes)
+    estimate = training_memory(config, mode=mode, world_size=world_size, global_batch=(
+        TRAIN_SAMPLES if config.train.full_batch else min(config.train.batch_size, TRAIN_SAMPLES)))
+    if config.system.device != "cpu":
+        estimate = MemoryEstimate(parameter_count(config.model.hidden) * VALUE_BYTES, 0, 0, 0)
+    require_memory(estimate, config, ranks=ranks)
 
 
 def _raise_stopped(signum: int, _frame) -> None:

@@ -4,6 +4,7 @@ Registered on the CLI's app by `register(app)`. Importing this module costs noth
 matplotlib and Pillow are imported inside the commands that need them.
 """
 
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -51,23 +52,31 @@ def sweep(mode: str | None, nproc: str | None, vary: list[str] | None, no_seq: b
           **flags) -> None:
     from rich.markup import escape
 
-    from dptrain.study.sweep import SweepInterrupted, run_sweep, sweep_table
+    from dptrain.study.sweep import SweepInterrupted, run_sweep, stop_on_signal, sweep_table
 
     grid, config, out, resume = _sweep_plan(mode, nproc, vary, no_seq, flags)
     console = make_console(highlight=False)  # in a log, the closing hint must not wrap
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_on_signal)
     try:
         rows = run_sweep(grid, config, out, force=flags["force"], resume=resume,
                          echo=console.print)
-    except (SweepInterrupted, KeyboardInterrupt):  # Ctrl-C reaches the runs and the sweep
-        err(f"interrupted; the runs that finished are in {out}/sweep.csv; continue with "
+    except (SweepInterrupted, KeyboardInterrupt) as e:  # the running run was stopped too
+        signum = e.signum if isinstance(e, SweepInterrupted) else signal.SIGINT
+        what = ("interrupted" if signum == signal.SIGINT
+                else f"stopped by signal {signal.Signals(signum).name}")
+        err(f"{what}; the runs that finished are in {out}/sweep.csv; continue with "
             f"`dptrain sweep --resume {out}`")
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + signum) from None
     console.print(sweep_table(rows, [a.key for a in grid.axes]))
     failed = [r for r in rows if r["status"] != "ok"]
     for r in failed:
         console.print(f"[red]{escape(r['run_dir'])} failed[/]: {escape(r['error'])}")
+    again = (f"; run them again with `dptrain sweep --resume {out}`"
+             if any(r.get("transient") for r in failed) else "")
     console.print(f"results in [bold]{out}[/] (sweep.csv, sweep.json); "
-                  f"figures: dptrain report {out}" + (f"; [red]{len(failed)} run(s) failed[/]" if failed else ""))
+                  f"figures: dptrain report {out}"
+                  + (f"; [red]{len(failed)} run(s) failed[/]{again}" if failed else ""))
 
 
 def _sweep_plan(mode, nproc, vary, no_seq, flags: dict):

@@ -30,9 +30,14 @@ GRAD_COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")  # powersgd[:RANK]
 LR_SCHEDULES = ("constant", "cosine", "linear", "step")
 DECAYING = ("cosine", "linear")  # the schedules whose shape depends on the run's length
 BEST_METRICS = ("val_accuracy", "val_loss")
+PRECISIONS = ("fp32", "bf16")
 
 # Output-only section of a run's config.toml; ignored when that file is read back as --config.
 RESOLVED_SECTION = "resolved"
+# What a config file may be: far more than any config needs ([section] / key / hidden list: 3).
+CONFIG_BYTES, CONFIG_DEPTH = 1 << 20, 8
+# The longest --timeout: a week. timedelta overflows at ~1e14 s, and an inf one is no timeout.
+MAX_TIMEOUT = 7 * 24 * 3600.0
 
 
 class ConfigError(UserError):
@@ -82,6 +87,11 @@ class TrainConfig:
     eval_batch_size: int = 1024
     early_stop: int = 0  # stop after K epochs without a better best_metric; 0 = never
     best_metric: str = "val_accuracy"  # what "better" means for early_stop and keep_best
+    # Micro-batches per rank per update, their gradients summed before the one sum over ranks:
+    # the same update, with a K-th of the activation memory.
+    accumulate: int = 1
+    # bf16: forward and backward under torch.autocast, weights and optimizer state in float32.
+    precision: str = "fp32"
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -164,17 +174,28 @@ def section_of(key: str) -> str:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """Parse a config file; a missing or malformed file is a ConfigError naming it."""
+    """Parse a config file; a missing, malformed, oversized or too deeply nested file (or one
+    that is not a regular file: a FIFO would block) is a ConfigError naming it."""
+    from dptrain.storage.safeload import LoadError, nesting_depth, read_bounded
+
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        text = read_bounded(path, CONFIG_BYTES).decode()
+        values = tomllib.loads(text)
+    except LoadError as e:
+        raise ConfigError(f"config file {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except RecursionError:
+        values = None
+    if values is None or nesting_depth(values) > CONFIG_DEPTH:
+        raise ConfigError(f"config file {path} nests tables or lists more than {CONFIG_DEPTH} "
+                          "levels deep; a config has sections of keys, hidden a list of sizes")
+    return values
 
 
 def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any] | None = None,
@@ -261,6 +282,7 @@ def validate(c: Config) -> list[str]:
     p += _choice("optim.optimizer", c.optim.optimizer, OPTIMIZERS)
     p += _choice("optim.lr_scaling", c.optim.lr_scaling, LR_SCALINGS)
     p += _choice("train.loss", c.train.loss, LOSSES)
+    p += _choice("train.precision", c.train.precision, PRECISIONS)
     p += _choice("system.backend", c.system.backend, BACKENDS)
     p += _choice("system.device", c.system.device, DEVICES)
     p += _choice("system.grad_sync", c.system.grad_sync, GRAD_SYNCS)
@@ -271,7 +293,8 @@ def validate(c: Config) -> list[str]:
     checks = [
         ("optim.lr", c.optim.lr, c.optim.lr > 0 and math.isfinite(c.optim.lr), "> 0"),
         ("optim.momentum", c.optim.momentum, 0 <= c.optim.momentum < 1, "in [0, 1)"),
-        ("optim.weight_decay", c.optim.weight_decay, c.optim.weight_decay >= 0, ">= 0"),
+        ("optim.weight_decay", c.optim.weight_decay,
+         0 <= c.optim.weight_decay < math.inf, ">= 0 and finite"),
         ("optim.ref_batch_size", c.optim.ref_batch_size, c.optim.ref_batch_size >= 1, ">= 1"),
         ("optim.warmup_epochs", c.optim.warmup_epochs, c.optim.warmup_epochs >= 0, ">= 0"),
         ("optim.lr_final_fraction", c.optim.lr_final_fraction,
@@ -286,8 +309,10 @@ def validate(c: Config) -> list[str]:
         ("train.early_stop", c.train.early_stop, c.train.early_stop >= 0, ">= 0 (0 = never)"),
         ("train.batch_size", c.train.batch_size, c.train.batch_size >= 1, ">= 1"),
         ("train.eval_batch_size", c.train.eval_batch_size, c.train.eval_batch_size >= 1, ">= 1"),
+        ("train.accumulate", c.train.accumulate, c.train.accumulate >= 1, ">= 1"),
         ("system.threads", c.system.threads, c.system.threads >= 0, ">= 0 (0 = automatic)"),
-        ("system.timeout", c.system.timeout, c.system.timeout > 0, "> 0 seconds"),
+        ("system.timeout", c.system.timeout, 0 < c.system.timeout <= MAX_TIMEOUT,
+         f"> 0 and at most {MAX_TIMEOUT:g} seconds (a week)"),
         ("launch.nproc", c.launch.nproc, c.launch.nproc >= 1, ">= 1"),
         ("launch.nnodes", c.launch.nnodes, c.launch.nnodes >= 1, ">= 1"),
         ("launch.max_restarts", c.launch.max_restarts, c.launch.max_restarts >= 0, ">= 0"),
@@ -498,6 +523,16 @@ def resolve(config: Config, *, mode: str, world_size: int, n_train: int) -> Plan
     if global_batch < world_size:
         problems.append(f"train.batch_size: the global batch {global_batch} is smaller than "
                         f"the world size {world_size}; every rank needs at least one sample")
+    elif train.accumulate > global_batch // world_size:
+        share = global_batch // world_size
+        problems.append(f"train.accumulate: {train.accumulate} micro-batches, but a rank's share "
+                        f"of the global batch {global_batch} over {world_size} rank(s) is only "
+                        f"{share} sample(s); use --accumulate {share} or less")
+    lr = resolve_lr(config.optim, global_batch, world_size)
+    if not (0 < lr < math.inf):
+        problems.append(f"optim.lr: {config.optim.lr!r} scaled by lr_scaling "
+                        f"{config.optim.lr_scaling} at a global batch of {global_batch} (ref "
+                        f"{config.optim.ref_batch_size}) is {lr!r}; it must be finite and > 0")
     if problems:
         raise ConfigError("; ".join(problems))
     if train.drop_last:
@@ -508,8 +543,7 @@ def resolve(config: Config, *, mode: str, world_size: int, n_train: int) -> Plan
         samples_per_epoch = n_train
     return Plan(mode=mode, world_size=world_size, n_train=n_train, global_batch=global_batch,
                 updates_per_epoch=updates_per_epoch, samples_per_epoch=samples_per_epoch,
-                base_lr=config.optim.lr,
-                lr=resolve_lr(config.optim, global_batch, world_size),
+                base_lr=config.optim.lr, lr=lr,
                 warmup_steps=config.optim.warmup_epochs * updates_per_epoch,
                 total_steps=train.epochs * updates_per_epoch,
                 lr_schedule=config.optim.lr_schedule,

@@ -14,8 +14,8 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 from dptrain.config import (ACTIVATIONS, BACKENDS, BEST_METRICS, DECAYING, DEVICES, GRAD_SYNCS,
-                            LOSSES, LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS, START_METHODS, Config,
-                            ConfigError)
+                            LOSSES, LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
+                            START_METHODS, Config, ConfigError)
 
 _DEFAULTS = Config()
 TRAIN = "Training"
@@ -94,6 +94,14 @@ def training_flags(
     best_metric: Annotated[Optional[str], _opt(
         f"{'|'.join(BEST_METRICS)}: what makes an epoch better, for --early-stop and "
         "--keep-best.", _DEFAULTS.train.best_metric)] = None,
+    accumulate: Annotated[Optional[int], _opt(
+        "Run each rank's share of a global batch as K micro-batches, summing their gradients "
+        "before the one sum over ranks: the same update in a K-th of the activation memory.",
+        _DEFAULTS.train.accumulate)] = None,
+    precision: Annotated[Optional[str], _opt(
+        f"{'|'.join(PRECISIONS)}. bf16: forward and backward passes (evaluation's too) under "
+        "autocast, weights and optimizer state in float32; fsdp gathers bf16 parameters and "
+        "sums gradients in float32.", _DEFAULTS.train.precision)] = None,
     data_dir: Annotated[Optional[str], _opt(
         "Folder with the four MNIST files.", "$DPTRAIN_DATA_DIR, else the download cache")] = None,
     out: Annotated[Optional[str], _opt("Run folder.", "runs/<mode>-<timestamp>")] = None,
@@ -126,7 +134,9 @@ def process_group_flags(
         f"{'|'.join(BACKENDS)}; auto = nccl on cuda, gloo on cpu.", _DEFAULTS.system.backend,
         SYSTEM)] = None,
     timeout: Annotated[Optional[float], _opt(
-        "Seconds a collective waits for a peer before the job fails.", _DEFAULTS.system.timeout,
+        "Seconds a collective waits for a peer before the job fails. A hung worker then gets "
+        "5 s to end (SIGTERM) before it is killed ($TORCH_ELASTIC_SHUTDOWN_TIMEOUT).",
+        _DEFAULTS.system.timeout,
         SYSTEM)] = None,
     grad_sync: Annotated[Optional[str], _opt(
         f"{'|'.join(GRAD_SYNCS)}: how ddp sums gradients. shm = through shared memory (CPU ranks "

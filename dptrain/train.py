@@ -24,7 +24,8 @@ from dptrain.components.data import Mnist, Split, epoch_order, shard_bounds
 from dptrain.errors import UserError
 from dptrain.components.model import LOSS_SUMS, MLP
 from dptrain.storage.runlog import RunLog
-from dptrain.components.step import EagerStep, NonFiniteGuard, make_optimizer, make_step
+from dptrain.components.step import (EagerStep, NonFiniteGuard, autocast, make_optimizer,
+                                     make_step)
 from dptrain.distributed.strategy import Strategy
 
 LossSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -72,15 +73,17 @@ def rank_slice(rows, strategy: Strategy):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, samples: Samples, rows: np.ndarray, strategy: Strategy,
-             loss_sum: LossSum, batch: int) -> tuple[float, float]:
+             loss_sum: LossSum, batch: int, precision: str = "fp32") -> tuple[float, float]:
     """(mean loss, accuracy) over `rows`, computed across all ranks.
 
-    Every rank runs the same number of forward passes (FSDP gathers parameters in each).
+    Every rank runs the same number of forward passes (FSDP gathers parameters in each), at
+    the training precision (fsdp's bf16 parameters allow no other, and every mode does alike).
     """
     totals = torch.zeros(2, dtype=torch.float64, device=samples.device)
     for chunk in global_batches(samples.rows(rows), batch):
         x, y = samples.batch(rank_slice(chunk, strategy))
-        logits = model(x)
+        with autocast(precision, samples.device):
+            logits = model(x)
         totals[0] += loss_sum(logits, y)
         totals[1] += (logits.argmax(dim=1) == y).sum()
     strategy.after_evaluation(model)
@@ -113,7 +116,8 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
     """Train (from a checkpoint when given), logging each epoch's validation and checkpointing,
     then test; returns the results and the full state."""
     torch.manual_seed(config.train.seed)  # the same initial parameters on every rank and mode
-    model = strategy.wrap(MLP(config.model.hidden, config.model.activation, config.train.loss))
+    model = strategy.wrap(MLP(config.model.hidden, config.model.activation, config.train.loss),
+                          precision=config.train.precision)
     samples = Samples(mnist, strategy.device)
     guard = NonFiniteGuard(strategy.device)
     build = functools.partial(make_optimizer, config.optim, lr=plan.lr_at(0), skip_if=guard.flag)
@@ -123,8 +127,11 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         checkpoint.restore(strategy, model, optimizer, resume)
         records, earlier_seconds = list(resume.records), resume.meta["train_seconds"]
     loss_sum = LOSS_SUMS[config.train.loss]
-    step = make_step(strategy, model, optimizer, samples, guard, config.optim.clip_grad_norm)
-    eval_batch = config.train.eval_batch_size
+    step = make_step(strategy, model, optimizer, samples, guard, config.optim.clip_grad_norm,
+                     accumulate=config.train.accumulate, precision=config.train.precision)
+    evaluate_ = functools.partial(evaluate, model, samples, strategy=strategy, loss_sum=loss_sum,
+                                  batch=config.train.eval_batch_size,
+                                  precision=config.train.precision)
 
     loop_start, saving = time.perf_counter(), 0.0
     stop = early_stop_line(records, config.train)  # a resumed run that had already stopped
@@ -146,7 +153,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
                             f"{train_loss:.3g}, over a million times chance level; not "
                             f"checkpointed; {_kept(log.out)}. Lower --lr")
         epoch_seconds = time.perf_counter() - start
-        val_loss, val_accuracy = evaluate(model, samples, split.val, strategy, loss_sum, eval_batch)
+        val_loss, val_accuracy = evaluate_(split.val)
         records.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_accuracy": val_accuracy,
                         "lr": plan.lr_at(first_step + plan.updates_per_epoch - 1),  # the last
@@ -169,7 +176,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
     # Checkpoint writing is not training: it is reported apart, as checkpoint_seconds.
     train_seconds = earlier_seconds + time.perf_counter() - loop_start - saving
 
-    test_loss, test_accuracy = evaluate(model, samples, split.test, strategy, loss_sum, eval_batch)
+    test_loss, test_accuracy = evaluate_(split.test)
     memory = strategy.memory_report(model, optimizer)
     state = strategy.full_state_dict(model)
     last, best = records[-1], best_record(records, config.train.best_metric)

@@ -62,6 +62,7 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     import torch
 
     from dptrain.components.data import load_mnist, split_indices
+    from dptrain.distributed.agreement import agree_on_start, run_identity
     from dptrain.distributed.strategy import DistEnv, make_strategy
     from dptrain.train import train
 
@@ -79,11 +80,17 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     found, skipped = checkpoint.resumable(Path(resume), len(split.train)) if resume else (None, [])
     if resume:
         _check_resumable(found, skipped, resume, plan, env.world_size)
+        stray = checkpoint.stray_entries(Path(resume))
+        if stray:  # it would fail that epoch's checkpoint, on every resume: say so now
+            raise checkpoint.CheckpointError(f"--resume {resume}: {'; '.join(stray)}; dptrain "
+                                             "writes only folders there: remove it")
 
     strategy = make_strategy(mode, env, config.system, config.ddp)
     lock = RunLock(out)  # rank 0's, taken before anything is written
     ok = False
     try:
+        agree_on_start(strategy, run_identity(mode, config, plan, found.epoch if found else 0))
+        _check_memory_together(strategy, config, plan)
         _check_out_dir_together(strategy, out, force or found is not None, lock)
         log = RunLog(out, active=env.is_main)
         setting = {"mode": mode, "world_size": env.world_size, "backend": strategy.backend,
@@ -105,8 +112,9 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
         finally:
             log.close()
         state_dict = results.pop("state_dict")
-        summary = {**setting, **_plan_fields(plan), **asdict(config.ddp),  # ddp's knobs
-                   "epochs": config.train.epochs, **results,
+        summary = {**setting, **_plan_fields(plan), "epochs": config.train.epochs,
+                   "accumulate": config.train.accumulate, "precision": config.train.precision,
+                   **asdict(config.ddp), **results,
                    "resumed_from_epoch": found.epoch if found else 0, "restarts": restarts,
                    "wall_seconds": time.time() - command_start_time(),
                    "torch": torch.__version__, "host": socket.gethostname(),
@@ -195,6 +203,33 @@ def _plan_fields(plan: Plan) -> dict:
             "lr_schedule": plan.schedule_text()}
 
 
+def _check_memory_together(strategy, config: Config, plan: Plan) -> None:
+    """Each rank's model, optimizer and batch fit the memory of its device (the node's, for
+    the CPU ranks on it together; a GPU's, for the ranks that share it), before anything is
+    allocated; else every rank stops with one line."""
+    import math
+
+    import torch
+
+    from dptrain.components.memory import available_bytes, require_memory, training_memory
+
+    estimate = training_memory(config, mode=plan.mode, world_size=plan.world_size,
+                               global_batch=plan.global_batch)
+    device, problem = strategy.device, None
+    if device.type == "cuda":
+        ranks = math.ceil(strategy.env.local_world_size / torch.cuda.device_count())
+        available, where = torch.cuda.mem_get_info(device)[0], f"GPU {device.index}"
+    else:
+        ranks, available, where = strategy.env.local_world_size, available_bytes(), "this node"
+    try:
+        require_memory(estimate, config, ranks=ranks, available=available, where=where)
+    except UserError as e:
+        problem = e
+    if not strategy.all_agree(problem is None):
+        words = next(w for w in strategy.gather_object(str(problem) if problem else None) if w)
+        raise problem or UserError(words)
+
+
 def _check_out_dir_together(strategy, out: Path, force: bool, lock: RunLock) -> None:
     """Rank 0 locks and checks the run folder; every rank learns the outcome, so none is left
     waiting (a rank 0 that stopped alone would leave the other nodes' ranks hanging)."""
@@ -212,14 +247,18 @@ def _check_out_dir_together(strategy, out: Path, force: bool, lock: RunLock) -> 
         raise problem or UserError(words)
 
 
-def report_user_error(message: str) -> None:
-    """Hand a user error to the launcher (torchelastic's error file) or print it on rank 0."""
+def report_user_error(message: str, *, user_error: bool = True) -> None:
+    """Hand an error's line to the launcher (torchelastic's error file) or print it on rank 0.
+    user_error: the run cannot succeed as it is; a torchrun restart stops on it at once."""
+    from dptrain.distributed.agreement import USER_ERROR_KEY
+
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     written = False
-    if error_file:
+    if error_file and error_file != os.devnull:  # never replace /dev/null (write_atomic would)
         # Whole or absent: torchrun stops this rank with SIGTERM when a peer dies, possibly
         # mid-write, and cannot parse a half-written file (its agent then crashes).
-        text = json.dumps({"message": message, "timestamp": int(time.time())})
+        text = json.dumps({"message": message, "timestamp": int(time.time()),
+                           USER_ERROR_KEY: user_error})
         try:
             write_atomic(Path(error_file), lambda f: f.write(text.encode()))
             written = True
@@ -286,7 +325,7 @@ def _worker(mode: str, force: bool, **flags) -> None:
 
 
 def _stop(message: str, status: int) -> None:
-    report_user_error(message)
+    report_user_error(message, user_error=status == USER_ERROR_EXIT)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)  # as after a complete run; the process group is already destroyed

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Multi-node dptrain with plain torchrun. Start this same script on every node of the job.
+# Multi-node dptrain with torchrun. Start this same script on every node of the job.
+# (python -m dptrain.distributed.launch is torchrun with the CLI launcher's additions: its
+# logs in a scratch folder removed at the end, and a 5 s grace for a stopped worker.)
 #
 #   NNODES=2 NPROC=4 RDZV=head-node:29400 JOB_ID=mnist-1 scripts/multinode.sh --mode ddp --epochs 25
 #
@@ -9,6 +11,9 @@
 # JOB_ID   one id per job, the same on every node, so that two jobs never join each other
 # MAX_RESTARTS  optional (default 0): torchrun restarts all workers after a failure this often;
 #          they resume from the newest checkpoint in --out (which must then be shared storage)
+#
+# Every node must resolve the same run: a node given another --lr, --seed, batch, ... is
+# refused at start in one line naming the keys and the nodes (data_dir and threads may differ).
 #
 # Everything after the script name goes to the worker: --mode seq|ddp|fsdp and the training
 # flags of `dptrain ddp --help` (--config, --epochs, --batch-size, --lr, --out, ...).
@@ -23,7 +28,7 @@ set -euo pipefail
 
 # A rendezvous store per attempt: restarted workers must not read the last attempt's addresses.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-exec python -m torch.distributed.run \
+exec python -m dptrain.distributed.launch \
     --nnodes="$NNODES" \
     --max-restarts="${MAX_RESTARTS:-0}" \
     --nproc-per-node="$NPROC" \

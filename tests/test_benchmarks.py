@@ -98,3 +98,11 @@ def test_busy_runs_seq_alone_and_beside_a_busy_process():
     assert "round 1 idle" in result.stdout and "round 1 busy" in result.stdout
     assert "threads 1" in result.stdout  # the default, in both
     assert "busy / idle: train" in result.stdout
+
+
+@pytest.mark.slow
+def test_precision_times_fp32_and_bf16_alternately():
+    result = run_script("precision.py", "--widths", "16", "--batches", "1024", "--rounds", "1",
+                        "--min-seconds", "0")
+    assert "CPU bf16 features:" in result.stdout
+    assert "bf16/fp32" in result.stdout and "bf16 layers/bf16" in result.stdout

@@ -234,3 +234,52 @@ def test_settings_a_mode_would_ignore_are_refused(tmp_path):
             config_from_flags(flags)
     path = write(tmp_path, "[train]\nfull_batch = true\nbatch_size = 512\n")
     assert config_from_flags({"config": path}).train.full_batch
+
+
+def test_values_that_overflow_or_are_not_finite_are_reported_together(tmp_path):
+    """timeout = inf or 1e300 was an OverflowError in every ddp worker; weight_decay = inf and
+    an lr that scales to inf were accepted (issue 20, item 9)."""
+    path = write(tmp_path, "[system]\ntimeout = inf\n[optim]\nweight_decay = inf\n")
+    with pytest.raises(ConfigError) as e:
+        config_from_flags({"config": path, "lr": float("nan")})
+    assert [p.split(":")[0] for p in str(e.value).split("; ")] == [
+        "optim.lr", "optim.weight_decay", "system.timeout"]
+    assert "system.timeout: must be > 0 and at most 604800 seconds (a week), got inf" in str(e.value)
+    with pytest.raises(ConfigError, match="system.timeout: .* got 1e"):
+        build_config({"system": {"timeout": 1e300}})
+    assert build_config({"system": {"timeout": 604800}}).system.timeout == 604800.0
+    huge_lr = build_config({"optim": {"lr": 1e308, "lr_scaling": "linear", "ref_batch_size": 1},
+                            "train": {"batch_size": 50000}})
+    with pytest.raises(ConfigError) as e:
+        resolve(huge_lr, mode="seq", world_size=1, n_train=42000)
+    assert "train.batch_size: 50000 exceeds" in str(e.value)  # together, in one line
+    assert ("optim.lr: 1e+308 scaled by lr_scaling linear at a global batch of 50000 (ref 1) is "
+            "inf; it must be finite and > 0") in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["a = " + "[" * 100_000 + "]" * 100_000,
+                                  "[model]\nhidden = " + "[" * 9 + "16" + "]" * 9],
+                         ids=["100000-deep", "9-deep"])
+def test_a_deeply_nested_config_is_one_line(tmp_path, text):
+    with pytest.raises(ConfigError, match="nests tables or lists more than 8 levels deep"):
+        read_toml(write(tmp_path, text))
+
+
+def test_a_config_that_is_a_fifo_is_refused_at_once(tmp_path):
+    import os
+    import threading
+
+    os.mkfifo(tmp_path / "c.toml")
+    outcome = []
+
+    def read():
+        try:
+            read_toml(tmp_path / "c.toml")
+        except ConfigError as e:
+            outcome.append(str(e))
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert outcome == [f"config file {tmp_path / 'c.toml'}: refused: a FIFO (named pipe), not a "
+                       "regular file"]

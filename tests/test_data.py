@@ -1,8 +1,10 @@
 import functools
 import gzip
 import http.server
+import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import threading
@@ -272,3 +274,50 @@ def test_epoch_order_is_shared_and_changes_each_epoch():
     assert np.array_equal(epoch_order(train, 0, 1), epoch_order(train, 0, 1))
     assert not np.array_equal(epoch_order(train, 0, 1), epoch_order(train, 0, 2))
     assert np.array_equal(np.sort(epoch_order(train, 0, 3)), np.sort(train))
+
+
+def test_a_gzip_bomb_is_cut_off_at_the_size_of_an_mnist_file(tmp_path):
+    """4 MB of .gz that inflate to 4 GB reached 8.9 GB of memory before its error (issue 20);
+    here the same kind of file, 120 MB inflated, is read no further than the largest MNIST
+    file (47 MB), and refused."""
+    import tracemalloc
+
+    member = gzip.compress(b"\0" * (8 << 20), compresslevel=1)
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    bomb.write_bytes(gzip.compress(struct.pack(">HBBIII", 0, 8, 3, 60000, 28, 28)) + member * 15)
+    assert bomb.stat().st_size < 1 << 20
+    with gzip.open(bomb) as f:  # the attack: it inflates beyond any MNIST file
+        assert len(f.read(2 * data.LARGEST_FILE)) == 2 * data.LARGEST_FILE
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match="holds more than the 47,040,016 bytes of the MNIST "
+                                            "file it should be"):
+            read_idx(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * data.LARGEST_FILE
+
+
+def test_a_fifo_in_the_decode_cache_is_no_cache(tmp_path):
+    """A FIFO in the place of a cache file hung every start (its open blocked: the record's,
+    or the arrays' when their size matched and they were hashed); now it is no cache at once."""
+    paths = data._cache_paths("0123456789abcdef")
+    paths = {name: tmp_path / path.name for name, path in paths.items()}
+    record = {"sources": {stem: md5 for stem, md5, _ in data.FILES.values()},
+              "arrays": {name: {"bytes": 0, "sha256": "0" * 64, "stat": [0, 1, 2, 3]}
+                         for name in ("images", "labels")}}
+    results = []
+    for fifo in ("record", "images"):
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+        paths["record"].write_text(json.dumps(record))
+        paths["labels"].write_bytes(b"")
+        paths[fifo].unlink(missing_ok=True)
+        os.mkfifo(paths[fifo])
+        thread = threading.Thread(target=lambda: results.append(data._load_cache(paths)),
+                                  daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), f"blocked on a FIFO as the {fifo}"
+    assert results == [None, None]

@@ -31,8 +31,11 @@ def write_sweep(sweep, rows):
 
 @pytest.fixture
 def sweeps(tmp_path):
+    from dptrain.components.model import MLP
+
     base = Config()
-    weights = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.zeros(2)}
+    torch.manual_seed(0)
+    weights = MLP(base.model.hidden).state_dict()  # model.pt is checked against the config's
 
     def shifted(by):
         return {k: v + by for k, v in weights.items()}

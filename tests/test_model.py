@@ -102,6 +102,36 @@ def test_fused_loss_and_gradients_equal_autograd(activation, loss, pixels):
     assert torch.equal(fused(x), plain(x))  # logits: the same path
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_fused_loss_under_bf16_autocast_equals_autograd_to_bf16_round_off(activation, loss):
+    """--precision bf16: the fused node runs the products in bf16 as autocast runs the layers',
+    the loss in float32, and returns float32 gradients; they differ from autograd's by bf16
+    round-off (2^-8 relative), and from fp32's by more (so bf16 did run)."""
+    torch.manual_seed(0)
+    fused = MLP(hidden=(64, 32), activation=activation, loss=loss)
+    plain = MLP(hidden=(64, 32), activation=activation, loss=loss)
+    plain.load_state_dict(fused.state_dict())
+    plain.fused = False
+    x, y = torch.randint(0, 256, (256, 784), dtype=torch.uint8), torch.randint(0, 10, (256,))
+    results = []
+    for model, bf16 in ((fused, True), (plain, True), (plain, False)):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            total = model(x, y)
+        (total * 0.37).backward()
+        results.append((total, [p.grad.clone() for p in model.parameters()]))
+    (loss_f, grads_f), (loss_p, grads_p), (_, grads_fp32) = results
+    assert loss_f.dtype == loss_p.dtype == torch.float32
+    torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-5)
+    for g_f, g_p, g_32 in zip(grads_f, grads_p, grads_fp32):
+        assert g_f.dtype == torch.float32
+        scale = g_p.abs().max()
+        assert (g_f - g_p).abs().max() <= 2 ** -7 * scale
+    assert max((g_f - g_32).abs().max() / g_32.abs().max()
+               for g_f, g_32 in zip(grads_f, grads_fp32)) > 1e-3
+
+
 def test_fused_gradients_carry_a_nan_scale():
     """The loop's poison factor: a NaN scale reaches the output layer's gradients (which the
     loop checks), and every element autograd would turn NaN."""

@@ -65,6 +65,27 @@ def test_unreadable_files_are_named(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name, dtype, scale", [
+    ("grey-16bit.png", np.uint16, 65535),  # Pillow's I;16
+    ("float.tif", np.float32, 1.0),  # F, levels in [0, 1]
+    ("int32.tif", np.int32, 65535),  # I
+    ("float-255.tif", np.float32, 255.0),  # F, levels in [0, 255] (was read right already)
+])
+def test_wide_grey_levels_are_scaled_not_clipped(tmp_path, name, dtype, scale):
+    """A 16-bit PNG, or a float or int32 TIFF, of a grey digit on grey paper was called "blank
+    or has no contrast": Pillow's 8-bit conversion clipped its levels at 255 (issue 20)."""
+    eight_bit = np.asarray(Image.open(draw(tmp_path / "one.png", "1", paper=200, ink=60)))
+    wide = eight_bit.astype(np.float64) / 255 * scale
+    Image.fromarray(wide.astype(dtype) if dtype == np.float32 else np.round(wide).astype(dtype)
+                    ).save(tmp_path / name)
+    if scale != 255:
+        clipped = np.asarray(Image.open(tmp_path / name).convert("L"), dtype=np.float32) / 255
+        with pytest.raises(ImageError, match="blank or has no contrast"):  # what it was
+            prepare(clipped)
+    assert np.abs(load_gray(tmp_path / name) - eight_bit / 255).max() < 1e-3
+    assert np.abs(prepare_file(tmp_path / name) - prepare_file(tmp_path / "one.png")).max() < 0.01
+
+
 def test_predict_reads_drawn_digits_and_reports_bad_files(trained_run, tmp_path):
     one, zero = draw(tmp_path / "one.png", "1"), draw(tmp_path / "zero.png", "0")
     (tmp_path / "notes.txt").write_text("not a picture")

@@ -335,6 +335,77 @@ def test_resume_through_a_linked_checkpoints_folder_is_refused(tmp_path, trained
     assert (out / "summary.json").exists() and (out / "model.pt").exists()
 
 
+# --- what a run may delete: only an earlier run's files --------------------------------------
+
+def test_a_fresh_run_never_deletes_files_it_did_not_write(tmp_path):
+    """A model.pt and a checkpoints/best/ of the user's own were deleted by a fresh run, exit 0;
+    now they are refused in one line, with --force too. What a run never touches stays."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "best").mkdir(parents=True)
+    (out / "checkpoints" / "best" / "weights.bin").write_bytes(b"mine")
+    (out / "model.pt").write_bytes(b"my model")
+    (out / "notes.txt").write_text("kept")
+    for force in (False, True):
+        message = run_seq_error(out, epochs=1, force=force)
+        assert "model.pt, checkpoints/best/weights.bin, which dptrain did not write" in message, \
+            message
+        assert "even with --force" in message
+    assert (out / "model.pt").read_bytes() == b"my model"
+    assert (out / "checkpoints" / "best" / "weights.bin").read_bytes() == b"mine"
+
+    # Moved away, the run goes on beside notes.txt; a rerun may replace what it wrote, its
+    # best checkpoint included, but not a foreign folder added since.
+    (out / "model.pt").unlink()
+    shutil.rmtree(out / "checkpoints")
+    from dptrain.worker import run
+
+    run("seq", seq_config(out, 1, keep_best=True))
+    assert (out / "checkpoints" / "best" / "epoch-0001" / "meta.json").exists()
+    (out / "checkpoints" / ".epoch-0002.tmp").mkdir()  # a crashed write's
+    (out / "checkpoints" / "mine").mkdir()
+    assert "checkpoints/mine, which dptrain did not write" in run_seq_error(out, 1, force=True)
+    (out / "checkpoints" / "mine").rmdir()
+    run_seq(out, epochs=1, force=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [runlog.LOCK, "checkpoints", "config.toml", "metrics.jsonl", "model.pt", "notes.txt",
+         "summary.json"])
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-0001"]
+    # A config.toml that is not a run's makes the folder's model.pt foreign too.
+    (out / "config.toml").write_text("[train]\nepochs = 1\n")
+    message = run_seq_error(out, epochs=1, force=True)
+    assert "config.toml, metrics.jsonl, summary.json and 1 more, which" in message, message
+
+
+def test_extending_a_run_keeps_its_results_until_the_new_ones(tmp_path, monkeypatch):
+    """`--resume RUN --epochs N` deleted model.pt and summary.json before training: a crash
+    left neither. Now the finished run's stay until the longer run's replace them."""
+    from dptrain.worker import run
+
+    out = tmp_path / "run"
+    run_seq(out, epochs=1)
+    before = {name: (out / name).read_bytes() for name in ("model.pt", "summary.json")}
+    real_epoch = runlog.RunLog.epoch
+
+    def crash_at_epoch_2(log, record):
+        real_epoch(log, record)
+        if record["epoch"] == 2:  # its checkpoint is written
+            raise RuntimeError("crash")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runlog.RunLog, "epoch", crash_at_epoch_2)
+        config = checkpoint.resume_config("seq", out, {"epochs": 3, "device": "cpu",
+                                                       "threads": 1})
+        with pytest.raises(RuntimeError, match="crash"):
+            run("seq", config, resume=str(out))
+    assert {name: (out / name).read_bytes() for name in before} == before
+    # The 1-epoch summary does not make the 2-epoch checkpoint a finished run: it is finished.
+    config = checkpoint.resume_config("seq", out, {"epochs": 2, "device": "cpu", "threads": 1})
+    run("seq", config, resume=str(out))
+    finished_as(out, epochs=2)
+    with pytest.raises(checkpoint.Finished):
+        checkpoint.resume_config("seq", out, {"epochs": 2, "device": "cpu", "threads": 1})
+
+
 # --- torchrun's scratch, failures and timeouts ------------------------------------------------
 
 def test_the_scratch_of_a_killed_launcher_is_removed(tmp_path, monkeypatch):
@@ -351,6 +422,40 @@ def test_the_scratch_of_a_killed_launcher_is_removed(tmp_path, monkeypatch):
         (folder / "torchrun").mkdir(parents=True)
     launch.remove_stale_scratch()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name])
+
+
+@pytest.mark.slow
+def test_a_workers_traceback_leaves_nothing_in_tmpdir(tmp_path):
+    """A forked worker that ended in a traceback left $TMPDIR/pytorch-errorfile-*.pickle
+    (torch.multiprocessing writes it for the agent and never deletes it)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    crash = ("import sys, dptrain.train\n"
+             "def bug(*args, **kwargs): raise RuntimeError('a bug in the loop')\n"
+             "dptrain.train.train = bug\n"
+             "from dptrain.cli import main\nsys.argv[0] = 'dptrain'\nmain()\n")
+    result = subprocess.run([sys.executable, "-c", crash, "ddp", "--nproc", "2", "--device", "cpu",
+                             "--out", str(tmp_path / "run"), "--checkpoint-every", "0"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "TMPDIR": str(scratch)})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "RuntimeError: a bug in the loop" in result.stderr
+    assert "failed with exit code 1" in result.stderr and "its traceback is above" in result.stderr
+    assert list(scratch.iterdir()) == []
+
+
+def test_torchruns_grace_applies_on_every_path():
+    """Our grace (launch.STOP_GRACE_SECONDS) replaces each of torch's fixed 30 s: if torch
+    changes where they are, this fails instead of the jobs waiting 30 s again."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import PContext
+    from torch.multiprocessing.spawn import ProcessContext
+
+    from dptrain.distributed import launch
+
+    launch.honour_stop_grace()
+    for method in (LocalElasticAgent._stop_workers, PContext.close, ProcessContext.join):
+        assert getattr(method, "dptrain", False), method
 
 
 def failure_of(tmp_path, rank, exitcode, record):

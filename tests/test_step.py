@@ -20,7 +20,7 @@ def data():
     return Samples(mnist, torch.device("cpu")), split_indices(len(mnist.labels), 0)
 
 
-def setup(data, optimizer):
+def setup(data, optimizer, **knobs):
     samples, split = data
     config = build_config({}, {"batch_size": 2048, "optimizer": optimizer, "lr": 0.05,
                                **({"momentum": 0.9} if optimizer == "sgd" else {})})
@@ -30,7 +30,7 @@ def setup(data, optimizer):
     model = strategy.wrap(MLP())
     guard = NonFiniteGuard(strategy.device)
     opt = make_optimizer(config.optim, model.parameters(), plan.lr, skip_if=guard.flag)
-    step = make_step(strategy, model, opt, samples, guard)
+    step = make_step(strategy, model, opt, samples, guard, **knobs)
     return step, plan, strategy, epoch_order(split.train, 0, 1)
 
 
@@ -41,9 +41,9 @@ def state_of(step):
     return params, moments
 
 
-def clean_updates(data, optimizer, count):
+def clean_updates(data, optimizer, count, **knobs):
     """The state after the first `count` updates of epoch 1, run without a fault."""
-    step, plan, strategy, order = setup(data, optimizer)
+    step, plan, strategy, order = setup(data, optimizer, **knobs)
     samples = data[0]
     step.begin_epoch(plan.updates_per_epoch)
     batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
@@ -76,6 +76,30 @@ def test_a_non_finite_loss_is_never_applied(data, optimizer, monkeypatch):
     assert len(calls) == plan.updates_per_epoch  # the epoch ran on: one read at its end
     monkeypatch.setattr(MLP, "forward", real)
     assert_same_state(state_of(step), clean_updates(data, optimizer, BAD))
+
+
+def test_a_non_finite_micro_batch_at_bf16_is_never_applied(data, monkeypatch):
+    """--accumulate 2 --precision bf16: an inf loss in the first micro-batch of update BAD
+    poisons the gradients that the second adds to, and the check after the last backward
+    skips the update; the parameters stay float32 and those of the BAD updates before it."""
+    knobs = {"accumulate": 2, "precision": "bf16"}
+    step, plan, strategy, order = setup(data, "adam", **knobs)
+    real, calls = MLP.forward, []
+
+    def forward(self, x, targets=None):
+        out = real(self, x, targets)
+        calls.append(1)
+        return out * float("inf") if len(calls) == 2 * BAD + 1 else out
+
+    monkeypatch.setattr(MLP, "forward", forward)
+    with pytest.raises(NonFinite) as stop:
+        train_epoch(step, data[0], order, plan, strategy, first_step=0)
+    assert (stop.value.step, stop.value.local_loss) == (BAD, float("inf"))
+    assert len(calls) == 2 * plan.updates_per_epoch
+    monkeypatch.setattr(MLP, "forward", real)
+    state = state_of(step)
+    assert all(p.dtype == torch.float32 for p in state[0])
+    assert_same_state(state, clean_updates(data, "adam", BAD, **knobs))
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])

@@ -3,12 +3,13 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, alive, descendants, run_cli, start_cli, wait_for
 
 from test_cli import assert_one_line_error
 
@@ -291,3 +292,99 @@ def test_speedups_and_error_lines():
     assert error_line("noise\ndptrain: error: bad thing\nmore\n", 2) == "bad thing"
     assert error_line("Traceback\nRuntimeError: boom\n", 1) == "RuntimeError: boom"
     assert error_line("", -9) == "exit status -9"
+
+
+# --- a sweep owns its folder, writes only its own files there, and takes its runs with it -----
+
+SEQ_SWEEP = ["sweep", "--mode", "seq", "--epochs", "1", "--batch-size", "4096", "--device", "cpu",
+             "--checkpoint-every", "0"]
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_only_its_own_files_and_reruns_transient_failures(tmp_path):
+    """Through a link, `sweep --resume` overwrote a log and sweep-config.toml elsewhere, and
+    `report` a figure; a run whose folder was in use was recorded as failed in a sweep marked
+    complete, so it could never be resumed; a second sweep into the folder ran beside the first."""
+    from dptrain.errors import UserError
+    from dptrain.storage.runlog import RunLock
+    from dptrain.study.plots import report
+    from dptrain.study.sweep import grid_to_resume, run_sweep
+
+    sweep, elsewhere = tmp_path / "sweep", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    held = RunLock(sweep / "seq-1")  # another run holds the one run's folder
+    held.acquire()
+    try:
+        result = run_cli(*SEQ_SWEEP, "--out", str(sweep))
+    finally:
+        held.release()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(--resume runs it again)" in result.stdout and "sweep --resume" in result.stdout
+    meta = json.loads((sweep / "sweep.json").read_text())
+    assert meta["complete"] is False and meta["runs"][0]["transient"] is True
+    assert "is in use by another run" in meta["runs"][0]["error"]
+
+    def resume_here():  # what `sweep --resume` does, in this process
+        run_sweep(*grid_to_resume(sweep), sweep, resume=True, echo=lambda line: None)
+
+    held = RunLock(sweep, kind="sweep")  # a second sweep, while this one runs, is refused
+    held.acquire()
+    try:
+        with pytest.raises(UserError, match=rf"is in use by another sweep \(pid {os.getpid()} "):
+            resume_here()
+    finally:
+        held.release()
+    config = (sweep / "sweep-config.toml").read_text()
+    for name in ("seq-1.log", "sweep-config.toml", "loss.png"):
+        (elsewhere / name).write_text("not the sweep's")
+        (sweep / name).unlink(missing_ok=True)
+        (sweep / name).symlink_to(elsewhere / name)
+    with pytest.raises(UserError, match="sweep-config.toml is a symbolic link"):
+        resume_here()
+    (sweep / "sweep-config.toml").unlink()
+    (sweep / "sweep-config.toml").write_text(config)
+    result = run_cli("sweep", "--resume", str(sweep))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert read_csv(sweep / "sweep.csv")[0]["status"] == "ok"
+    assert json.loads((sweep / "sweep.json").read_text())["complete"] is True
+    report(sweep)
+    for name in ("seq-1.log", "loss.png"):
+        assert (elsewhere / name).read_text() == "not the sweep's", name
+        assert not (sweep / name).is_symlink(), name
+    assert "test accuracy" in (sweep / "seq-1.log").read_text()
+    assert_png(sweep / "loss.png")
+
+    # Values from sweep.json name files: each is checked as the flags are.
+    meta = json.loads((sweep / "sweep.json").read_text())
+    for forged, where in ((dict(runs=[{**meta["runs"][0], "run_dir": "../elsewhere"}]), report),
+                          (dict(modes=["../../x"], complete=False), grid_to_resume),
+                          (dict(nprocs=["1/../.."], complete=False), grid_to_resume)):
+        (sweep / "sweep.json").write_text(json.dumps({**meta, **forged}))
+        with pytest.raises(UserError, match="sweep|run_dir|--mode|--nproc"):
+            where(sweep)
+    (sweep / "seq-1").rename(tmp_path / "moved")
+    (sweep / "seq-1").symlink_to(tmp_path / "moved")
+    (sweep / "sweep.json").write_text(json.dumps({**meta, "complete": False}))
+    with pytest.raises(UserError, match=f"{sweep}/seq-1 is a symbolic link"):
+        resume_here()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_or_killed_sweep_takes_its_run_with_it(tmp_path, sig):
+    """Killed, a sweep left its run training as an orphan; now the run gets SIGTERM with it.
+    SIGTERM stops the sweep as Ctrl-C does: one line, and sweep.json says it is not complete."""
+    sweep = tmp_path / "sweep"
+    process = start_cli(*SEQ_SWEEP, "--epochs", "200", "--out", str(sweep), log=tmp_path / "log")
+    runs = set()
+    wait_for(lambda: runs.update(descendants(process.pid)) or runs, what="the sweep's run")
+    process.send_signal(sig)
+    wait_for(lambda: not alive(runs), timeout=60, what="the run to end with the sweep")
+    assert process.wait(timeout=60) == (143 if sig == signal.SIGTERM else -9), \
+        (tmp_path / "log").read_text()
+    assert not (sweep / "seq-1" / "summary.json").exists()
+    if sig == signal.SIGTERM:
+        lines = (tmp_path / "log").read_text().splitlines()
+        assert [line for line in lines if "error" in line] == [
+            f"dptrain: error: stopped by signal SIGTERM; the runs that finished are in "
+            f"{sweep}/sweep.csv; continue with `dptrain sweep --resume {sweep}`"]
+        assert json.loads((sweep / "sweep.json").read_text())["complete"] is False

@@ -10,6 +10,7 @@ marker never appears.
 import hashlib
 import json
 import pickle
+import re
 import shutil
 
 import pytest
@@ -114,14 +115,18 @@ def test_malicious_item_in_a_dcp_shard_runs_nothing(fsdp_run, tmp_path):
     shutil.copytree(fsdp_run, run_dir)
     folder = run_dir / "checkpoints" / "epoch-0001"
     evil = tmp_path / "evil"
-    model = MLP()
-    model_state, optimizer_state = get_state_dict(
-        model, make_optimizer(build_config({}).optim, model.parameters(), 0.01))
-    model_state["layers.0.bias"] = Payload(marker)  # a tensor's place, as a pickled item
+    def fresh_state():
+        model = MLP()
+        model_state, optimizer_state = get_state_dict(
+            model, make_optimizer(build_config({}).optim, model.parameters(), 0.01))
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    state = fresh_state()
+    state["optimizer"]["param_groups"][0]["eps"] = Payload(marker)  # a setting's place
     with warnings.catch_warnings():  # one process, no process group
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=evil)
-        dcp.load({"model": MLP().state_dict()}, checkpoint_id=evil)
+        dcp.save(state, checkpoint_id=evil)
+        dcp.load(fresh_state(), checkpoint_id=evil)
     assert marker.exists(), "the payload must run under DCP's own planner"
     marker.unlink()
     for old in folder.glob("*.distcp"):
@@ -130,7 +135,7 @@ def test_malicious_item_in_a_dcp_shard_runs_nothing(fsdp_run, tmp_path):
     for new in evil.iterdir():
         plant(folder, new.name, new.read_bytes())
 
-    with pytest.raises(UserError, match=r"item model.layers.0.bias: refused.*exec"):
+    with pytest.raises(UserError, match=r"item optimizer.param_groups.0.eps: refused.*exec"):
         checkpoint.export(run_dir, tmp_path / "model.pt")
     found, skipped = checkpoint.resumable(run_dir, N_TRAIN)
     assert found is None and "refused" in skipped[0]
@@ -301,3 +306,95 @@ def test_resuming_a_finished_run_is_success(seq_copy):
         checkpoint.config_and_resume("seq", {"resume": str(seq_copy), "config": None})
     config, _ = checkpoint.config_and_resume("seq", {"resume": str(seq_copy), "epochs": 5})
     assert config.train.epochs == 5  # more --epochs still extends it
+
+
+def _reseal_metadata(folder, change) -> None:
+    """Edit an fsdp checkpoint's `.metadata` (plain pickle: this test trusts its own file) and
+    re-seal meta.json, as an attacker would."""
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    change(metadata)
+    plant(folder, ".metadata", pickle.dumps(metadata))
+    checkpoint.verify(folder)  # sealed, and through the allowlist
+
+
+def _tensor_size(key, size):
+    def change(metadata):
+        item = metadata.state_dict_metadata[key]
+        item.size = item.chunks[0].sizes = torch.Size(size)
+        item.chunks[0].offsets = torch.Size([0] * len(size))
+        item.chunks[1:] = []
+    return change
+
+
+def _item_length(key, length):
+    def change(metadata):
+        where = next(w for i, w in metadata.storage_data.items() if i.fqn == key)
+        where.length = length
+    return change
+
+
+@pytest.mark.parametrize("change, reason", [
+    (_tensor_size("optimizer.state.layers.0.weight.exp_avg", [3]),
+     "damaged: optimizer.state.layers.0.weight.exp_avg is a float32 tensor of shape [3], where "
+     "the run's config gives float32 [16, 784]"),
+    (_tensor_size("optimizer.state.layers.1.bias.step", [2]),
+     "damaged: optimizer.state.layers.1.bias.step is a float32 tensor of shape [2]"),
+    (_item_length("optimizer.param_groups.0.lr", 70_000),
+     "refused: optimizer.param_groups.0.lr takes 70,000 bytes, more than the 65,536"),
+])
+def test_dcp_metadata_that_does_not_fit_the_model_is_refused_unread(fsdp_run, tmp_path, change,
+                                                                     reason):
+    run_dir = tmp_path / "run"
+    shutil.copytree(fsdp_run, run_dir)
+    _reseal_metadata(run_dir / "checkpoints" / "epoch-0001", change)
+    before = run_files(run_dir)
+    found, skipped = checkpoint.resumable(run_dir, N_TRAIN)
+    assert found is None and len(skipped) == 1 and reason in skipped[0], skipped
+    with pytest.raises(UserError, match=re.escape(reason)):
+        checkpoint.export(run_dir, tmp_path / "model.pt")
+    assert run_files(run_dir) == before and not (tmp_path / "model.pt").exists()
+
+
+def _reseal_shards(folder, tmp_path, change) -> None:
+    """Load an fsdp checkpoint (DCP's own loader), change its state, save it back with DCP's
+    own writer, and re-seal meta.json: a consistently forged checkpoint."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from dptrain.components.model import MLP
+    from dptrain.components.step import make_optimizer
+    from dptrain.config import build_config
+
+    model = MLP()
+    model_state, optimizer_state = get_state_dict(
+        model, make_optimizer(build_config({}).optim, model.parameters(), 0.01))
+    state = {"model": model_state, "optimizer": optimizer_state}
+    with warnings.catch_warnings():  # one process, no process group
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=folder)
+        change(state)
+        dcp.save(state, checkpoint_id=tmp_path / "forged")
+    for old in [*folder.glob("*.distcp"), folder / ".metadata"]:
+        old.unlink()
+    edit_meta(folder, lambda meta: meta.__setitem__("files", {}))
+    for new in (tmp_path / "forged").iterdir():
+        plant(folder, new.name, new.read_bytes())
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda state: state["model"]["layers.1.weight"].__setitem__((2, 3), float("nan")),
+     "damaged: model.layers.1.weight holds NaN or infinite values"),
+    (lambda state: state["optimizer"]["param_groups"][0].__setitem__("betas", (0.5, 0.999)),
+     "damaged: optimizer.param_groups.0.betas is (0.5, 0.999), the run's config gives "
+     "(0.9, 0.999)"),
+])
+def test_dcp_shards_with_other_settings_or_nan_are_damaged(fsdp_run, tmp_path, change, reason):
+    run_dir = tmp_path / "run"
+    shutil.copytree(fsdp_run, run_dir)
+    _reseal_shards(run_dir / "checkpoints" / "epoch-0001", tmp_path, change)
+    found, skipped = checkpoint.resumable(run_dir, N_TRAIN)
+    assert found is None and len(skipped) == 1 and reason in skipped[0], skipped
+    with pytest.raises(UserError, match=re.escape(reason)):
+        checkpoint.export(run_dir, tmp_path / "model.pt")

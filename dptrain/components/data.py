@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import struct
 import tempfile
 import urllib.error
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,9 @@ FILES = {
 # or below ROOT/MNIST.
 TORCHVISION_LAYOUTS = (Path("MNIST") / "raw", Path("raw"))
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
+RECORD_BYTES = 64 << 10  # the decoded cache's record: ~1 KB
+N_SAMPLES = FILES["train_images"][2][0] + FILES["test_images"][2][0]
+TRAIN_SAMPLES = int(N_SAMPLES * SPLIT_FRACTIONS[0])  # as split_indices draws them
 N_PIXELS = 28 * 28
 _IDX_UBYTE = 0x08
 
@@ -56,7 +61,16 @@ def read_idx(path: Path) -> np.ndarray:
     """Parse an IDX file of unsigned bytes, gzip-compressed or not, into a uint8 array."""
     # Hand-written, not torchvision's read_image_file: that returns torch tensors, and the CLI
     # decodes the data before it imports torch (and with precise errors for damaged files).
-    return _parse_idx(_read_bytes(path), path)
+    return _parse_idx(_read_bytes(path, LARGEST_FILE), path)
+
+
+def idx_bytes(shape: tuple[int, ...]) -> int:
+    """The size of an uncompressed IDX file of unsigned bytes of this shape."""
+    return 4 + 4 * len(shape) + int(np.prod(shape))
+
+
+# The largest file MNIST has (the training images, 47 MB): no read may return more.
+LARGEST_FILE = max(idx_bytes(shape) for _, _, shape in FILES.values())
 
 
 def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
@@ -77,18 +91,29 @@ def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path, limit: int) -> bytes:
+    """The file's bytes, gunzipped if it is gzip data: a regular file only (a FIFO would block),
+    and never more than `limit` bytes, compressed or not (a gzip bomb stops there)."""
+    from dptrain.storage.safeload import LoadError, open_regular
+
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
-    if data[:2] != b"\x1f\x8b":
-        return data
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: broken gzip data ({e}); the file is truncated or corrupt") from None
+        with open_regular(path) as f:
+            magic = f.read(2)
+            f.seek(0)
+            if magic != b"\x1f\x8b":
+                data = f.read(limit + 1)
+            else:
+                with gzip.GzipFile(fileobj=f) as unzipped:
+                    data = unzipped.read(limit + 1)  # inflates no further than that
+    except LoadError as e:
+        raise DataError(str(e)) from None
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: broken gzip data ({e}); the file is truncated or "
+                        "corrupt") from None
+    if len(data) > limit:
+        raise DataError(f"{path}: holds more than the {limit:,} bytes of the MNIST file it "
+                        "should be; the file is corrupt or not MNIST: replace it")
+    return data
 
 
 def _find_file(directory: Path, stem: str) -> Path | None:
@@ -186,8 +211,8 @@ def _fetch_verified(url: str, target: Path, gz_md5: str) -> None:
         except RuntimeError as e:  # torchvision's "File not found or corrupted."
             raise DataError(f"{url}: checksum mismatch, the download is corrupt ({e})") from None
         fetched = Path(tmp) / target.name
-        md5 = next(md5 for s, md5, _ in FILES.values() if s == stem)
-        _check_md5(_read_bytes(fetched), md5, shown_as=url)
+        md5, shape = next((md5, shape) for s, md5, shape in FILES.values() if s == stem)
+        _check_md5(_read_bytes(fetched, idx_bytes(shape)), md5, shown_as=url)
         os.chmod(fetched, 0o666 & ~umask())
         os.replace(fetched, target)
 
@@ -225,7 +250,7 @@ def decode(sources: dict[str, Path]) -> Mnist:
     arrays = {}
     for key, path in sources.items():
         stem, md5, shape = FILES[key]
-        raw = _read_bytes(path)
+        raw = _read_bytes(path, idx_bytes(shape))
         arrays[key] = _parse_idx(raw, path)  # first, for its precise truncated/magic errors
         _check_md5(raw, md5, shown_as=path)
         if arrays[key].shape != shape:  # unreachable with a matching MD5, kept as a guard
@@ -255,8 +280,10 @@ def _load_cache(paths: dict[str, Path]) -> Mnist | None:
     confirmed. Any write changes that stat, so an unchanged one is trusted for free; a changed
     one is hashed again (the 55 MB of images: ~35 ms here) and the cache rebuilt on mismatch.
     """
+    from dptrain.storage.safeload import read_bounded
+
     try:
-        record = json.loads(paths["record"].read_text())
+        record = json.loads(read_bounded(paths["record"], RECORD_BYTES))
         if record["sources"] != {stem: md5 for stem, md5, _ in FILES.values()}:
             return None
         confirmed = [_intact(paths[name], record["arrays"][name]) for name in ("images", "labels")]
@@ -264,36 +291,40 @@ def _load_cache(paths: dict[str, Path]) -> Mnist | None:
             return None
         # copy-on-write: writable for torch.from_numpy, shared page cache until written
         mnist = Mnist(*(np.load(paths[name], mmap_mode="c") for name in ("images", "labels")))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, UserError):
+        return None  # a FIFO or a huge file in its place included: read_bounded refuses them
     n = sum(shape[0] for _, _, shape in FILES.values()) // 2  # train + test samples
     if (mnist.images.shape != (n, N_PIXELS) or mnist.labels.shape != (n,)
             or mnist.images.dtype != np.uint8 or mnist.labels.dtype != np.uint8
             or int(mnist.labels.max()) > 9):
         return None
-    if record != json.loads(paths["record"].read_text()):  # a stat was confirmed anew
+    if record != json.loads(read_bounded(paths["record"], RECORD_BYTES)):  # a stat renewed
         _write_record(paths["record"], record)
     return mnist
 
 
 def _intact(path: Path, entry: dict) -> bool:
     """`path` still has the size and SHA-256 of `entry`; renews entry["stat"] when re-hashed."""
-    stat = _stat(path)
-    if stat == entry["stat"]:
+    now = _stat(path)
+    if now == entry["stat"]:
         return True
-    if stat[0] != entry["bytes"] or _sha256(path) != entry["sha256"]:
+    if now[0] != entry["bytes"] or _sha256(path) != entry["sha256"]:
         return False
-    entry["stat"] = stat
+    entry["stat"] = now
     return True
 
 
 def _stat(path: Path) -> list[int]:
     st = path.stat()
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block np.load; nothing else is the cache
+        raise ValueError(f"{path} is not a regular file")
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
+    from dptrain.storage.safeload import open_regular
+
+    with open_regular(path) as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 

@@ -87,19 +87,25 @@ class _FusedLossSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, targets, activation, loss, *params):
-        weights, biases = params[0::2], params[1::2]
+        weights, biases = list(params[0::2]), list(params[1::2])
         pixels = x.dtype == torch.uint8  # read as pixel / 255: PixelLinear's scaled weights
+        if pixels:
+            weights[0] = weights[0] * (1 / 255)
+        if torch.is_autocast_enabled(x.device.type):
+            # What autocast does to the layers' products (--precision bf16): all of them in its
+            # dtype, the rest (the loss) in float32; the backward follows the saved dtypes.
+            low = torch.get_autocast_dtype(x.device.type)
+            weights, biases = [w.to(low) for w in weights], [b.to(low) for b in biases]
         inputs = [x.to(weights[0].dtype)]
         for i, (weight, bias) in enumerate(zip(weights, biases)):
-            weight = weight * (1 / 255) if i == 0 and pixels else weight
             z = torch.addmm(bias, inputs[-1], weight.t())
             if i < len(weights) - 1:
                 inputs.append(_ACTIVATIONS_INPLACE[activation](z))
-        if loss == "cross_entropy":
-            out = torch.log_softmax(z.t().contiguous(), dim=0)  # (10, N): see cross_entropy_sum
+        if loss == "cross_entropy":  # (10, N): see cross_entropy_sum
+            out = torch.log_softmax(z.t().contiguous(), dim=0, dtype=torch.float32)
             total = -out.gather(0, targets.unsqueeze(0)).sum()
         else:
-            out = torch.sigmoid(z)
+            out = torch.sigmoid(z.float())
             total = 0.5 * (out - F.one_hot(targets, N_CLASSES).to(out.dtype)).square().sum()
         ctx.activation, ctx.loss, ctx.pixels = activation, loss, pixels
         ctx.save_for_backward(targets, out, *inputs, *weights[1:])
@@ -118,6 +124,8 @@ class _FusedLossSum(torch.autograd.Function):
             diff = out - F.one_hot(targets, N_CLASSES).to(out.dtype)
             g_t = torch.ops.aten.sigmoid_backward(diff, out).t()
         g_t.mul_(grad)
+        if g_t.dtype != inputs[0].dtype:  # the loss ran in float32, the layers in bf16
+            g_t = g_t.to(inputs[0].dtype)
         grads = []
         for i in reversed(range(n_layers)):  # g_t: dL/dz of layer i, transposed (out, N)
             grad_weight = g_t.mm(inputs[i])
@@ -132,7 +140,7 @@ class _FusedLossSum(torch.autograd.Function):
 
 def mse_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """sum_i 1/2 ||sigmoid(z_i) - onehot(y_i)||^2; divided by M this is L = 1/(2M) sum ||a - y||^2."""
-    outputs = torch.sigmoid(logits)
+    outputs = torch.sigmoid(logits.float())  # bf16 logits (autocast) too: the loss in float32
     one_hot = F.one_hot(targets, N_CLASSES).to(outputs.dtype)
     return 0.5 * (outputs - one_hot).square().sum()
 
@@ -141,7 +149,8 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     """sum_i -log softmax(z_i)[y_i]."""
     # Over a row of 10 classes, log_softmax is ~7x slower on the CPU than over the columns of
     # the transposed (10, N) logits, where it vectorizes along the batch.
-    log_probs = torch.log_softmax(logits.t().contiguous(), dim=0)
+    # dtype: the loss in float32, also from autocast's bf16 logits.
+    log_probs = torch.log_softmax(logits.t().contiguous(), dim=0, dtype=torch.float32)
     return -log_probs.gather(0, targets.unsqueeze(0)).sum()
 
 

@@ -33,6 +33,10 @@ def _locals(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 class _Lean:
     """The undecorated Optimizer methods (see the module docstring)."""
 
+    # A copy (copy.deepcopy keeps only an optimizer's defaults, state and param_groups; the
+    # checkpoint checks step one) never skips.
+    skip_if: torch.Tensor | None = None
+
     add_param_group = _undecorated(torch.optim.Optimizer.add_param_group)
     zero_grad = _undecorated(torch.optim.Optimizer.zero_grad)
     state_dict = _undecorated(torch.optim.Optimizer.state_dict)

@@ -9,11 +9,14 @@ would be a second implementation of the same three methods, chosen by `make_step
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from dptrain.config import OptimConfig
 from dptrain.components.optim import FusedAdam, FusedSGD
+from dptrain.errors import UserError
 
 
 class NonFiniteGuard:
@@ -57,14 +60,29 @@ def make_optimizer(optim: OptimConfig, params, lr: float,
                     skip_if=skip_if)
 
 
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Where forward passes run at `precision`: bf16 under torch.autocast (products in bf16,
+    weights and their gradients float32), fp32 as they are."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class EagerStep:
-    """Forward, backward (with the strategy's gradient sum), check and update, op by op."""
+    """Forward, backward (with the strategy's gradient sum), check and update, op by op.
+
+    With `accumulate` K > 1, a rank's rows of an update run as K micro-batches whose gradients
+    add up on the rank; only the last backward sums over ranks. The loss scale stays 1/global
+    batch, so the update is the one of K = 1, up to round-off.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-                 guard: NonFiniteGuard, strategy, clip_grad_norm: float = 0.0):
+                 guard: NonFiniteGuard, strategy, clip_grad_norm: float = 0.0, *,
+                 accumulate: int = 1, precision: str = "fp32"):
         self.model, self.optimizer, self.samples = model, optimizer, samples
-        self.guard, self.strategy = guard, strategy
+        self.guard, self.strategy, self.accumulate = guard, strategy, accumulate
         self.clip_grad_norm = clip_grad_norm  # 0 = no clipping
+        self._autocast = autocast(precision, samples.device)  # entered once per forward
         self._losses = torch.zeros(0, dtype=torch.float64, device=samples.device)
 
     def begin_epoch(self, updates: int) -> None:
@@ -76,17 +94,30 @@ class EagerStep:
         """Update `index` of the epoch on this rank's `rows` of a global batch of that size."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = self.samples.batch(rows)
-        loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
         self.optimizer.zero_grad(set_to_none=True)
-        # The gradient of loss / global batch; NaN if this rank's loss is not finite: then the
-        # gradients turn NaN (every summed element) on every rank, and all skip alike.
-        (loss * (loss.detach() * 0.0 + 1 / global_batch)).backward()
+        # Every rank runs K micro-batches (fsdp gathers parameters in each forward); those of a
+        # short tail batch may be empty.
+        *first, last = rows.tensor_split(self.accumulate) if self.accumulate > 1 else (rows,)
+        losses = []
+        for micro_rows in first:
+            with self.strategy.no_gradient_sync(self.model):
+                losses.append(self._forward_backward(micro_rows, global_batch))
+        losses.append(self._forward_backward(last, global_batch))
         self.guard.check(self.strategy.local_gradients(self.model))
         if self.clip_grad_norm:
             self.strategy.clip_gradients(self.model, self.clip_grad_norm)
         self.optimizer.step()
-        self._losses[index] = loss.detach()
+        self._losses[index] = losses[0] if not first else torch.stack(losses).sum()
+
+    def _forward_backward(self, rows: torch.Tensor, global_batch: int) -> torch.Tensor:
+        """Add the gradient of this loss sum / global batch; returns the loss sum (detached)."""
+        x, y = self.samples.batch(rows)
+        with self._autocast:  # backward follows the dtypes it chose
+            loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
+        # NaN if this rank's loss is not finite: then the gradients turn NaN (every summed
+        # element) on every rank, and all skip alike.
+        (loss * (loss.detach() * 0.0 + 1 / global_batch)).backward()
+        return loss.detach()
 
     def end_epoch(self) -> torch.Tensor:
         """[this rank's loss sum over the epoch, updates skipped] (float64, on the device)."""
@@ -98,7 +129,13 @@ class EagerStep:
 
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-              guard: NonFiniteGuard, clip_grad_norm: float = 0.0) -> EagerStep:
+              guard: NonFiniteGuard, clip_grad_norm: float = 0.0, *, accumulate: int = 1,
+              precision: str = "fp32") -> EagerStep:
     """The step implementation for the strategy's device. The eager step is the only one so
     far; a CUDA-graphed step is the planned second (issue 10), behind these same methods."""
-    return EagerStep(model, optimizer, samples, guard, strategy, clip_grad_norm)
+    device = strategy.device
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
+                        "bfloat16 support; use --precision fp32")
+    return EagerStep(model, optimizer, samples, guard, strategy, clip_grad_norm,
+                     accumulate=accumulate, precision=precision)

@@ -293,9 +293,12 @@ def check_hook_state(saved: Any, knobs: DDPConfig, shapes: list[torch.Size], ste
         pieces = saved.get(name)
         expected = dict(enumerate(sizes)) if compressing else {}
         if not isinstance(pieces, dict) or not all(
-                isinstance(t, torch.Tensor) and t.dim() == 1 and t.dtype == torch.float32
+                isinstance(t, torch.Tensor) and type(t) is torch.Tensor and t.dim() == 1
+                and t.dtype == torch.float32 and t.layout == torch.strided
                 for t in pieces.values()):
             raise ValueError(f"its {name} memory is not a table of float32 vectors")
+        if not all(bool(torch.isfinite(t).all()) for t in pieces.values()):
+            raise ValueError(f"its {name} memory holds NaN or infinite values")
         held = {i: t.numel() for i, t in pieces.items()}
         if held != expected:
             raise ValueError(f"its {name} memory holds {held} values per parameter, not "

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -27,6 +28,10 @@ from dptrain.storage.runlog import (LAUNCH_TIME_ENV, LOCK_HELD_ENV, SUMMARY, Run
 # --out. A launcher killed by SIGKILL cannot remove it; the next launch removes those of
 # processes that are gone.
 SCRATCH_PREFIX = "dptrain-"
+# Seconds torchrun's agent gives a worker between SIGTERM and SIGKILL when it stops the others
+# after a failure (torch's default: 30). Our workers die at SIGTERM at once; only a stopped or
+# wedged one waits out the grace, which once added 30 s to the end of every such job.
+STOP_GRACE_SECONDS = 5
 
 
 def stopped_line(signum: int, out: Path | None, what: str) -> str:
@@ -89,14 +94,12 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
     # store shared (torch's default) they read its stale addresses and cannot connect
     # (pytorch/pytorch#135712). A store per attempt avoids that.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    remove_stale_scratch()
-    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as tmp:
-        resolved = Path(tmp) / "config.toml"
+    with scratch() as tmp:
+        resolved = tmp / "config.toml"
         resolved.write_text(to_toml(config))
         worker = [f"--mode={mode}", f"--config={resolved}"]
         worker += (["--force"] if force else []) + ([f"--resume={resume}"] if resume else [])
-        # torchrun's error files go here too, not into a /tmp/torchelastic_* left behind.
-        _torchrun(torchrun_args(config) + [f"--log-dir={Path(tmp) / 'torchrun'}"]
+        _torchrun(torchrun_args(config) + [f"--log-dir={tmp / 'torchrun'}"]
                   + worker_entry(mode, config) + worker, out)
     if (out / SUMMARY).exists():  # on the node that held rank 0
         summary = json.loads((out / SUMMARY).read_text())
@@ -106,6 +109,23 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
         write_summary(out, summary)
     lock.release()
     os.environ.pop(LOCK_HELD_ENV, None)
+
+
+@contextmanager
+def scratch():
+    """The launcher's scratch folder, removed at the end, where torchrun writes what it would
+    otherwise leave in $TMPDIR: its log folder with the workers' error files (the launcher
+    passes --log-dir inside it: no torchelastic_* left behind) and, while torchrun runs, every
+    temporary file of this process (a forked worker's traceback, pytorch-errorfile-*.pickle,
+    which torch never deletes)."""
+    remove_stale_scratch()
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as tmp:
+        saved = tempfile.tempdir
+        tempfile.tempdir = tmp
+        try:
+            yield Path(tmp)
+        finally:
+            tempfile.tempdir = saved
 
 
 def remove_stale_scratch() -> None:
@@ -213,8 +233,9 @@ def _torchrun(argv: list[str], out: Path) -> None:
     # Forked workers are stopped by torch.multiprocessing, which warns "Terminating process
     # ... via signal SIGTERM" for each: the failure's one line says what happened.
     logging.getLogger("torch.multiprocessing").setLevel(logging.CRITICAL)
+    honour_stop_grace()
     try:
-        run(parse_args(argv))
+        run(parse_args([f"--shutdown-timeout={stop_grace()}", *argv]))
     except ChildFailedError as e:
         rank, failure = _first_failure(e)
         # What the worker recorded in its error file, if it could write one.
@@ -240,6 +261,72 @@ def _torchrun(argv: list[str], out: Path) -> None:
         raise typer.Exit(128 + int(e.sigval)) from None
 
 
+def stop_grace() -> int:
+    """torchrun's grace before SIGKILL (seconds): $TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else ours."""
+    return int(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", STOP_GRACE_SECONDS))
+
+
+def honour_stop_grace() -> None:
+    """Make torchrun stop the other workers after a failure within stop_grace() seconds.
+
+    torch 2.14 applies its shutdown timeout (--shutdown-timeout) on the agent's signal path
+    only. After a worker fails, the others are stopped with a fixed 30 s between SIGTERM and
+    SIGKILL: LocalElasticAgent._stop_workers calls _shutdown() without the timeout
+    (pytorch/pytorch#119856, fix proposed in #192815), a worker process context closes itself
+    with PContext.close()'s default, and forked workers are first stopped by
+    torch.multiprocessing's ProcessContext.join(grace_period=None). A worker stopped by
+    SIGSTOP, or wedged, kept the job 30 s past its end. Our workers die at SIGTERM at once,
+    so a short grace loses nothing. Applied to this process's torchrun only, and only where
+    torch has the methods and parameters it relies on.
+    """
+    import inspect
+
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import PContext
+    from torch.multiprocessing.spawn import ProcessContext
+
+    def _stop_workers(agent, *_args, **_kwargs) -> None:
+        agent._shutdown(timeout=getattr(agent, "_shutdown_timeout", 30))
+
+    if hasattr(LocalElasticAgent, "_shutdown") and not getattr(
+            LocalElasticAgent._stop_workers, "dptrain", False):
+        _stop_workers.dptrain = True
+        LocalElasticAgent._stop_workers = _stop_workers
+
+    close = PContext.close
+    if "timeout" in inspect.signature(close).parameters and not getattr(close, "dptrain", False):
+        def bounded_close(context, death_sig=None, timeout=None):
+            return close(context, death_sig, stop_grace() if timeout is None else timeout)
+
+        bounded_close.dptrain = True
+        PContext.close = bounded_close
+
+    join = ProcessContext.join
+    if "grace_period" in inspect.signature(join).parameters and not getattr(
+            join, "dptrain", False):
+        def bounded_join(context, timeout=None, grace_period=None):
+            # grace_period: a wait for the others to end by themselves, SIGTERM, the same
+            # wait again, SIGKILL; half of ours each.
+            return join(context, timeout, stop_grace() / 2 if grace_period is None
+                        else grace_period)
+
+        bounded_join.dptrain = True
+        ProcessContext.join = bounded_join
+
+
+def cluster_main(argv: list[str]) -> None:
+    """`python -m dptrain.distributed.launch [torchrun flags] -m dptrain.worker ...`: torchrun
+    as the cluster scripts run it on each node, with what the CLI's launcher adds: torchrun's
+    logs and error files in a scratch folder removed at the end (no torchelastic_* left per
+    node and run), and a 5 s grace for a stopped worker instead of 30."""
+    from torch.distributed.run import main as torchrun
+
+    honour_stop_grace()
+    with scratch() as tmp:
+        # The flags given come after ours, so that a --log-dir of the user's wins.
+        torchrun([f"--shutdown-timeout={stop_grace()}", f"--log-dir={tmp / 'torchrun'}", *argv])
+
+
 def _first_line(message) -> str:
     """A failure's message: text, or the error-file record of a forked worker (a dict)."""
     while isinstance(message, dict):
@@ -251,12 +338,22 @@ def _first_failure(error):
     """The failure that explains the others: a user error, then a worker killed by a signal
     other than the SIGTERM torchrun stops the rest with, then a timed-out collective (its peers
     then lose it), then a lost peer, then the earliest."""
+    first = min(failure.timestamp for failure in error.failures.values())
+
     def rank_of(item):
         rank, failure = item
         code = failure.exitcode
         timed_out = code == ONE_LINE_EXIT and "timed out" in str(failure.message)
-        cause = (0 if code == USER_ERROR_EXIT else 1 if code < 0 and code != -signal.SIGTERM
-                 else 2 if timed_out else 3 if code == ONE_LINE_EXIT else 4)
+        # A SIGKILL that came a grace period after the first failure is torchrun's own, for
+        # a worker that SIGTERM could not end (a stopped one): a consequence, not the cause.
+        killed = code < 0 and code != -signal.SIGTERM and not (
+            code == -signal.SIGKILL and failure.timestamp > first + 1)
+        cause = (0 if code == USER_ERROR_EXIT else 1 if killed else 2 if timed_out
+                 else 3 if code == ONE_LINE_EXIT else 4)
         return cause, failure.timestamp, rank
 
     return min(error.failures.items(), key=rank_of)
+
+
+if __name__ == "__main__":
+    cluster_main(sys.argv[1:])

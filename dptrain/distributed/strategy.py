@@ -8,6 +8,7 @@ makes ddp and fsdp compute the sequential gradient exactly, uneven batches inclu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -91,7 +92,8 @@ class Strategy:
         self.env = env
         self.device = device
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
+        """The model, ready to train at `precision` (the step's autocast does the rest)."""
         return model.to(self.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -141,6 +143,11 @@ class Strategy:
     def after_evaluation(self, model: nn.Module) -> None:
         """Forward passes without a backward are done: leave the parameters as training and
         checkpoints expect them (fsdp: sharded again)."""
+
+    def no_gradient_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Forward and backward passes inside leave their gradients on this rank, added to those
+        it holds; the next backward outside sums them all over ranks (--accumulate)."""
+        return contextlib.nullcontext()
 
     def local_gradients(self, model: nn.Module) -> list[torch.Tensor]:
         """The gradients this rank holds after backward (its shards under fsdp), summed over
@@ -270,7 +277,7 @@ class DDPStrategy(_ProcessGroupStrategy):
         self.hook_state = None  # the comm hook's state (PowerSGD's, local SGD's), for checkpoints
         self.averager = None  # local SGD's PeriodicModelAverager
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -289,7 +296,11 @@ class DDPStrategy(_ProcessGroupStrategy):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module
 
+    def no_gradient_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return model.no_sync()  # DDP reads the flag in forward too: both run inside
+
     def make_optimizer(self, build, model: nn.Module) -> torch.optim.Optimizer:
+        self._build = build  # a plain optimizer like the run's, to load ZeRO's checkpoints into
         if self.knobs.zero:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -320,76 +331,111 @@ class DDPStrategy(_ProcessGroupStrategy):
             average_parameters(iter(model.parameters()), dist.group.WORLD)
 
     def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-        """state.pt as seq's: the model and the whole optimizer state (ZeRO: consolidated on
-        rank 0 from every rank's shard, so it loads at any world size, with or without ZeRO),
-        and, for PowerSGD and local SGD, every rank's own state (`ranks`)."""
+        """state.pt in seq's format: the model and one plain optimizer state (ZeRO: consolidated
+        on rank 0 from every rank's shard; local SGD: rank 0's), which export, evaluate and a
+        run without the knob read like any other; and what the knobs keep beside it, KNOB_FILE
+        (PowerSGD's and local SGD's state of every rank). Every rank must call it."""
         if self.knobs.zero:
             optimizer.consolidate_state_dict(to=0)  # a collective: every rank sends its shard
-        ranks = self.gather_object(self._rank_state(optimizer)) if _per_rank(self.knobs) else None
+        knobs = self._knob_state(optimizer) if _per_rank(self.knobs) else None
         if self.env.is_main:
-            state = {"model": self.unwrap(model).state_dict(), "optimizer": optimizer.state_dict()}
-            if ranks is not None:
-                state["ranks"] = ranks
+            plain = optimizer.optim if self.knobs.local_sgd else optimizer
+            state = {"model": self.unwrap(model).state_dict(), "optimizer": plain.state_dict()}
             write_atomic(folder / STATE_FILE, lambda f: torch.save(state, f))
+            if knobs is not None:
+                write_atomic(folder / KNOB_FILE, lambda f: torch.save(knobs, f))
         if self.knobs.zero:
             # torch keeps the consolidated copy on rank 0 until the next consolidation: the
             # whole optimizer state, which ZeRO is there to spare. It is written; drop it.
             getattr(optimizer, "_all_state_dicts", []).clear()
 
-    def _rank_state(self, optimizer: torch.optim.Optimizer) -> dict:
-        """This rank's part of a checkpoint: its hook state (PowerSGD's error feedback, say)
-        and, under local SGD, its own optimizer state (the ranks step apart)."""
+    def _knob_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """KNOB_FILE's content: the update count, and each rank's hook state (PowerSGD's error
+        feedback and factors) and, under local SGD, its own optimizer state (the ranks step
+        apart). A collective: every rank sends its part to every rank."""
         own = {"hook": gradsum.hook_state_dict(self.hook_state)}
         if self.knobs.local_sgd:
             own["optimizer"] = optimizer.optim.state_dict()["state"]
-        return own
+        step = self.averager.step if self.knobs.local_sgd else self.hook_state.torch.iter
+        return {"step": step, "ranks": self.gather_object(own)}
 
     def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-        from dptrain.storage.safeload import LoadError
-
-        state = load_torch_state(self.unwrap(model), optimizer, folder, self.device)
+        module = self.unwrap(model)
+        if self.knobs.zero:  # checked and loaded whole into a plain optimizer; each rank keeps its shard
+            plain = self._build(module.parameters())
+            load_torch_state(module, plain, folder, self.device)
+            optimizer.load_state_dict(plain.state_dict())
+        else:
+            load_torch_state(module, optimizer.optim if self.knobs.local_sgd else optimizer,
+                             folder, self.device)
         if not _per_rank(self.knobs):
             return
-        ranks = state.get("ranks")
-        if not isinstance(ranks, list) or len(ranks) != self.env.world_size:
-            raise LoadError(f"{folder / STATE_FILE}: no state for each of the "
-                            f"{self.env.world_size} ranks (resume at the checkpoint's world size)")
-        own = ranks[self.env.rank]
+        plain = optimizer.optim if self.knobs.local_sgd else None
+        knobs = load_knob_state(folder, self.device, self.knobs, module, plain,
+                                self.env.world_size)
+        own = knobs["ranks"][self.env.rank]
         if self.knobs.local_sgd:
-            optimizer.optim.load_state_dict({**state["optimizer"], "state": own["optimizer"]})
+            optimizer.optim.load_state_dict({**optimizer.optim.state_dict(),
+                                             "state": own["optimizer"]})
+            self.averager.step = knobs["step"]
         gradsum.load_hook_state(self.hook_state, own["hook"], self.device)
+
+
+# What ddp's PowerSGD and local SGD keep beside state.pt: {"step": updates done, "ranks": [each
+# rank's {"hook": ..., "optimizer": ...}]}, plain tensors and numbers.
+KNOB_FILE = "knobs.pt"
 
 
 def _per_rank(knobs: DDPConfig) -> bool:
     """Whether ranks hold state of their own that a checkpoint must keep for each (PowerSGD's
-    error feedback; local SGD's optimizer states)."""
+    error feedback; local SGD's optimizer states): KNOB_FILE."""
     return bool(knobs.local_sgd) or knobs.grad_compress.startswith("powersgd")
 
 
-def check_ddp_state(state: dict, knobs: DDPConfig, model: nn.Module, optimizer, step: int,
-                    world_size: int) -> None:
-    """Raise ValueError unless a ddp checkpoint's state.pt (loaded, its model and optimizer
-    already loaded into `model` and `optimizer`, a plain pair) holds what its knobs need: local
-    SGD's averager step; for PowerSGD and local SGD, each rank's part (its hook state, and
-    under local SGD its optimizer state, which must load into `optimizer` too)."""
-    if knobs.local_sgd and state["optimizer"].get("step") != step:
-        raise ValueError(f"the local-SGD averager's step is {state['optimizer'].get('step')!r}, "
-                         f"not the {step} updates done")
+def load_knob_state(folder: Path, device: torch.device, knobs: DDPConfig, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None, world_size: int,
+                    step: int | None = None) -> dict:
+    """KNOB_FILE of a ddp checkpoint whose config sets `knobs`, checked before anything uses it
+    (safeload.LoadError, one line): for `world_size` ranks, after `step` updates (None: the
+    count it holds, which the trial resume has checked against the manifest), for `model`'s
+    parameters; under local SGD, every rank's optimizer state as `optimizer` (a plain one like
+    the run's) would hold it. {} when the knobs keep nothing there."""
+    from dptrain.storage.safeload import ARCHIVE_OVERHEAD, LoadError, first_line, torch_load
+    from dptrain.storage.statecheck import check_state, expected_state
+
     if not _per_rank(knobs):
-        return
-    ranks = state.get("ranks")
-    if not isinstance(ranks, list) or len(ranks) != world_size:
-        raise ValueError(f"no state for each of its {world_size} ranks")
-    shapes = [p.shape for p in model.parameters()]
-    for rank, own in enumerate(ranks):
-        if not isinstance(own, dict):
-            raise ValueError(f"rank {rank}'s state is not a table")
-        try:
-            gradsum.check_hook_state(own.get("hook"), knobs, shapes, step)
-        except ValueError as e:
-            raise ValueError(f"rank {rank}'s gradient hook: {e}") from None
-        if knobs.local_sgd:
-            optimizer.load_state_dict({**state["optimizer"], "state": own.get("optimizer")})
+        return {}
+    path = folder / KNOB_FILE
+    numel = sum(p.numel() for p in model.parameters())
+    # Per rank at most: PowerSGD's error, P and Q (under 3 x 4 bytes a parameter), or Adam's
+    # two moments (8); and the generator's 624 words.
+    state = torch_load(path, map_location=device, follow_links=False,
+                       max_bytes=world_size * (12 * numel + (64 << 10)) + ARCHIVE_OVERHEAD)
+    try:
+        if not isinstance(state, dict) or set(state) != {"step", "ranks"}:
+            raise ValueError("not a table of step and ranks")
+        if step is not None and state["step"] != step:
+            raise ValueError(f"it counts {state['step']!r} updates, its manifest {step}")
+        step = state["step"]
+        ranks = state["ranks"]
+        if not isinstance(ranks, list) or len(ranks) != world_size:
+            raise ValueError(f"it holds no state for each of its {world_size} ranks")
+        shapes = [p.shape for p in model.parameters()]
+        expected = expected_state(model, optimizer)["optimizer"]["state"] \
+            if knobs.local_sgd else None
+        for rank, own in enumerate(ranks):
+            keys = {"hook", "optimizer"} if knobs.local_sgd else {"hook"}
+            if not isinstance(own, dict) or set(own) != keys:
+                raise ValueError(f"rank {rank}'s state is not a table of {', '.join(keys)}")
+            try:
+                gradsum.check_hook_state(own["hook"], knobs, shapes, step)
+                if expected is not None:
+                    check_state(own["optimizer"], expected)
+            except (ValueError, LoadError) as e:
+                raise ValueError(f"rank {rank}: {e}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise LoadError(f"{path}: damaged: {first_line(e)}") from None
+    return state
 
 
 # A Linear whose parameters reach this many bytes is its own FSDP unit, gathered just for its
@@ -416,28 +462,41 @@ class FSDPStrategy(_ProcessGroupStrategy):
     grad_sync = "collective"  # reduce-scatter, through the process group
     checkpoint_format = "dcp"  # torch.distributed.checkpoint: each rank writes its own shards
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.env.world_size,))
+        # bf16: gather bf16 parameters (half the bytes) for the compute, sum gradients in float32.
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if precision == "bf16" else MixedPrecisionPolicy())
         model.to(self.device)
         own = own_units(model)
         # A layer unit gathers its shards in that layer's forward, which must then run; with
         # the root's unit alone, the root gathers everything and the fused loss can run.
         model.fused = not own
         for layer in own:
-            fully_shard(layer, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
         # The root keeps its parameters gathered from forward to backward (FSDP2's default for
         # the root): one all-gather per step. Evaluation has no backward to reshard them after,
         # so after_evaluation does.
-        fully_shard(model, mesh=mesh)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 # Sum, as DDP's hook above; the plain SUM op also works on gloo (no PREMUL_SUM).
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
         return model
+
+    @contextlib.contextmanager
+    def no_gradient_sync(self, model: nn.Module):
+        # No reduce-scatter: each unit keeps its unsharded gradients (in the reduce dtype) and
+        # adds them into the next backward's before that one's reduce-scatter.
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
     def after_evaluation(self, model: nn.Module) -> None:
         model.reshard()
@@ -465,18 +524,21 @@ class FSDPStrategy(_ProcessGroupStrategy):
 def load_torch_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
                      device: torch.device) -> dict:
     """A seq/ddp checkpoint's state.pt into a plain model and its optimizer (weights_only);
-    safeload.LoadError in one line if it is refused or does not fit them. Returns the loaded
-    state (ddp's knobs keep more in it: DDPStrategy.load_state)."""
-    from dptrain.storage.safeload import LoadError, first_line, torch_load
+    safeload.LoadError in one line if it is refused or is not what they would hold: every
+    tensor and setting is checked against them (statecheck.py) before any kernel sees it."""
+    from dptrain.storage.safeload import ARCHIVE_OVERHEAD, LoadError, torch_load
+    from dptrain.storage.statecheck import check_state, expected_state, tensor_bytes
 
-    state = torch_load(folder / STATE_FILE, map_location=device)
+    expected = expected_state(model, optimizer)
+    path = folder / STATE_FILE
+    state = torch_load(path, map_location=device, follow_links=False,
+                       max_bytes=tensor_bytes(expected) + ARCHIVE_OVERHEAD)
     try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise LoadError(f"{folder / STATE_FILE}: not the state of this run's model and optimizer "
-                        f"({type(e).__name__}: {first_line(e)})") from None
-    return state
+        check_state(state, expected)
+    except LoadError as e:
+        raise LoadError(f"{path}: {e}") from None
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
 
 
 def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
@@ -490,7 +552,7 @@ def load_dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp_load(state, folder)
+    dcp_load(state, folder)  # checked against `state` before and after (safedcp.py)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
 

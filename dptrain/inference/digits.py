@@ -16,6 +16,8 @@ from dptrain.errors import UserError
 FIELD = 28  # MNIST's image side, pixels
 BOX = 20  # the side of the box the digit is scaled into
 INK = 0.25  # a pixel is part of the digit above this fraction of the strongest ink
+# Pillow's modes of one channel wider than 8 bits: 16-bit (PNG, TIFF), 32-bit integer, float.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 class ImageError(UserError):
@@ -39,6 +41,8 @@ def load_gray(path: Path) -> np.ndarray:
             image = Image.open(path)
         with image:
             image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+            if image.mode in WIDE_MODES:
+                return full_scale(np.asarray(image), image.mode)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
                 image = Image.new("RGBA", rgba.size, "white")
@@ -56,6 +60,24 @@ def load_gray(path: Path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt image data
         raise ImageError(f"{path}: cannot read the image ({e})") from None
     return gray
+
+
+def full_scale(levels: np.ndarray, mode: str) -> np.ndarray:
+    """Grey levels of a 16-bit, 32-bit integer or float image, in [0, 1].
+
+    Pillow's conversion to 8 bits clips them at 255 (a 16-bit digit turned all white, a float
+    one in [0, 1] all black). 16-bit images span 0..65535; for 32-bit integers and floats,
+    whose range the file does not say, the full scale is the smallest of 1, 255, 65535 and
+    2^32 - 1 that holds the brightest level (the darkest counts as 0 where it is negative).
+    """
+    values = np.nan_to_num(levels.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    values -= min(float(values.min(initial=0.0)), 0.0)
+    if mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        brightest = float(values.max(initial=0.0))
+        top = next((s for s in (1.0, 255.0, 65535.0, 2.0 ** 32 - 1) if brightest <= s), brightest)
+    return np.clip(values / top, 0.0, 1.0).astype(np.float32)
 
 
 def to_ink(gray: np.ndarray) -> np.ndarray:

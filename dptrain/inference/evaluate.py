@@ -81,20 +81,26 @@ def _from_checkpoint(found, why: str = "") -> Loaded:
 
 
 def _load_file(path: Path, activation: str | None) -> Loaded:
-    """A model.pt: its run's, when it is RUN/model.pt beside RUN/config.toml; else bare."""
+    """A model.pt: its run's, when it is RUN/model.pt beside RUN/config.toml; else bare.
+
+    The file may come from anyone: it is loaded (weights_only, a bounded archive) only into a
+    model this machine has room for, and must hold exactly that model's tensors, all finite.
+    """
+    from dptrain.components.memory import available_bytes, estimate_memory, require_memory
     from dptrain.components.model import MLP
-    from dptrain.storage.safeload import first_line, torch_load
+    from dptrain.storage.safeload import ARCHIVE_OVERHEAD, torch_load
+    from dptrain.storage.statecheck import StateMismatch, check_state, tensor_bytes
 
     if path.suffix != ".pt":
         raise UserError(f"{path} is a file, not a run folder or a .pt model file; give {SOURCES}")
     config_file = path.parent / CONFIG
+    state = None
     if path.name == MODEL and config_file.exists():
         if activation is not None:
             raise UserError(f"--activation is for a model.pt without its run's {CONFIG}; "
                             f"{config_file} names the activation")
         config = build_config(read_toml(config_file), source=str(config_file))
-        state = torch_load(path)  # weights_only; refused or corrupt: one line
-        what = f"the run's model"
+        what = f"the model of {CONFIG} (hidden {list(config.model.hidden)})"
     else:
         if activation is None:
             raise UserError(f"{path}: no run's {CONFIG} beside it names the activation its model "
@@ -102,14 +108,22 @@ def _load_file(path: Path, activation: str | None) -> Loaded:
         if activation not in ACTIVATIONS:
             raise UserError(f"--activation: expected one of {', '.join(ACTIVATIONS)}, got "
                             f"{activation!r}")
-        state = torch_load(path)
+        # Its widths come from its tensors: the file bounds them (no record may declare more
+        # than it holds), and the memory this machine has free.
+        state = torch_load(path, max_bytes=available_bytes() or path.stat().st_size)
         config = Config(model=ModelConfig(hidden=_widths(state, path), activation=activation))
         what = "a model"
+    require_memory(estimate_memory(config, per_rank_batch=0, training=False), config,
+                   what=str(path))
     model = MLP(config.model.hidden, config.model.activation)
+    expected = model.state_dict()
+    if state is None:
+        state = torch_load(path, max_bytes=tensor_bytes(expected) + ARCHIVE_OVERHEAD)
     try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, KeyError, AttributeError) as e:  # another shape, not a state
-        raise UserError(f"{path}: cannot load it into {what} ({first_line(e)})") from None
+        check_state(state, expected)
+    except StateMismatch as e:  # another shape (config.toml edited?), NaN, not a state
+        raise UserError(f"{path}: cannot load it into {what}: {e.problem}") from None
+    model.load_state_dict(state)
     widths = "-".join(map(str, (784, *config.model.hidden, 10)))
     return Loaded(model.eval(), config, f"{path} ({widths}, {config.model.activation})")
 

@@ -27,13 +27,19 @@ from typing import Any
 from dptrain.config import Config
 from dptrain.errors import UserError
 from dptrain.storage.manifest import InvalidManifest, check_manifest, check_plan
-from dptrain.storage.runlog import CHECKPOINTS, SUMMARY, StorageError, storage_error, write_atomic
+from dptrain.storage.runlog import (CHECKPOINTS, StorageError, finished_epoch, storage_error,
+                                    write_atomic)
 
 META = "meta.json"
 _FOLDER = re.compile(r"epoch-(\d+)")
+_TMP_FOLDER = re.compile(r"\.epoch-(\d+)\.tmp")
 # RUN/checkpoints/best/epoch-NNNN/: the best epoch's checkpoint (--keep-best), a complete one
 # like the others, outside the --keep rotation; its folder name says which epoch it is.
 BEST = "best"
+# meta.json may hold at most this much (a 1-epoch manifest has ~15 KB: config, RNG states,
+# one record per epoch, which other modules may extend a little) and nest this deep (~5).
+MANIFEST_BYTES, MANIFEST_BYTES_PER_EPOCH, MANIFEST_MAX_BYTES = 1 << 20, 16 << 10, 64 << 20
+MANIFEST_DEPTH = 32
 # Flags that may differ from the checkpoint's config on --resume: they change where and how the
 # run goes on, not what it computes (nproc may change the lr; the worker checks the plan).
 # zero: ZeRO's parameters equal plain ddp's bit for bit (tests/test_ddp_knobs.py), and its
@@ -64,6 +70,26 @@ class Checkpoint:
         return self.meta["metrics"]
 
 
+def stray_entries(run_dir: Path) -> list[str]:
+    """Entries of RUN/checkpoints (and of its best/) named as a checkpoint folder (epoch-NNNN,
+    its temporary .epoch-NNNN.tmp, or best) that are not real folders: a file, a symbolic link
+    or anything else would fail the checkpoint of that epoch only when training reached it.
+    One phrase per entry."""
+    root = Path(run_dir) / CHECKPOINTS
+    stray = []
+    for folder in (root, root / BEST):
+        if folder.is_symlink() or not folder.is_dir():
+            continue  # checkpoints/ itself is RunLog's to check; best/ is said below
+        for entry in sorted(folder.iterdir()):
+            named = (_FOLDER.fullmatch(entry.name) or _TMP_FOLDER.fullmatch(entry.name)
+                     or (folder == root and entry.name == BEST))
+            if named and entry.is_symlink():
+                stray.append(f"{entry} is a symbolic link")
+            elif named and not entry.is_dir():
+                stray.append(f"{entry} is a file, not a folder")
+    return stray
+
+
 def folder_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
@@ -80,33 +106,62 @@ def _folders(run_dir: Path, *, best: bool = False) -> list[Path]:
 def verify(path: Path) -> dict[str, Any]:
     """The manifest of a complete checkpoint folder; CheckpointError saying what is wrong.
 
-    Nothing in the folder is trusted: the whole manifest is checked (manifest.py), every file
-    it lists must match its size and SHA-256, and an fsdp checkpoint's `.metadata` must
+    Nothing in the folder is trusted: meta.json is read only as a regular file of bounded size
+    and depth, the whole manifest is checked (manifest.py), every file it lists must be a
+    regular file matching its size and SHA-256, and an fsdp checkpoint's `.metadata` must
     unpickle through the allowlist of DCP's classes (safedcp.py).
     """
+    from dptrain.storage.safeload import LoadError
+
     path = Path(path)
-    try:
-        meta = json.loads((path / META).read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"no readable {META} (incomplete or corrupt)") from None
+    meta = _read_manifest(path)
     try:
         check_manifest(meta, path.name)
     except InvalidManifest as e:
         raise CheckpointError(f"{META} {e}") from None
     for name, (size, digest) in meta["files"].items():
         file = path / name
-        if not file.is_file():
+        if not os.path.lexists(file):
             raise CheckpointError(f"{name} is missing")
-        if file.stat().st_size != size or _sha256(file) != digest:
+        try:
+            matches = _matches(file, size, digest)
+        except LoadError as e:
+            raise CheckpointError(str(e)) from None
+        if not matches:
             raise CheckpointError(f"{name} does not match its checksum (corrupt)")
     if meta["format"] == "dcp":
         from dptrain.storage.safedcp import read_dcp_metadata
-        from dptrain.storage.safeload import LoadError
 
         try:
             read_dcp_metadata(path, {name: size for name, (size, _) in meta["files"].items()})
         except LoadError as e:
             raise CheckpointError(str(e)) from None
+    return meta
+
+
+def _read_manifest(path: Path) -> Any:
+    """meta.json of checkpoint folder `path`, parsed: a regular file (never a link, a FIFO or
+    a device), of at most MANIFEST_BYTES plus MANIFEST_BYTES_PER_EPOCH for each epoch its
+    folder's name gives, nested at most MANIFEST_DEPTH deep; CheckpointError if not."""
+    from dptrain.storage.safeload import LoadError, nesting_depth, read_bounded
+
+    epochs = int(_FOLDER.fullmatch(path.name)[1]) if _FOLDER.fullmatch(path.name) else 0
+    limit = min(MANIFEST_BYTES + MANIFEST_BYTES_PER_EPOCH * epochs, MANIFEST_MAX_BYTES)
+    try:
+        text = read_bounded(path / META, limit, follow_links=False, shown_as=META)
+    except LoadError as e:
+        if not os.path.lexists(path / META):
+            raise CheckpointError(f"no readable {META} (incomplete or corrupt)") from None
+        raise CheckpointError(str(e)) from None
+    try:
+        meta = json.loads(text)
+    except RecursionError:
+        meta = None
+    except ValueError:
+        raise CheckpointError(f"no readable {META} (incomplete or corrupt)") from None
+    if meta is None or nesting_depth(meta) > MANIFEST_DEPTH:
+        raise CheckpointError(f"{META} is nested more than {MANIFEST_DEPTH} levels deep, which "
+                              "dptrain never writes")
     return meta
 
 
@@ -136,10 +191,7 @@ def _trial_restore(path: Path, meta: dict[str, Any], n_train: int) -> dict[str, 
     import torch
 
     from dptrain.config import build_config, resolve
-    from dptrain.components.model import MLP
     from dptrain.storage.safeload import LoadError, first_line
-    from dptrain.distributed.strategy import STATE_LOADERS, check_ddp_state
-    from dptrain.components.step import make_optimizer
 
     config = build_config(meta["config"])
     try:
@@ -147,18 +199,17 @@ def _trial_restore(path: Path, meta: dict[str, Any], n_train: int) -> dict[str, 
     except InvalidManifest as e:
         raise CheckpointError(f"{META} {e}") from None
     plan = resolve(config, mode=meta["mode"], world_size=meta["world_size"], n_train=n_train)
-    model = MLP(config.model.hidden, config.model.activation, config.train.loss)
-    optimizer = make_optimizer(config.optim, model.parameters(), plan.lr_at(0))
     try:
-        state = STATE_LOADERS[meta["format"]](model, optimizer, path, torch.device("cpu"))
-    except LoadError as e:
-        raise CheckpointError(str(e)) from None
-    if meta["mode"] == "ddp":
-        try:  # what ddp's knobs keep beside the model and optimizer (PowerSGD's error, ...)
-            check_ddp_state(state, config.ddp, model, optimizer, meta["step"], meta["world_size"])
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
-            raise CheckpointError(f"state.pt: not the state of its ddp knobs "
-                                  f"({type(e).__name__}: {first_line(e)})") from None
+        model, optimizer = _spare_model(config, plan.lr_at(0), what=str(path))
+        load_state(meta["format"], model, optimizer, path, torch.device("cpu"))
+        if meta["mode"] == "ddp":  # what ddp's knobs keep beside (PowerSGD's error, ...)
+            from dptrain.distributed.strategy import load_knob_state
+
+            load_knob_state(path, torch.device("cpu"), config.ddp, model, optimizer,
+                            meta["world_size"], step=meta["step"])
+    except LoadError as e:  # named within the folder: the caller names the folder
+        text = str(e).removeprefix(f"{path}/").removeprefix(f"{path}: ")
+        raise CheckpointError(text) from None
     _check_optimizer(optimizer, meta, plan.lr_at(meta["step"] - 1))
     try:
         _parse_rng(meta["rng"], spare=True)
@@ -166,6 +217,26 @@ def _trial_restore(path: Path, meta: dict[str, Any], n_train: int) -> dict[str, 
         raise CheckpointError(f"{META} rng: not the generator states it should be "
                               f"({type(e).__name__}: {first_line(e)})") from None
     return meta
+
+
+def _spare_model(config: Config, lr: float, *, what: str):
+    """A CPU model and optimizer of `config`, to load a checkpoint into; memory.OutOfMemory
+    first if this machine has no room for them."""
+    from dptrain.components.memory import estimate_memory, require_memory
+    from dptrain.components.model import MLP
+    from dptrain.components.step import make_optimizer
+
+    require_memory(estimate_memory(config, per_rank_batch=0), config, what=what)
+    model = MLP(config.model.hidden, config.model.activation, config.train.loss)
+    return model, make_optimizer(config.optim, model.parameters(), lr)
+
+
+def load_state(checkpoint_format: str, model, optimizer, path: Path, device) -> None:
+    """A checkpoint folder's state into `model` and `optimizer`, every tensor and setting
+    checked against theirs first (strategy.STATE_LOADERS); safeload.LoadError if refused."""
+    from dptrain.distributed.strategy import STATE_LOADERS
+
+    STATE_LOADERS[checkpoint_format](model, optimizer, path, device)
 
 
 def _check_optimizer(optimizer, meta: dict[str, Any], lr: float) -> None:
@@ -260,7 +331,18 @@ def _not_there(path: Path) -> str:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _matches(path: Path, size: int, digest: str) -> bool:
+    """A regular file (never through a link) of `size` bytes and this SHA-256, read in blocks
+    only when the size matches; safeload.LoadError if it is no regular file."""
+    from dptrain.storage.safeload import open_regular
+
+    with open_regular(path, follow_links=False, shown_as=path.name) as f:
+        return (os.fstat(f.fileno()).st_size == size
+                and hashlib.file_digest(f, "sha256").hexdigest() == digest)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -487,7 +569,9 @@ def resume_config(mode: str, run_dir: Path, flags: dict[str, Any]) -> Config:
     if config.train.epochs < found.epoch:
         raise UserError(f"--resume {run_dir}: its checkpoint is at epoch {found.epoch}; "
                         f"--epochs must be at least that, got {config.train.epochs}")
-    if (Path(run_dir) / SUMMARY).exists():
+    # A summary counts only if it is of this checkpoint: an extension that crashed kept the
+    # shorter run's summary beside the longer run's checkpoints.
+    if finished_epoch(Path(run_dir)) == found.epoch:
         from dptrain.components.best import early_stop_reason
 
         if config.train.epochs == found.epoch:
@@ -543,30 +627,18 @@ def export(source: Path, out: Path) -> Checkpoint:
 def model_of(checkpoint: Checkpoint):
     """A plain MLP (CPU) with a checkpoint's parameters.
 
-    The checkpoint is loaded into a fresh MLP of its config (an fsdp one without a process
-    group: DCP reads every shard into the full tensors), so only a model of that shape is
-    ever made; anything refused or unloadable is one line (safeload.LoadError).
+    The checkpoint is loaded, with the checks of a resume, into a fresh MLP and optimizer of
+    its config (an fsdp one without a process group: DCP reads every shard into the full
+    tensors), so only a finite model of that shape is ever made; anything refused or
+    unloadable is one line (safeload.LoadError).
     """
+    import torch
+
     from dptrain.config import build_config
-    from dptrain.components.model import MLP
-    from dptrain.storage.safeload import LoadError, first_line, torch_load
-    from dptrain.distributed.strategy import STATE_FILE
 
-    shape = build_config(checkpoint.meta["config"]).model
-    model = MLP(shape.hidden, shape.activation)
-    if checkpoint.meta["format"] == "dcp":
-        from dptrain.storage.safedcp import dcp_load
-
-        state = {"model": model.state_dict()}
-        dcp_load(state, checkpoint.path)
-        model.load_state_dict(state["model"])
-    else:
-        saved = torch_load(checkpoint.path / STATE_FILE)
-        try:
-            model.load_state_dict(saved["model"])
-        except (KeyError, TypeError, IndexError, RuntimeError) as e:
-            raise LoadError(f"{checkpoint.path / STATE_FILE}: not the state of this run's model "
-                            f"({type(e).__name__}: {first_line(e)})") from None
+    config = build_config(checkpoint.meta["config"])
+    model, optimizer = _spare_model(config, config.optim.lr, what=str(checkpoint.path))
+    load_state(checkpoint.meta["format"], model, optimizer, checkpoint.path, torch.device("cpu"))
     return model
 
 

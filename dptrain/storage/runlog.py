@@ -9,8 +9,10 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -23,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from dptrain.config import RESOLVED_SECTION
 from dptrain.errors import UserError
 
 SUMMARY = "summary.json"
@@ -129,7 +132,8 @@ def default_out_dir(mode: str) -> Path:
 
 
 def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse to write over a finished run unless forced; a folder without summary.json is reused."""
+    """Refuse what a fresh run in `out` must not replace: a finished or an unfinished run unless
+    forced, and, forced or not, anything there that dptrain did not write (foreign_files)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     if (out / SUMMARY).exists() and not force:
@@ -139,6 +143,127 @@ def check_out_dir(out: Path, force: bool) -> None:
             p.name.startswith("epoch-") for p in (out / CHECKPOINTS).iterdir()):
         raise UserError(f"--out {out} holds the checkpoints of an unfinished run; continue it "
                         f"with --resume {out} (or --resume auto), or pass --force to start over")
+    foreign = foreign_files(out, force)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UserError(f"--out {out} holds {', '.join(foreign[:3])}{more}, which dptrain did "
+                        "not write; a run replaces only an earlier run's files, even with "
+                        "--force: move them away, or choose another folder")
+
+
+# What a fresh run replaces or deletes in its folder: these files, and checkpoints/.
+_REPLACED = (CONFIG, METRICS, SUMMARY, STOPPED, MODEL)
+# A checkpoint folder's name, and that of its temporary folder (a crash mid-write leaves it).
+_CHECKPOINT_NAME = re.compile(r"epoch-\d+")
+_CHECKPOINT_TMP = re.compile(r"\.epoch-\d+\.tmp")
+BEST = "best"  # checkpoints/best/epoch-NNNN/: the best epoch's checkpoint (--keep-best)
+_MANIFEST_KEYS = {"epoch", "mode", "world_size", "config"}  # what every dptrain meta.json holds
+_MANIFEST_BYTES = 64 << 20  # far above a manifest's size (its metrics grow ~300 B an epoch)
+
+
+def foreign_files(out: Path, force: bool) -> list[str]:
+    """What a fresh run would replace or delete in `out` that no dptrain run wrote there.
+
+    dptrain's are: config.toml holding a run's [resolved] section; beside it, metrics.jsonl,
+    summary.json, stopped.json and model.pt; and in checkpoints/ and checkpoints/best/,
+    epoch-NNNN folders with a dptrain manifest and the temporary ones of a crashed write.
+    Links count as foreign (nothing is written through one), but for a linked checkpoints/
+    under --force: the link goes, never what it points to.
+    """
+    foreign = []
+    ours = _is_run_config(out / CONFIG)
+    for name in _REPLACED:
+        path = out / name
+        if os.path.lexists(path) and not (ours and _regular(path)):
+            foreign.append(name)
+    checkpoints = out / CHECKPOINTS
+    if checkpoints.is_symlink():
+        if not force:
+            foreign.append(f"{CHECKPOINTS} (a symbolic link)")
+    elif os.path.lexists(checkpoints):
+        foreign += _foreign_checkpoints(checkpoints, CHECKPOINTS, best=True)
+    return foreign
+
+
+def _foreign_checkpoints(folder: Path, name: str, *, best: bool) -> list[str]:
+    """What in a checkpoints folder (`name` relative to the run) is not a dptrain checkpoint."""
+    if not _real_dir(folder):
+        return [name]
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if best and entry.name == BEST and _real_dir(entry):
+            foreign += _foreign_checkpoints(entry, f"{name}/{BEST}", best=False)
+        elif not (_real_dir(entry) and (_CHECKPOINT_TMP.fullmatch(entry.name) or (
+                _CHECKPOINT_NAME.fullmatch(entry.name) and _is_manifest(entry / "meta.json")))):
+            foreign.append(f"{name}/{entry.name}")
+    return foreign
+
+
+def _regular(path: Path) -> bool:
+    """A regular file, not a link to one (nor a FIFO, a device, ...)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_small(path: Path, limit: int) -> bytes | None:
+    """A regular file's bytes if it has at most `limit`; None for anything else (a link, a
+    FIFO, a folder, a larger file, an unreadable one). Never blocks, never follows a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return None
+        data = f.read(limit + 1)
+    return data if len(data) <= limit else None
+
+
+def _is_run_config(path: Path) -> bool:
+    """config.toml as a run writes it: a TOML file with the run's [resolved] section."""
+    import tomllib
+
+    data = read_small(path, 1 << 20)
+    try:
+        resolved = tomllib.loads(data.decode()).get(RESOLVED_SECTION) if data else None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
+        return False
+    return isinstance(resolved, dict) and "mode" in resolved
+
+
+def _is_manifest(path: Path) -> bool:
+    """A checkpoint manifest as dptrain writes it (its keys, not its soundness: a damaged
+    checkpoint of dptrain's is still dptrain's to replace)."""
+    data = read_small(path, _MANIFEST_BYTES)
+    try:
+        meta = json.loads(data) if data else None
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and _MANIFEST_KEYS <= meta.keys()
+
+
+def finished_epoch(out: Path) -> int | None:
+    """The last epoch the finished run in `out` trained (its summary.json: epochs_trained, or
+    epochs where an older summary has no such key); None if it has no summary."""
+    data = read_small(Path(out) / SUMMARY, 1 << 20)
+    try:
+        summary = json.loads(data) if data else None
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(summary, dict):
+        return None
+    epoch = summary.get("epochs_trained", summary.get("epochs"))
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def write_atomic(path: Path, write) -> None:
@@ -204,8 +329,9 @@ class RunLock:
     holder's pid. The kernel drops the lock when the holder's process ends, by SIGKILL too, so
     a killed run never blocks the next one; the file itself stays (deleting it would race)."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, kind: str = "run"):
         self.out = Path(out)
+        self.kind = kind  # what holds the folder, for the message of the one refused: run, sweep
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -226,7 +352,8 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UserError(f"--out {self.out} is in use by another run ({self._holder()}); "
+            kind, holder = self._holder()
+            raise UserError(f"--out {self.out} is in use by another {kind} ({holder}); "
                             "wait for it to end, or choose another folder") from None
         except OSError as e:  # a file system without locks (some NFS set-ups): go on unlocked
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
@@ -234,7 +361,7 @@ class RunLock:
                 raise
         self._fd = fd
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kind": self.kind}
         try:
             with storage_errors(path):
                 os.ftruncate(fd, 0)
@@ -248,15 +375,17 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def _holder(self) -> str:
-        """Who holds the lock, from the file it writes just after taking it."""
+    def _holder(self) -> tuple[str, str]:
+        """What holds the lock (run, sweep) and who, from the file it writes just after taking
+        it."""
         for _ in range(40):
             try:
-                holder = json.loads((self.out / LOCK).read_text())
-                return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
-            except (OSError, ValueError, KeyError, TypeError):
+                holder = json.loads(read_small(self.out / LOCK, 4096) or b"")
+                return (str(holder.get("kind", "run")),
+                        f"pid {holder['pid']} on {holder['host']}, since {holder['since']}")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 time.sleep(0.05)  # taken a moment ago: the pid is on its way
-        return "its pid is not recorded"
+        return "run", "its pid is not recorded"
 
 
 class RunLog:
@@ -281,9 +410,11 @@ class RunLog:
                             "inside the run folder; move the checkpoints into it, or pass "
                             "--force to start over")
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in (SUMMARY, MODEL, STOPPED):  # a rerun must not leave old results behind
-            (self.out / stale).unlink(missing_ok=True)
-        if not records:  # a fresh start (forced, if there were any): no old checkpoint may count
+        (self.out / STOPPED).unlink(missing_ok=True)  # the last attempt's; this one goes on
+        if not records:  # a fresh start (forced, if there were any): no old result may count
+            # check_out_dir has made sure that all of these are an earlier run's.
+            for stale in (SUMMARY, MODEL):
+                (self.out / stale).unlink(missing_ok=True)
             if checkpoints.is_symlink():
                 checkpoints.unlink()  # the link, never what it points to
             shutil.rmtree(checkpoints, ignore_errors=True)
@@ -332,12 +463,18 @@ class RunLog:
             self.console.print(f"epoch {record['epoch']:>4}  {text}")
 
     def finish(self, summary: dict[str, Any], state_dict: dict) -> None:
-        """Write model.pt, then summary.json (its presence marks the run finished)."""
+        """Write model.pt, then summary.json (its presence marks the run finished).
+
+        A resumed run that extends a finished one kept that run's model.pt and summary.json
+        until now: its summary goes first, so that a summary always describes the model.pt
+        beside it (a crash in between leaves an unfinished run, which --resume finishes).
+        """
         if not self.active:
             return
         import torch
 
         self.close()
+        (self.out / SUMMARY).unlink(missing_ok=True)
         write_atomic(self.out / MODEL, lambda f: torch.save(state_dict, f))
         write_summary(self.out, summary)
         self.console.print(summary_table(summary))

@@ -12,7 +12,10 @@ Imported only for fsdp checkpoints: DCP takes ~0.5 s to import.
 
 from __future__ import annotations
 
+import copy
 import functools
+import io
+import math
 import os
 import pathlib
 import pickle
@@ -27,9 +30,16 @@ from torch.distributed.checkpoint import filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from dptrain.storage.safeload import LoadError, first_line, weights_only_reason
+from dptrain.storage.safeload import (LoadError, check_archive, first_line, open_regular,
+                                      read_bounded, weights_only_reason)
+from dptrain.storage.statecheck import StateMismatch, check_tensor, check_value
 
 DCP_METADATA = ".metadata"  # DCP's own name for it (filesystem._metadata_fn)
+# Bounds on what DCP may read: `.metadata` (a few KB for dptrain's models; entries grow with
+# the ranks and tensors), and beyond its tensor's bytes, each stored item's torch.save archive
+# (~1.2 KB each; a non-tensor item, such as an lr, is all overhead).
+METADATA_LIMIT = 16 << 20
+ITEM_OVERHEAD = 64 << 10
 
 
 # The classes of DCP's metadata: a pickle may build (BUILD) instances of these only.
@@ -90,9 +100,9 @@ def read_dcp_metadata(folder: Path, sizes: dict[str, int]) -> dcp_metadata.Metad
     """The checkpoint's `.metadata`, unpickled through the allowlist and checked: only DCP's
     metadata classes, with shard files among `sizes` (name -> bytes) and within them."""
     path = Path(folder) / DCP_METADATA
+    data = read_bounded(path, METADATA_LIMIT, follow_links=False)
     try:
-        with open(path, "rb") as f:
-            found = _MetadataUnpickler(f).load()
+        found = _MetadataUnpickler(io.BytesIO(data)).load()
     except LoadError as e:
         raise LoadError(f"{path}: refused: {e}") from None
     except Exception as e:  # any damage a pickle can hold: only allowlisted code has run
@@ -222,12 +232,29 @@ class _SafePlanner(DefaultLoadPlanner):
 def dcp_load(state: dict[str, Any], folder: Path) -> None:
     """dcp.load of `folder` into `state`, in place; LoadError in one line if it fails.
 
-    Without a process group, it reads every shard into the full tensors of `state`."""
+    `state` is also what the checkpoint must hold (for a model and optimizer, get_state_dict's,
+    whose optimizer state is initialized): before anything is read, each of its tensors must
+    be stored with the same global shape and dtype, in chunks that tile it, each in a bounded,
+    uncompressed archive; after, every setting must be what it was (the lr aside: see
+    statecheck.RUNNING) and every tensor finite. Without a process group, it reads every shard
+    into the full tensors of `state`.
+    """
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
     from torch.distributed.checkpoint.api import CheckpointException
 
     folder = Path(folder)
     sizes = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
-    reader = _SafeReader(folder, read_dcp_metadata(folder, sizes))
+    checked = read_dcp_metadata(folder, sizes)
+    expected, _ = flatten_state_dict(state)
+    settings = {key: copy.deepcopy(value) for key, value in expected.items()
+                if not isinstance(value, torch.Tensor)}
+    try:
+        for key, value in expected.items():
+            _check_item(key, value, checked.state_dict_metadata.get(key))
+        _check_archives(folder, checked, expected)
+    except LoadError as e:
+        raise LoadError(f"{folder}: {e}") from None
+    reader = _SafeReader(folder, checked)
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
             warnings.simplefilter("ignore", UserWarning)
@@ -241,3 +268,67 @@ def dcp_load(state: dict[str, Any], folder: Path) -> None:
             raise LoadError(text if text.startswith(str(folder)) else f"{folder}: {text}") from None
         raise LoadError(f"{folder}: cannot load it ({type(cause).__name__}: "
                         f"{first_line(cause)})") from None
+    loaded, _ = flatten_state_dict(state)
+    try:
+        for key, value in loaded.items():
+            if key in settings:
+                check_value(value, settings[key], key)
+            else:
+                check_tensor(value, expected[key], key)
+    except LoadError as e:
+        raise LoadError(f"{folder}: {e}") from None
+
+
+def _check_item(key: str, value: Any, item: Any) -> None:
+    """The checkpoint stores `key` as `value` needs: a tensor of its global shape and dtype,
+    tiled by its chunks, or a plain item."""
+    if item is None:
+        raise StateMismatch(f"it lacks {key}, which the run's config needs")
+    if not isinstance(value, torch.Tensor):
+        if type(item) is not dcp_metadata.BytesStorageMetadata:
+            raise StateMismatch(f"{key} is stored as a tensor, where the run has a "
+                                "setting")
+        return
+    if type(item) is not dcp_metadata.TensorStorageMetadata:
+        raise StateMismatch(f"{key} is not stored as a tensor")
+    dtype = item.properties.dtype
+    if tuple(item.size) != tuple(value.shape) or dtype != value.dtype:
+        raise StateMismatch(f"{key} is a {_name(dtype)} tensor of shape "
+                            f"{list(item.size)}, where the run's config gives "
+                            f"{_name(value.dtype)} {list(value.shape)}")
+    inside = all(o + n <= s for c in item.chunks for o, n, s in zip(c.offsets, c.sizes, item.size))
+    if not inside or sum(math.prod(c.sizes) for c in item.chunks) != math.prod(item.size):
+        raise StateMismatch(f"the chunks of {key} do not tile its shape "
+                            f"{list(item.size)}")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_archives(folder: Path, checked: dcp_metadata.Metadata,
+                    expected: dict[str, Any]) -> None:
+    """Each item that will be read is a torch.save archive that torch.load reads within its
+    bytes: its tensor chunk's, plus ITEM_OVERHEAD (check_archive)."""
+    items = checked.state_dict_metadata
+    for index, where in checked.storage_data.items():
+        if index.fqn not in expected:
+            continue  # never read
+        limit = ITEM_OVERHEAD
+        item = items[index.fqn]
+        if type(item) is dcp_metadata.TensorStorageMetadata:
+            chunk = next((c for c in item.chunks if c.offsets == index.offset), None)
+            if chunk is None:
+                raise StateMismatch(f"{index.fqn} is stored at offsets "
+                                    f"{index.offset!r}, which no chunk has")
+            limit += math.prod(chunk.sizes) * item.properties.dtype.itemsize
+        if where.length > limit:
+            raise LoadError(f"{where.relative_path}: refused: {index.fqn} takes {where.length:,} "
+                            f"bytes, more than the {limit:,} it can need")
+        with open_regular(folder / where.relative_path, follow_links=False) as f:
+            f.seek(where.offset)
+            data = f.read(where.length)
+        try:
+            check_archive(io.BytesIO(data), len(data), limit)
+        except LoadError as e:
+            raise LoadError(f"{where.relative_path}: {index.fqn}: {e}") from None

@@ -112,21 +112,17 @@ def build_matrix(runs: list[dict]) -> list[dict[str, Any]]:
     are not rows)."""
     import torch
 
-    from dptrain.storage.safeload import torch_load
-
     plain = [r for r in runs if not knob_values(r["config"])]
     references = {computation(r["config"]): r for r in plain if r["row"]["mode"] == "seq"}
     models: dict[Path, dict] = {}
 
     def model(run):
         if run["folder"] not in models:
-            models[run["folder"]] = torch_load(run["folder"] / "model.pt")
+            models[run["folder"]] = load_model_state(run)
         return models[run["folder"]]
 
     def difference(run, ref) -> tuple[float, float, bool]:
-        a, b = model(run), model(ref)
-        if list(a) != list(b) or any(a[k].shape != b[k].shape for k in a):
-            raise UserError(f"{run['folder']}: its model.pt is not shaped as its reference's")
+        a, b = model(run), model(ref)  # the same computation: the same model shape
         deltas = [(a[k].double() - b[k].double()) for k in a]
         largest = max(float(d.abs().max()) for d in deltas)
         norm = sum(float((b[k].double() ** 2).sum()) for k in b) ** 0.5
@@ -178,6 +174,24 @@ def build_matrix(runs: list[dict]) -> list[dict[str, Any]]:
                         "global batch and seed (sweep with the seq reference, or add a seq "
                         "sweep's folder)")
     return rows
+
+
+def load_model_state(run: dict) -> dict:
+    """A run's model.pt, checked against the model its config.toml describes (weights_only,
+    bounded, finite: storage/statecheck.py); safeload.LoadError in one line if not."""
+    from dptrain.components.model import MLP
+    from dptrain.storage.safeload import ARCHIVE_OVERHEAD, LoadError, torch_load
+    from dptrain.storage.statecheck import check_state, tensor_bytes
+
+    shape = run["config"]["model"]
+    expected = MLP(tuple(shape["hidden"]), shape["activation"]).state_dict()
+    path = run["folder"] / "model.pt"
+    state = torch_load(path, max_bytes=tensor_bytes(expected) + ARCHIVE_OVERHEAD)
+    try:
+        check_state(state, expected)
+    except LoadError as e:
+        raise LoadError(f"{path}: {e}") from None
+    return state
 
 
 def ms_per_update(run: dict) -> float | None:

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from dptrain.errors import UserError
-from dptrain.storage.runlog import METRICS, SUMMARY
-from dptrain.study.sweep import read_sweep
+from dptrain.storage.runlog import METRICS, SUMMARY, write_atomic
+from dptrain.study.sweep import check_relative, read_sweep
 
 FIGURES = ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png")
 
@@ -122,8 +122,8 @@ def report(sweep_dir: Path) -> list[Path]:
     plt = _pyplot()
     if meta.get("vary"):
         return grid_figures(plt, ok, modes, [v["key"] for v in meta["vary"]], sweep_dir)
-    runs = [(f"{r['mode']} x{r['nproc']}, lr={r['lr']:.3g}", *read_run(sweep_dir / r["run_dir"]))
-            for r in ok]
+    runs = [(f"{r['mode']} x{r['nproc']}, lr={r['lr']:.3g}",
+             *read_run(sweep_dir / check_relative(r["run_dir"], "run_dir"))) for r in ok]
     paths = []
     for name, with_loss in (("loss.png", True), ("val_accuracy.png", False)):
         fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
@@ -395,10 +395,15 @@ def _baseline(rows: list[dict], sweep_dir: Path) -> tuple[float | None, int | No
 
 
 def _save(fig, plt, out: Path) -> Path:
+    """Write the figure (its format from the suffix, PNG without one) as a new file renamed into
+    place: a link at `out` is replaced, never written through."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        write_atomic(out, lambda f: fig.savefig(f, format=out.suffix[1:].lower() or "png",
+                                                dpi=110))
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -15,7 +15,9 @@ import io
 import itertools
 import json
 import platform
+import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,7 +31,8 @@ from rich.markup import escape
 from dptrain.config import (Config, ConfigError, DDPConfig, build_config, cpu_cores, ddp_knobs,
                             ignored_by_mode, read_toml, section_of, to_toml)
 from dptrain.errors import UserError
-from dptrain.storage.runlog import METRICS, SUMMARY, write_atomic
+from dptrain.storage.runlog import (METRICS, SUMMARY, RunLock, read_small, storage_errors,
+                                    write_atomic)
 
 SWEEP_JSON = "sweep.json"
 SWEEP_CSV = "sweep.csv"
@@ -37,10 +40,10 @@ SWEEP_CONFIG = "sweep-config.toml"
 # A cell's seq reference, where the cell sets ddp's knobs: the same config without them.
 SEQ_CONFIG = "sweep-config-seq.toml"
 # The varied keys go after nproc, one column each.
-COLUMNS = ("mode", "nproc", "status", "threads", "grad_sync", "grad_compress",
-           "powersgd_warmup", "local_sgd", "local_sgd_warmup", "zero", "global_batch",
-           "updates_per_epoch", "lr", "epochs", "val_accuracy", "test_accuracy", "test_loss",
-           "train_seconds", "epoch_seconds", "wall_seconds", "speedup", "efficiency",
+COLUMNS = ("mode", "nproc", "status", "threads", "grad_sync", "global_batch", "accumulate",
+           "precision", "grad_compress", "powersgd_warmup", "local_sgd", "local_sgd_warmup", "zero",
+           "updates_per_epoch", "lr", "epochs", "val_accuracy", "test_accuracy",
+           "test_loss", "train_seconds", "epoch_seconds", "wall_seconds", "speedup", "efficiency",
            "wall_speedup", "wall_efficiency", "peak_rss_bytes", "param_bytes", "grad_bytes",
            "optimizer_bytes", "peak_gpu_bytes", "run_dir", "error")
 MEMORY_KEYS = ("peak_rss_bytes", "param_bytes", "grad_bytes", "optimizer_bytes",
@@ -52,10 +55,48 @@ DEFAULT_NPROCS = "1,2,4,6,8"
 COLON_VALUES = {"grad_compress"}
 NOT_VARIED = {"out": "the sweep names each run's folder", "nproc": "use --nproc"}
 INTERRUPTED = 130
+# A failed run that may well succeed when run again: --resume re-runs it, and the sweep is not
+# complete while one is recorded. (A run killed by a signal fails with a negative status.)
+TRANSIENT = ("is in use by another", "by signal", "no space left on device",
+             "disk quota exceeded")
+SWEEP_JSON_BYTES = 64 << 20  # far above a sweep's record (~1 kB a run)
+# Seconds a run stopped by the sweep (SIGTERM) has to stop its workers, before SIGKILL.
+STOP_SECONDS = 30
 
 
 class SweepInterrupted(Exception):
-    """Ctrl-C reached a run: the sweep stops after writing what it has."""
+    """Ctrl-C or SIGTERM reached the sweep: it stops after writing what it has."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+class _Stop:
+    """A stop asked for by a signal (stop_on_signal), and the run it must reach."""
+
+    signum: int | None = None
+    child: subprocess.Popen | None = None
+
+
+def stop_on_signal(signum: int, _frame) -> None:
+    """The sweep's handler of SIGTERM and SIGINT: the running run gets SIGTERM (it stops its
+    workers and says where it got), and the sweep stops once it has ended.
+
+    It raises nothing: raised in a handler, an exception can land in an at-fork callback of
+    the Popen that starts a run, where Python only prints it, and the sweep went on.
+    """
+    _Stop.signum = signum
+    child = _Stop.child
+    if child is not None and child.returncode is None:
+        child.send_signal(signal.SIGTERM)
+
+
+def _check_stop(name: str) -> None:
+    if _Stop.signum is not None:
+        what = ("was interrupted" if _Stop.signum == signal.SIGINT
+                else f"was stopped by signal {signal.Signals(_Stop.signum).name}")
+        raise SweepInterrupted(f"{name} {what}", _Stop.signum)
 
 
 @dataclass(frozen=True)
@@ -216,8 +257,7 @@ def check_sweep_dir(out: Path, force: bool) -> None:
     (its finished runs are refused one by one, as a run folder is, or kept by --resume)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    path = out / SWEEP_JSON
-    if path.exists() and json.loads(path.read_text()).get("complete") and not force:
+    if (out / SWEEP_JSON).exists() and read_sweep(out).get("complete") and not force:
         raise UserError(f"--out {out} already holds a finished sweep ({SWEEP_JSON}); choose "
                         "another folder, or pass --force to replace it")
 
@@ -226,24 +266,40 @@ def run_sweep(grid: Grid, config: Config, out: Path, *, force: bool = False,
               resume: bool = False, echo=print) -> list[dict[str, Any]]:
     """Run every cell's runs (seq first); write sweep.csv/json; return the rows.
 
-    resume: keep the runs that finished, continue the others from their checkpoints.
+    The sweep owns its folder while it runs (a lock, as a run owns its own), and writes only
+    regular files of its own there, never through a link. resume: keep the runs that
+    finished, continue the others from their checkpoints.
     """
     cells = grid.cells()
     configs = [cell_config(config, cell) for cell in cells]  # every bad value before any run
     check_modes(grid, configs)
-    if not resume:
-        check_sweep_dir(out, force)
-    out.mkdir(parents=True, exist_ok=True)
-    # The base config, for --resume; each cell's runs all read their cell's file.
-    (out / SWEEP_CONFIG).write_text(to_toml(replace(config, run=replace(config.run, out=""))))
-    plan = []
-    for cell, cell_cfg in zip(cells, configs):
-        folder = out / cell_name(cell)
-        folder.mkdir(exist_ok=True)
-        (folder / SWEEP_CONFIG).write_text(to_toml(cell_cfg))
-        if cell_cfg.ddp != DDPConfig():  # the seq reference is seq fp32, without ddp's knobs
-            (folder / SEQ_CONFIG).write_text(to_toml(replace(cell_cfg, ddp=DDPConfig())))
-        plan += [(cell, mode, n) for mode, n in grid.runs_per_cell()]
+    lock = RunLock(out, kind="sweep")
+    lock.acquire()  # creates the folder
+    try:
+        if not resume:
+            check_sweep_dir(out, force)
+        plan = [(cell, mode, n) for cell in cells for mode, n in grid.runs_per_cell()]
+        for cell, mode, nproc in plan:  # a link there would take the runs out of the folder
+            _own_folder(out, cell_name(cell))
+            _own_folder(out, _run_name(cell, mode, nproc))
+        # The base config, for --resume; each cell's runs all read their cell's file.
+        _write_text(out / SWEEP_CONFIG, to_toml(replace(config, run=replace(config.run, out=""))))
+        for cell, cell_cfg in zip(cells, configs):
+            folder = out / cell_name(cell)
+            with storage_errors(folder):
+                folder.mkdir(exist_ok=True)
+            _write_text(folder / SWEEP_CONFIG, to_toml(cell_cfg))
+            if cell_cfg.ddp != DDPConfig():  # the seq reference is seq fp32, without ddp's knobs
+                _write_text(folder / SEQ_CONFIG, to_toml(replace(cell_cfg, ddp=DDPConfig())))
+            else:  # one left by an earlier sweep in this folder would be the wrong config
+                with storage_errors(folder):
+                    (folder / SEQ_CONFIG).unlink(missing_ok=True)
+        return _run_plan(plan, grid, out, force=force, resume=resume, echo=echo)
+    finally:
+        lock.release()
+
+
+def _run_plan(plan, grid: Grid, out: Path, *, force: bool, resume: bool, echo) -> list[dict]:
     meta = {**grid.meta(), "complete": False, "cores": cpu_cores(), "host": platform.node()}
     write_results(out, [], grid, {**meta, "seconds": 0.0})  # --resume needs the plan at once
     started, rows = time.time(), []
@@ -255,9 +311,40 @@ def run_sweep(grid: Grid, config: Config, out: Path, *, force: bool = False,
             echo(f"sweep: {escape(name)}: {_outcome(rows[-1])}")
     finally:  # an interrupted sweep still leaves the rows it finished
         add_speedups(rows)
+        # Complete: every run has its final outcome (a transient failure is not one).
+        complete = len(rows) == len(plan) and not any(r.get("transient") for r in rows)
         write_results(out, rows, grid, {**meta, "seconds": time.time() - started,
-                                        "complete": len(rows) == len(plan)})
+                                        "complete": complete})
     return rows
+
+
+def _own_folder(out: Path, name: str) -> None:
+    """OUT/NAME may be the sweep's folder: a plain relative name, and a real folder where it
+    exists (not a link, nor a file)."""
+    check_relative(name, "a run's folder")
+    path = out
+    for part in name.split("/") if name else []:
+        path = path / part
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            what = "a symbolic link" if path.is_symlink() else "not a folder"
+            raise UserError(f"{path} is {what}: a sweep writes only inside its folder; move it "
+                            "away, or choose another --out")
+
+
+def check_relative(name: str, what: str) -> str:
+    """`name` as a path inside a sweep's folder: '' or one or two plain names joined by '/'
+    (CELL/MODE-N); a UserError for anything else (.., an absolute path, a NUL, ...)."""
+    parts = name.split("/") if isinstance(name, str) and name else []
+    if not isinstance(name, str) or len(parts) > 2 or any(
+            part in ("", ".", "..") or "\0" in part or "\\" in part for part in parts):
+        raise UserError(f"{what} {name!r} is not a plain name inside the sweep's folder "
+                        f"({SWEEP_JSON} damaged?)")
+    return name
+
+
+def _write_text(path: Path, text: str) -> None:
+    """A new regular file renamed into place: a link at `path` is replaced, never followed."""
+    write_atomic(path, lambda f: f.write(text.encode()))
 
 
 def _run_name(cell, mode: str, nproc: int) -> str:
@@ -281,15 +368,81 @@ def run_one(out: Path, cell, mode: str, nproc: int, *, force: bool, resume: bool
     argv += ["--nproc", str(nproc)] if mode != "seq" else []
     argv += ["--resume", "auto"] if resume else ["--force"] if force else []
     started = time.time()
-    with open(run_dir.parent / f"{mode}-{nproc}.log", "w") as log:
-        child = subprocess.run(argv, stdout=log, stderr=subprocess.PIPE, text=True)
-        log.write(child.stderr)
-    if child.returncode in (INTERRUPTED, -2):
+    _check_stop(name)
+    with _new_log(run_dir.parent / f"{mode}-{nproc}.log") as log:
+        child = subprocess.Popen(argv, stdout=log, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=_die_with_sweep(os.getpid()))
+        _Stop.child = child
+        try:
+            if _Stop.signum is not None:  # it came while the run was being started
+                child.terminate()
+            _, stderr = child.communicate()
+        except BaseException:  # a Ctrl-C in this process: the run stops too
+            _stop(child)
+            raise
+        finally:
+            _Stop.child = None
+        log.write(stderr)
+    _check_stop(name)
+    if child.returncode in (INTERRUPTED, -signal.SIGINT):
         raise SweepInterrupted(f"{name} was interrupted")
     if child.returncode != 0 or not (run_dir / SUMMARY).exists():
+        error = error_line(stderr, child.returncode)
         return {**row, "status": "failed", "wall_seconds": time.time() - started,
-                "error": error_line(child.stderr, child.returncode)}
+                "error": error, "transient": is_transient(child.returncode, error)}
     return {**row, **_finished(run_dir)}
+
+
+def is_transient(returncode: int, error: str) -> bool:
+    """A failure that running again may mend: the folder was in use, the run was killed or
+    stopped by a signal, the disk was full."""
+    return returncode < 0 or returncode > 128 or any(words in error for words in TRANSIENT)
+
+
+def _new_log(path: Path):
+    """A run's log, created anew: whatever was at `path` (an older log, a link) is unlinked
+    first, never written through."""
+    with storage_errors(path):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            raise UserError(f"{path} is not a file: a sweep writes its runs' logs there; move "
+                            "it away, or choose another --out")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o666)
+    return os.fdopen(fd, "w")
+
+
+def _die_with_sweep(sweep_pid: int):
+    """A preexec function: the child run gets SIGTERM when the sweep dies, by SIGKILL too
+    (Linux's PR_SET_PDEATHSIG); it then stops its workers as after a Ctrl-C."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded before the fork
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != sweep_pid:  # the sweep died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """End a run: SIGTERM, which stops its workers, then SIGKILL if it is still there."""
+    try:
+        child.terminate()
+        child.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    except BaseException:  # a second Ctrl-C: no more waiting
+        child.kill()
+        child.wait()
+        raise
 
 
 def _json_value(value: Any) -> Any:
@@ -366,8 +519,16 @@ def read_sweep(out: Path) -> dict:
     """sweep.json of a sweep; a folder without one is a UserError that says what it is."""
     out = Path(out)
     path = out / SWEEP_JSON
-    if path.exists():
-        return json.loads(path.read_text())
+    if os.path.lexists(path):
+        data = read_small(path, SWEEP_JSON_BYTES)
+        try:
+            meta = json.loads(data) if data is not None else None
+        except (ValueError, RecursionError):
+            meta = None
+        if not isinstance(meta, dict) or not isinstance(meta.get("runs", []), list):
+            raise UserError(f"{path}: not a sweep's record (a regular JSON file that "
+                            "`dptrain sweep` writes); damaged?")
+        return meta
     if (out / SUMMARY).exists():
         raise UserError(f"{out} is a training run, not a sweep; draw its curves with "
                         f"`dptrain plot {out}`")
@@ -377,7 +538,8 @@ def read_sweep(out: Path) -> dict:
 
 
 def grid_to_resume(out: Path) -> tuple[Grid, Config]:
-    """The grid and base config of the interrupted sweep in `out`, for `--resume`."""
+    """The grid and base config of the interrupted sweep in `out`, for `--resume`. Every value
+    from sweep.json is checked as the flags are: they name the files the sweep writes."""
     if not (out / SWEEP_JSON).exists() and (out / SUMMARY).exists():
         mode = json.loads((out / SUMMARY).read_text()).get("mode", "ddp")
         raise UserError(f"--resume {out}: a training run, not a sweep; continue a training run "
@@ -386,14 +548,29 @@ def grid_to_resume(out: Path) -> tuple[Grid, Config]:
     if meta.get("complete"):
         raise UserError(f"--resume {out}: this sweep is complete; nothing to resume (pass "
                         "--force with the sweep's flags to run it again)")
+    try:
+        modes, nprocs, vary = meta["modes"], meta["nprocs"], meta["vary"]
+        if not (all(isinstance(m, str) for m in modes) and isinstance(meta["with_seq"], bool)
+                and all(type(n) is int for n in nprocs)
+                and all(isinstance(t, str) for v in vary for t in v["values"])):
+            raise TypeError
+        grid = Grid(tuple(parse_modes(",".join(modes))), tuple(parse_nprocs(
+            ",".join(map(str, nprocs)))), tuple(parse_vary(f"{v['key']}=" + ":".join(v["values"]))
+                                                for v in vary), meta["with_seq"])
+    except (KeyError, TypeError, ConfigError) as e:
+        why = f": {e}" if isinstance(e, ConfigError) else ""
+        raise UserError(f"--resume {out}: {SWEEP_JSON} does not hold a sweep's plan{why}") from None
+    if (out / SWEEP_CONFIG).is_symlink():
+        raise UserError(f"--resume {out}: {SWEEP_CONFIG} is a symbolic link; a sweep reads and "
+                        "writes only its own files in its folder")
     config = build_config(read_toml(out / SWEEP_CONFIG), source=str(out / SWEEP_CONFIG))
-    axes = tuple(parse_vary(f"{v['key']}=" + ":".join(v["values"])) for v in meta["vary"])
-    return Grid(tuple(meta["modes"]), tuple(meta["nprocs"]), axes, meta["with_seq"]), config
+    return grid, config
 
 
 def _outcome(row: dict) -> str:
     if row["status"] != "ok":
-        return f"[red]failed[/]: {escape(row['error'])}"
+        again = " (--resume runs it again)" if row.get("transient") else ""
+        return f"[red]failed[/]: {escape(row['error'])}{again}"
     kept = " (finished before; kept)" if row.get("kept") else ""
     return (f"test accuracy {row['test_accuracy']:.4f}, train {row['train_seconds']:.1f} s, "
             f"wall {row['wall_seconds']:.1f} s{kept}")
