@@ -132,14 +132,17 @@ if wanted h; then
         knob=("${dptrain[@]}" sweep --config $cfg/h-knobs.toml --hidden "$hidden" --epochs "$ep" --force)
         step "h. section 5: hidden $hidden, $(epochs $ep): seq at seeds $seeds (the reference and its band)"
         "${knob[@]}" --mode seq --vary seed=$seeds --out "$dir/band"
-        step "h. ddp x $knob_nprocs: --grad-compress $compressions, --local-sgd $local_sgd, --zero"
+        step "h. ddp x $knob_nprocs: --grad-compress $compressions, --local-sgd $local_sgd, --zero, --accumulate, --precision"
         # --no-seq: the band sweep holds every cell's seq fp32 reference (seed 0)
         "${knob[@]}" --mode ddp --nproc "$knob_nprocs" --no-seq --vary grad_compress=$compressions --out "$dir/compress"
         knob_sweeps+=("$dir/band" "$dir/compress")
         if $more_knobs; then
             "${knob[@]}" --mode ddp --nproc "$knob_nprocs" --no-seq --vary local_sgd=$local_sgd --out "$dir/local-sgd"
             "${knob[@]}" --mode ddp --nproc "$knob_nprocs" --no-seq --vary zero=true --out "$dir/zero"
-            knob_sweeps+=("$dir/local-sgd" "$dir/zero")
+            # every mode's knobs: each cell's seq runs them too (a seq row of the matrix)
+            "${knob[@]}" --mode ddp --nproc "$knob_nprocs" --vary accumulate=1,4 \
+                --vary precision=fp32,bf16 --out "$dir/accumulate-precision"
+            knob_sweeps+=("$dir/local-sgd" "$dir/zero" "$dir/accumulate-precision")
         fi
     done
     step "h. the matrix: every knob against seq fp32"
