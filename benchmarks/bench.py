@@ -8,7 +8,8 @@ ratios the performance targets are stated in. CPU only, one thread per process:
   a  GEMM floor: the bare matrix products of one training epoch, in this process; beside it the
      eager-step floor: every operation of a step written out flat (step_ops.py), no autograd
   b  `dptrain seq` (default config, 25 epochs)
-  c  the tutorial baseline (benchmarks/tutorial_baseline.py; better of 0 and 2 loader workers)
+  c  the tutorial baseline (benchmarks/tutorial_baseline.py; better of 0 and 2 loader workers,
+     --loader-workers)
   d  `dptrain ddp --nproc 2`, against b
   e  start-up: wall - train seconds of b and d, against a bare `python -c "import torch"`
   f  peak resident memory of every worker, against that bare import
@@ -152,6 +153,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=25, help="epochs of the seq and ddp runs")
     parser.add_argument("--json", default="bench.json", help="where to write all measurements")
     parser.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--loader-workers", default="0,2",
+                        help="DataLoader workers of the tutorial baseline (its best counts)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -172,7 +175,8 @@ def main() -> None:
         "ddp": lambda: train_run("ddp", work, args.epochs),
         "ddp_gloo": lambda: train_run("ddp", work, args.epochs, "--grad-sync", "collective"),
         "fsdp": lambda: train_run("fsdp", work, 1),
-        "tutorial": lambda: {f"workers_{n}": tutorial(root, n) for n in (0, 2)},
+        "tutorial": lambda: {f"workers_{n}": tutorial(root, int(n))
+                             for n in args.loader_workers.split(",")},
     }
     samples: dict[str, list] = {name: [] for name in cases}
     started = time.time()
@@ -206,8 +210,8 @@ def summarize(samples: dict[str, list], updates: int) -> dict:
         "import_torch_rss_mb": median(s["torch"]["peak_rss_bytes"] for s in samples["import"]) / MB,
         "import_dynamo_rss_mb": median(s["torch+dynamo"]["peak_rss_bytes"]
                                        for s in samples["import"]) / MB,
-        "tutorial_epoch_s": min(median(s[f"workers_{n}"] for s in samples["tutorial"])
-                                for n in (0, 2)),
+        "tutorial_epoch_s": min(median(s[key] for s in samples["tutorial"])
+                                for key in samples["tutorial"][0]),
     }
     for name in ("seq", "ddp", "ddp_gloo", "fsdp"):
         runs = samples[name]

@@ -32,7 +32,7 @@ def profile_epoch(model, optimizer, guard, samples, order, plan, strategy) -> di
     """One epoch of the eager step (step.EagerStep), phase by phase; CPU seconds per phase."""
     spent: dict[str, float] = defaultdict(float)
     clock = time.thread_time
-    losses = torch.zeros(plan.updates_per_epoch, dtype=torch.float64)
+    record = torch.zeros(plan.updates_per_epoch, 2)  # [loss, flag] per update, as the step keeps
     guard.reset()
     batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
     for index, rows in enumerate(batches):
@@ -42,18 +42,18 @@ def profile_epoch(model, optimizer, guard, samples, order, plan, strategy) -> di
         loss = model(x, y)
         t2 = clock()
         optimizer.zero_grad(set_to_none=True)
-        (loss * (loss.detach() * 0.0 + 1 / len(rows))).backward()
+        loss.backward(loss.detach() * 0.0 + 1 / len(rows))
         t4 = clock()
         guard.check(strategy.local_gradients(model))
         t5 = clock()
         optimizer.step()
-        losses[index] = loss.detach()
+        torch.stack((loss.detach(), guard.flag), out=record[index])
         t6 = clock()
         for phase, seconds in (("batch (gather uint8 rows)", t1 - t0),
                                ("forward and loss", t2 - t1), ("backward", t4 - t2),
                                ("finite-gradient check", t5 - t4), ("optimizer, loss record", t6 - t5)):
             spent[phase] += seconds
-    if guard.skipped.item():
+    if guard.flag.item():
         raise RuntimeError("non-finite gradients")
     return spent
 

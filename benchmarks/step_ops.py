@@ -46,7 +46,7 @@ def timed_step(rows, images, labels, params, optimizer, spent: dict[str, list]) 
     log_probs = torch.log_softmax(z.t().contiguous(), 0)
     loss = -log_probs.gather(0, y.unsqueeze(0)).sum()
     g = log_probs.exp()
-    g.scatter_add_(0, y.unsqueeze(0), torch.full((1, len(y)), -1.0)).mul_(1 / len(y))
+    g.scatter_(0, y.unsqueeze(0), -1.0, reduce="add").mul_(1 / len(y))
     mark("loss and its gradient")
     grads = [g.mm(h2), g.sum(1)]
     gh = torch.ops.aten.threshold_backward(g.t().mm(w3), h2, 0)

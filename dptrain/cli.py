@@ -15,19 +15,11 @@ import typer
 from dptrain.storage.checkpoint import Finished
 from dptrain.commands import register as register_study_commands
 from dptrain.config import Config
-from dptrain.errors import USER_ERROR_EXIT, UserError
+from dptrain.errors import USER_ERROR_EXIT, Stopped, UserError, stop_on_signals
 from dptrain.flags import (DEFAULTS_NOTE, Command, Group, ddp_flags, launch_flags,
                            option_names, process_group_flags, training_flags, with_flags)
 from dptrain.distributed.launch import launch, stopped_line
 from dptrain.storage.runlog import command_start_time, default_out_dir, err
-
-
-class Stopped(Exception):
-    """SIGTERM (or SIGINT) reached this process outside torchrun."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 app = typer.Typer(
     help="Train a 784-16-16-10 MLP on MNIST sequentially, with DDP or with FSDP, and compare.",
@@ -38,7 +30,6 @@ def _train_command(mode: str):
     def command(**flags) -> None:
         started = command_start_time()  # wall_seconds counts from here, in every mode
         out = None
-        signal.signal(signal.SIGTERM, _raise_stopped)
         try:
             config, resume = _config(mode, flags)
             out = Path(config.run.out)
@@ -75,7 +66,19 @@ def _config(mode: str, flags: dict) -> tuple[Config, str]:
         raise ConfigError("; ".join(ignored_by_mode(mode, config)))
     _check_memory(mode, config)
     out = Path(config.run.out) if config.run.out else default_out_dir(mode)
-    return _with_out(config, out), resume
+    return with_data_dir(_with_out(config, out), typed=flags.get("data_dir") is not None), resume
+
+
+def with_data_dir(config: Config, *, typed: bool) -> Config:
+    """The config with data_dir where MNIST is found, as an absolute path (recorded_location)."""
+    from dataclasses import replace
+
+    from dptrain.components.data import recorded_location
+
+    found, note = recorded_location(config.data.data_dir, typed=typed)
+    if note:
+        print(f"dptrain: warning: {note}", file=sys.stderr)
+    return replace(config, data=replace(config.data, data_dir=found))
 
 
 def _check_memory(mode: str, config: Config) -> None:
@@ -95,10 +98,6 @@ def _check_memory(mode: str, config: Config) -> None:
     require_memory(estimate, config, ranks=ranks)
 
 
-def _raise_stopped(signum: int, _frame) -> None:
-    raise Stopped(signum)
-
-
 app.command("seq", cls=Command, help="Train in this process: the sequential baseline.\n\n"
                                       + DEFAULTS_NOTE)(
     with_flags(_train_command("seq"), training_flags))
@@ -106,8 +105,10 @@ app.command("ddp", cls=Command, help="Train with DistributedDataParallel on --np
                                      "(torchrun).\n\n" + DEFAULTS_NOTE)(
     with_flags(_train_command("ddp"), training_flags, process_group_flags, ddp_flags,
                launch_flags))
-app.command("fsdp", cls=Command, help="Train with FSDP2 (fully_shard per Linear, then the root) "
-                                      "on --nproc workers (torchrun).\n\n" + DEFAULTS_NOTE)(
+app.command("fsdp", cls=Command, help="Train with FSDP2 on --nproc workers (torchrun): "
+                                      "parameters sharded over the ranks; layers of 4 MiB or "
+                                      "more are units of their own, the rest one unit.\n\n"
+                                      + DEFAULTS_NOTE)(
     with_flags(_train_command("fsdp"), training_flags, process_group_flags, launch_flags))
 register_study_commands(app)  # sweep, plot, report, evaluate, predict
 
@@ -186,6 +187,7 @@ def main() -> None:
         from click import exceptions as click_errors
     no_args = getattr(click_errors, "NoArgsIsHelpError", ())
 
+    stop_on_signals()
     try:
         status = app(standalone_mode=False)
     except no_args as e:
@@ -194,9 +196,12 @@ def main() -> None:
     except click_errors.UsageError as e:
         err(_usage_error_line(e))
         status = USER_ERROR_EXIT
-    except typer.Abort:
+    except typer.Abort:  # Ctrl-C in a command that has nothing more to say about it
         err("interrupted")
-        status = 130
+        status = 128 + signal.SIGINT
+    except Stopped as e:
+        err(f"stopped by signal {signal.Signals(e.signum).name}")
+        status = 128 + e.signum
     # Skip interpreter finalization: with torch loaded it takes about a second, and the run's
     # files are already closed.
     sys.stdout.flush()

@@ -11,8 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from dptrain.errors import USER_ERROR_EXIT, UserError
-from dptrain.flags import (Command, config_from_flags, ddp_flags, process_group_flags,
-                           training_flags, with_flags)
+from dptrain.flags import (CHECKPOINT, SYSTEM, TRAIN, Command, _opt, config_from_flags,
+                           ddp_flags, process_group_flags, training_flags, with_flags)
 from dptrain.storage.runlog import default_out_dir, err, make_console
 
 
@@ -33,6 +33,19 @@ def sweep_flags(
                                          "speedups).", rich_help_panel="Sweep")] = False,
 ) -> None:
     """Declares the sweep's own options; never called."""
+
+
+# The training flags that a sweep reads otherwise than a training command.
+SWEEP_HELPS = {
+    "out": Annotated[Optional[str], _opt("Sweep folder: one run folder per cell and run, and "
+                                         "sweep.csv.", "runs/sweep-<modes>-<timestamp>", TRAIN)],
+    "resume": Annotated[Optional[str], _opt(
+        "Continue the interrupted sweep in SWEEP_DIR as it was planned (it takes no other flag).",
+        "a fresh start", CHECKPOINT, "--resume")],
+    "threads": Annotated[Optional[int], _opt(
+        "Intra-op threads of every run, seq included, so that a speedup compares processes, "
+        "not thread counts; 0 = 1.", 1, SYSTEM)],
+}
 
 
 def _user_errors(function):
@@ -109,7 +122,10 @@ def _sweep_plan(mode, nproc, vary, no_seq, flags: dict):
     if len(set(keys)) != len(keys):
         raise UserError(f"--vary: a key is given twice ({', '.join(keys)}); list all its "
                         "values in one --vary")
-    config = config_from_flags(flags)
+    from dptrain.cli import with_data_dir
+
+    # Every run, and the sweep's own config files, name the data by its absolute folder.
+    config = with_data_dir(config_from_flags(flags), typed=flags.get("data_dir") is not None)
     out = Path(flags["out"]) if flags.get("out") else default_out_dir(f"sweep-{'-'.join(modes)}")
     return grid, config, out, False
 
@@ -198,7 +214,7 @@ def register(app: typer.Typer) -> None:
                      "cell of the --vary keys; write sweep.csv and sweep.json. --resume "
                      "SWEEP_DIR continues an interrupted sweep.")(
         with_flags(_user_errors(sweep), sweep_flags, training_flags, process_group_flags,
-                   ddp_flags))
+                   ddp_flags, helps=SWEEP_HELPS))
     app.command("plot", cls=Command,
                 help="Loss and validation accuracy curves of runs, as one PNG; a run still "
                      "training is drawn up to its last finished epoch.")(_wrap(plot))

@@ -5,6 +5,7 @@ Nothing here imports torch: the CLI validates a whole config before it starts an
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -137,7 +138,8 @@ class LaunchConfig:
     max_restarts: int = 0  # torchrun restarts all workers this often; they resume from a checkpoint
     # How the workers start: forked from the launcher, which has imported everything once, or
     # as fresh `python -m dptrain.worker` processes. auto: fork for CPU runs, fresh for CUDA
-    # (a fork of CUDA workers is not yet measured on a GPU; see launch.worker_entry).
+    # (a fork of CUDA workers is not yet measured on a GPU; see launch.worker_entry; where the
+    # launcher had to ask CUDA itself, forked CUDA workers could not start: they start fresh).
     start_method: str = "auto"
 
 
@@ -214,28 +216,43 @@ def build_config(file_values: dict[str, Any] | None = None, flags: dict[str, Any
             continue
         for key, value in values.items():
             if key not in merged[section]:
-                problems.append(f"{source}: unknown key '{section}.{key}'")
+                problems.append(f"{source}: unknown key '{section}.{key}'"
+                                f"{_did_you_mean(key, section, merged)}")
             else:
                 merged[section][key] = value
     for key, value in (flags or {}).items():
         if value is not None:
             merged[section_of(key)][key] = value
 
-    sections, type_problems = {}, []
+    sections, checkable, mistyped = {}, {}, []
     for section, cls in _section_types().items():
-        values = {}
+        values, stand_ins = {}, {}
         for f in fields(cls):
             value, problem = _coerce(merged[section][f.name], f.default)
             if problem:
-                type_problems.append(f"{section}.{f.name}: {problem}, got {value!r}")
+                problems.append(f"{section}.{f.name}: {problem}, got {value!r}")
+                mistyped.append(f"{section}.{f.name}")
             values[f.name] = value
+            stand_ins[f.name] = f.default if problem else value
         sections[section] = cls(**values)
-    config = Config(**sections)
-    # Range checks need well-typed values.
-    problems += type_problems or validate(config)
+        checkable[section] = cls(**stand_ins)
+    # Range checks need well-typed values: a mistyped key is checked as its default, so that
+    # the other keys' problems are reported in the same pass, and its own only once.
+    problems += [p for p in validate(Config(**checkable))
+                 if not p.startswith(tuple(f"{key}:" for key in mistyped))]
     if problems:
         raise ConfigError("; ".join(problems))
-    return config
+    return Config(**sections)
+
+
+def _did_you_mean(key: str, section: str | None, known: dict[str, dict]) -> str:
+    """'; did you mean ...?' for a misspelt key: its section's keys first, then any section's."""
+    close = difflib.get_close_matches(key, known[section], n=1) if section else []
+    if close:
+        return f"; did you mean {close[0]}?"
+    elsewhere = {k: s for s, keys in known.items() for k in keys}
+    close = difflib.get_close_matches(key, elsewhere, n=1)
+    return f"; did you mean {elsewhere[close[0]]}.{close[0]}?" if close else ""
 
 
 def _misplaced(name: str, value: Any, known: dict[str, dict]) -> str:
@@ -247,7 +264,8 @@ def _misplaced(name: str, value: Any, known: dict[str, dict]) -> str:
     home = next((section for section, keys in known.items() if name in keys), None)
     if home:
         return f"'{name}' belongs in section [{home}]: write it under a [{home}] line"
-    return f"unknown key '{name}' outside any section (known sections: {', '.join(known)})"
+    return (f"unknown key '{name}' outside any section{_did_you_mean(name, None, known)} "
+            f"(known sections: {', '.join(known)})")
 
 
 def _coerce(value: Any, default: Any) -> tuple[Any, str | None]:

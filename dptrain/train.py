@@ -55,7 +55,11 @@ class Samples:
 
     def rows(self, rows: np.ndarray) -> torch.Tensor:
         """Row indices on the device: one copy for a whole epoch, none per batch."""
-        return torch.from_numpy(rows).to(self.device)
+        rows = torch.from_numpy(rows)
+        if self.device.type != "cuda":
+            return rows
+        # From pinned memory the copy runs asynchronously, without the host staging it.
+        return rows.pin_memory().to(self.device, non_blocking=True)
 
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images.index_select(0, rows), self.labels.index_select(0, rows)

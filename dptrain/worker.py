@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -61,13 +61,16 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     summary (complete on rank 0)."""
     import torch
 
-    from dptrain.components.data import load_mnist, split_indices
+    from dptrain.components.data import load_mnist, recorded_location, split_indices
     from dptrain.distributed.agreement import agree_on_start, run_identity
-    from dptrain.distributed.strategy import DistEnv, make_strategy
+    from dptrain.distributed.strategy import TF32_OVERRIDE_ENV, DistEnv, make_strategy
     from dptrain.train import train
 
     env = DistEnv.from_environ()
     keep_freed_memory()
+    # config.toml records where the data is, as an absolute path (the CLI has found it already).
+    config = replace(config, data=replace(config.data, data_dir=recorded_location(
+        config.data.data_dir)[0]))
     mnist = load_mnist(config.data.data_dir)
     split = split_indices(len(mnist.labels), config.data.split_seed)
     plan = resolve(config, mode=mode, world_size=env.world_size, n_train=len(split.train))
@@ -104,6 +107,9 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
             records=found.records if found else [])
         if found:
             _announce_resume(log, found, skipped, config, restarts)
+        if os.environ.get(TF32_OVERRIDE_ENV):
+            log.note(f"[yellow]warning:[/] {TF32_OVERRIDE_ENV} is set; float32 matmuls stay "
+                     f"{strategy.fp32_precision} (TF32 off unless that says tf32), as parity needs")
         try:
             results = train(config, plan, strategy, mnist, split, log, resume=found)
         except UserError as e:  # diverged, say: a restart would only repeat it
@@ -117,6 +123,7 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
                    **asdict(config.ddp), **results,
                    "resumed_from_epoch": found.epoch if found else 0, "restarts": restarts,
                    "wall_seconds": time.time() - command_start_time(),
+                   "fp32_precision": strategy.fp32_precision,
                    "torch": torch.__version__, "host": socket.gethostname(),
                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         log.finish(summary, state_dict)

@@ -51,11 +51,44 @@ def provide_mnist(folder: Path | None, origin: str) -> None:
                     "four .gz files (point DPTRAIN_DATA_DIR at them)", returncode=2)
 
 
+# What running code may add to a checkout: Python's and pytest's caches, an editable install.
+CACHES = {"__pycache__", ".pytest_cache", ".git"}
+
+
+def checkout_listing(root: Path = REPO) -> set[str]:
+    """Every file and folder below `root` (relative paths), its caches left out: what a test
+    run must leave as it found it."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in CACHES and not d.endswith(".egg-info")]
+        base = Path(folder).relative_to(root)
+        found.update(str(base / name) for name in dirs + files)
+    return found
+
+
+def changed_paths(before: set[str], after: set[str]) -> str:
+    """'added a, b; removed c' ('' when equal), the first few of each."""
+    def few(paths):
+        paths = sorted(paths)
+        return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+    parts = [f"{verb} {few(paths)}" for verb, paths in (("added", after - before),
+                                                         ("removed", before - after)) if paths]
+    return "; ".join(parts)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory):
-    """Real MNIST, a private decode cache, and no way to reach a real mirror."""
+    """Real MNIST, a private decode cache, no way to reach a real mirror, and a private working
+    folder: the CLI's relative defaults (runs/..., model.pt) land there, never in the checkout,
+    which the session leaves as it found it (a user's model.pt there changes no test)."""
     provide_mnist(*mnist_location())
-    saved = dict(os.environ)
+    listed = checkout_listing()
+    saved, saved_cwd = dict(os.environ), os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    # Processes started from that folder import the tree under test, not another install.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO),
+                                                             os.environ.get("PYTHONPATH")]))
     os.environ["DPTRAIN_DATA_DIR"] = str(MNIST_DIR.resolve())
     os.environ["DPTRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
     os.environ["DPTRAIN_MNIST_MIRRORS"] = "http://127.0.0.1:9/unreachable/"
@@ -64,8 +97,13 @@ def _isolated_env(tmp_path_factory):
     os.environ.pop("DPTRAIN_FORKED", None)
     os.environ.pop("DPTRAIN_OUT_LOCKED", None)
     yield
+    os.chdir(saved_cwd)
     os.environ.clear()
     os.environ.update(saved)
+    changes = changed_paths(listed, checkout_listing())
+    if changes:
+        pytest.fail(f"the tests changed the checkout {REPO}: {changes}; a test must write "
+                    "only below its tmp_path (or the session's working folder)", pytrace=False)
 
 
 def write_idx(path: Path, array: np.ndarray, *, compress: bool | None = None) -> Path:
@@ -86,9 +124,10 @@ def free_port() -> int:
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m dptrain ARGS`, as a user would run it; output captured as text."""
+    """`python -m dptrain ARGS`, as a user would run it (from the session's working folder, not
+    the checkout); output captured as text."""
     return subprocess.run([sys.executable, "-m", "dptrain", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def train(mode: str, out: Path, *args: str, nproc: int = 2) -> dict:
@@ -115,11 +154,15 @@ def assert_same_parameters(a: dict, b: dict, *, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
-def start_cli(*args: str, log: Path) -> subprocess.Popen:
-    """`python -m dptrain ARGS` in the background, its output (both streams) into `log`."""
+def start_cli(*args: str, log: Path, sigint_ignored: bool = False) -> subprocess.Popen:
+    """`python -m dptrain ARGS` in the background, its output (both streams) into `log`.
+    sigint_ignored: started as a shell script starts a background job (`dptrain seq &`)."""
+    import signal
+
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "dptrain", *args], stdout=out,
-                                stderr=subprocess.STDOUT, text=True, cwd=REPO)
+                                stderr=subprocess.STDOUT, text=True, preexec_fn=ignore)
 
 
 def children(pid: int) -> list[int]:
@@ -188,3 +231,11 @@ def trained_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trained") / "seq"
     train("seq", out, "--epochs", "3")
     return out
+
+
+@pytest.fixture(scope="session")
+def seq_one_epoch(tmp_path_factory) -> tuple[Path, dict]:
+    """(folder, summary) of `dptrain seq --epochs 1`, the default config otherwise: the
+    reference of every 1-epoch comparison with the default config, trained once."""
+    out = tmp_path_factory.mktemp("seq-one-epoch") / "seq"
+    return out, train("seq", out, "--epochs", "1")

@@ -23,7 +23,7 @@ def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.Comple
 @pytest.mark.slow
 def test_bench_reports_every_target(tmp_path):
     run_script("bench.py", "--repeats", "1", "--epochs", "1", "--json", str(tmp_path / "b.json"),
-               "--work", str(tmp_path / "work"))
+               "--work", str(tmp_path / "work"), "--loader-workers", "0")
     report = json.loads((tmp_path / "b.json").read_text())
     assert len(report["targets"]) == 7
     assert all(math.isfinite(t["value"]) and t["value"] > 0 for t in report["targets"])

@@ -69,6 +69,11 @@ def test_help_shows_each_flags_built_in_default_and_no_flag_type_tag():
         for row in help_rows(*command).values():
             assert "<bool>" not in row, row
     assert "a --config file may change them" in run_cli("seq", "--help", env=WIDE).stdout
+    # A sweep reads some training flags otherwise: its own folder, resume and threads.
+    sweep = help_rows("sweep")
+    assert "[default: runs/sweep-<modes>-<timestamp>]" in sweep["--out"]
+    assert "'auto'" not in sweep["--resume"] and "SWEEP_DIR" in sweep["--resume"]
+    assert "0 = auto" not in sweep["--threads"] and "[default: 1]" in sweep["--threads"]
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -133,10 +138,22 @@ def test_worker_side_error_reaches_the_user_as_one_line(tmp_path):
     assert_one_line_error(result, "--backend nccl needs CUDA devices")
 
 
+@pytest.fixture(scope="module")
+def finished_seq(tmp_path_factory):
+    """(folder, summary) of a finished 1-epoch seq run at batch 4096; tests change copies."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    return out, train("seq", out, "--epochs", "1", "--batch-size", "4096")
+
+
+def copy_of(finished_seq, tmp_path):
+    import shutil
+
+    return shutil.copytree(finished_seq[0], tmp_path / "run"), finished_seq[1]
+
+
 @pytest.mark.slow
-def test_finished_run_is_never_overwritten_silently(tmp_path):
-    out = tmp_path / "run"
-    first = train("seq", out, "--epochs", "1", "--batch-size", "4096")
+def test_finished_run_is_never_overwritten_silently(tmp_path, finished_seq):
+    out, first = copy_of(finished_seq, tmp_path)
     assert_one_line_error(run_cli("seq", "--epochs", "1", "--out", str(out)), "--force")
     assert json.loads((out / "summary.json").read_text()) == first
     second = train("seq", out, "--epochs", "2", "--batch-size", "4096", "--force")
@@ -239,9 +256,9 @@ def test_resume_without_a_checkpoint_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_run_and_an_unfinished_run_is_not_restarted(tmp_path):
-    out = tmp_path / "run"
-    train("seq", out, "--epochs", "1", "--batch-size", "4096")
+def test_resume_refuses_a_changed_run_and_an_unfinished_run_is_not_restarted(tmp_path,
+                                                                             finished_seq):
+    out, _ = copy_of(finished_seq, tmp_path)
     assert_one_line_error(run_cli("seq", "--resume", str(out), "--batch-size", "2048"),
                           "batch_size 4096 -> 2048 would change the run")
     assert_one_line_error(run_cli("ddp", "--resume", str(out)), "resume it with that command")

@@ -71,6 +71,25 @@ def test_all_problems_are_reported_together():
     assert "train.epochs" in message and "optim.lr" in message and "train.loss" in message
 
 
+def test_a_type_error_hides_no_other_problem_and_a_misspelt_key_gets_a_suggestion():
+    """One pass names them all: the mistyped key once, the others' range and choice problems
+    beside it (they used to wait until the type was fixed), and the key meant."""
+    with pytest.raises(ConfigError) as e:
+        build_config({"model": {"hiden": [32], "activation": "gelu"},
+                      "train": {"epochs": -3, "batch_size": "big"}})
+    problems = str(e.value).split("; ")
+    assert "config: unknown key 'model.hiden'" in problems
+    assert "did you mean hidden?" in problems
+    assert "train.batch_size: expected an integer, got 'big'" in problems
+    assert any(p.startswith("model.activation: expected one of") for p in problems)
+    assert "train.epochs: must be >= 1, got -3" in problems
+    assert sum("batch_size" in p for p in problems) == 1
+    with pytest.raises(ConfigError, match=r"'optim.momentun'; did you mean momentum\?"):
+        build_config({"optim": {"momentun": 0.9}})
+    with pytest.raises(ConfigError, match=r"'model.epochz'; did you mean train.epochs\?"):
+        build_config({"model": {"epochz": 3}})
+
+
 def test_malformed_toml_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not valid TOML"):
         read_toml(write(tmp_path, "[train\nepochs = 1"))

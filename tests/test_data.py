@@ -117,6 +117,43 @@ def test_names_agree_with_torchvision_and_the_cli_does_not_import_it():
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
+def test_the_location_recorded_is_absolute_and_a_moved_one_falls_back(tmp_path, monkeypatch):
+    raw = torchvision_root(tmp_path / "root", MNIST_DIR)
+    monkeypatch.chdir(tmp_path)
+    # A relative --data-dir, and $DPTRAIN_DATA_DIR (data_dir ""), become the folder found.
+    assert data.recorded_location("root") == (str(raw), "")
+    assert data.recorded_location("") == (str(MNIST_DIR), "")
+    # Read back from a run or a config file: still there, or moved (the usual lookup, said).
+    assert data.recorded_location(str(raw), typed=False) == (str(raw), "")
+    shutil.move(tmp_path / "root", tmp_path / "moved")
+    found, note = data.recorded_location(str(raw), typed=False)
+    assert found == str(MNIST_DIR)
+    assert note == (f"the recorded data_dir {raw} no longer holds the MNIST files; reading them "
+                    f"from {MNIST_DIR} ($DPTRAIN_DATA_DIR) instead")
+    with pytest.raises(DataError, match="does not exist"):  # typed: a mistake to report
+        data.recorded_location(str(raw))
+
+
+def test_a_run_records_its_data_and_is_evaluated_after_the_data_moved(trained_run, tmp_path,
+                                                                       capsys):
+    import json
+
+    from dptrain.config import read_toml
+    from dptrain.inference.evaluate import evaluate_run
+
+    # Trained with $DPTRAIN_DATA_DIR: config.toml says where that was.
+    config = (trained_run / "config.toml").read_text()
+    assert read_toml(trained_run / "config.toml")["data"]["data_dir"] == str(MNIST_DIR)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run / "model.pt", run)
+    (run / "config.toml").write_text(config.replace(f'"{MNIST_DIR}"', f'"{tmp_path / "gone"}"'))
+    accuracy = evaluate_run(run).accuracy
+    assert "no longer holds the MNIST files" in capsys.readouterr().err
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert round(accuracy * 14000) == round(summary["test_accuracy"] * 14000)
+
+
 def test_lookup_order(tmp_path, monkeypatch):
     monkeypatch.setenv("DPTRAIN_DATA_DIR", str(tmp_path))
     (tmp_path / "flag").mkdir()

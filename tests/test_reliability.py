@@ -24,9 +24,10 @@ FLAGS = {"seq": ["--batch-size", "1024", "--epochs", "3"],
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """mode -> the folder of an uninterrupted run (made on first use)."""
-    root, made = tmp_path_factory.mktemp("reference"), {}
+def reference(tmp_path_factory, trained_run):
+    """mode -> the folder of an uninterrupted run (made on first use; seq's is the session's
+    trained_run, which has the same config)."""
+    root, made = tmp_path_factory.mktemp("reference"), {"seq": trained_run}
 
     def get(mode):
         if mode not in made:
@@ -105,6 +106,34 @@ def test_signal_stops_everything_then_resume_is_exact(tmp_path, reference, mode,
         assert result.returncode == 0, result.stdout + result.stderr
         assert_same_parameters(load_state(reference(mode)), load_state(tmp_path / "copy"))
         assert json.loads((tmp_path / "copy" / "summary.json").read_text())["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_sigint_stops_a_background_seq_and_sweep_as_it_stops_ddp(tmp_path):
+    """A script's `dptrain seq &` or `dptrain sweep &` starts with SIGINT ignored; `kill -INT`
+    stops it all the same: one line, exit status 130, the sweep's run stopped with it."""
+    seq_out, sweep_out = tmp_path / "seq", tmp_path / "sweep"
+    many = ["--epochs", "100", "--device", "cpu"]
+    seq = start_cli("seq", "--out", str(seq_out), *many, log=tmp_path / "seq.log",
+                    sigint_ignored=True)
+    sweep = start_cli("sweep", "--mode", "seq", "--out", str(sweep_out), *many,
+                      log=tmp_path / "sweep.log", sigint_ignored=True)
+    started = {}
+    for process, out in ((seq, seq_out), (sweep, sweep_out / "seq-1")):
+        started[process.pid] = watch(process, checkpoint_exists(out))
+        process.send_signal(signal.SIGINT)
+    for process, log, said in ((seq, "seq.log", "stopped by signal SIGINT"),
+                               (sweep, "sweep.log", "interrupted")):
+        process.wait(timeout=30)
+        output = (tmp_path / log).read_text()
+        assert process.returncode == 128 + signal.SIGINT, output
+        errors = [line for line in output.splitlines() if line.startswith("dptrain: error:")]
+        assert len(errors) == 1 and said in errors[0], output
+        assert "Traceback" not in output
+        assert alive(started[process.pid]) == set(), "orphan processes"
+    # The sweep stopped its run, which stopped as a run does, naming its checkpoint.
+    assert "; the last complete checkpoint is" in (sweep_out / "seq-1.log").read_text()
+    assert "continue with `dptrain sweep --resume" in (tmp_path / "sweep.log").read_text()
 
 
 @pytest.mark.slow

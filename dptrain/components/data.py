@@ -144,6 +144,29 @@ def locate(data_dir: str = "") -> tuple[Path, str]:
     return cache_dir() / "mnist", "cache"
 
 
+def recorded_location(data_dir: str = "", *, typed: bool = True) -> tuple[str, str]:
+    """(the folder MNIST will be read from, as an absolute path, and a note or "").
+
+    A run records that path as its config's data_dir, so that `evaluate`, `--resume` and the
+    config reused as --config find the same files from any folder or shell. typed: data_dir was
+    given as --data-dir, and must hold MNIST. Otherwise it was read back from a config file or a
+    run, where it says where the files were then: if they have moved, the usual lookup
+    ($DPTRAIN_DATA_DIR, then the cache) takes over, and the note says so.
+    """
+    if data_dir and not typed and not _holds_mnist(Path(data_dir).expanduser()):
+        directory, origin = locate("")
+        return (os.path.abspath(directory),
+                f"the recorded data_dir {data_dir} no longer holds the MNIST files; reading "
+                f"them from {os.path.abspath(directory)} ({origin}) instead")
+    directory, _ = locate(data_dir)
+    return os.path.abspath(directory), ""
+
+
+def _holds_mnist(path: Path) -> bool:
+    folder = _mnist_folder(path)
+    return all(_find_file(folder, stem) for stem, _, _ in FILES.values())
+
+
 def _mnist_folder(path: Path) -> Path:
     """`path` itself, or the raw folder of a torchvision root below it, whichever holds MNIST's
     files (`path` when none does, so that the error names the folder given)."""

@@ -118,8 +118,8 @@ class _FusedLossSum(torch.autograd.Function):
         inputs, weights = rest[:n_layers], [None, *rest[n_layers:]]
         if ctx.loss == "cross_entropy":  # softmax - one-hot, kept as (10, N)
             g_t = out.exp()
-            g_t.scatter_add_(0, targets.unsqueeze(0),
-                             torch.full((1, len(targets)), -1.0, dtype=g_t.dtype, device=g_t.device))
+            # A scalar -1 added at each target: one kernel, no (1, N) tensor filled every step.
+            g_t.scatter_(0, targets.unsqueeze(0), -1.0, reduce="add")
         else:  # (sigmoid - one-hot) * sigmoid'
             diff = out - F.one_hot(targets, N_CLASSES).to(out.dtype)
             g_t = torch.ops.aten.sigmoid_backward(diff, out).t()

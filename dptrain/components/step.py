@@ -25,9 +25,10 @@ class NonFiniteGuard:
     After each backward, one fused kernel checks every gradient this rank holds and raises
     `flag` (a float32 scalar on the device) if any element is NaN or inf. The flag is sticky
     for the rest of the epoch, and the optimizer kernels skip every update while it is up
-    (their found_inf), so the parameters stay those from before the first bad update.
-    `skipped` counts the updates skipped; the host reads it once, at the end of the epoch, and
-    the first bad update is the one `skipped` updates before the end.
+    (their found_inf), so the parameters stay those from before the first bad update. The step
+    records the flag beside each update's loss (in the same kernel), so the count of updates
+    skipped comes once per epoch, from that record: the first bad update is the one that many
+    updates before the end.
 
     The loop scales each rank's loss by NaN when it is not finite, which turns every summed
     gradient element NaN on every rank: every rank then skips the same updates.
@@ -35,18 +36,15 @@ class NonFiniteGuard:
 
     def __init__(self, device: torch.device):
         self.flag = torch.zeros((), dtype=torch.float32, device=device)
-        self.skipped = torch.zeros((), dtype=torch.float32, device=device)
         self._one = torch.ones((), dtype=torch.float32, device=device)
 
     def reset(self) -> None:
         self.flag.zero_()
-        self.skipped.zero_()
 
     def check(self, grads: list[torch.Tensor]) -> None:
         """Raise the flag if any of `grads` holds a NaN or inf (they are multiplied by 1.0)."""
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, self.flag, self._one)
-        self.skipped.add_(self.flag)
 
 
 def make_optimizer(optim: OptimConfig, params, lr: float,
@@ -83,12 +81,13 @@ class EagerStep:
         self.guard, self.strategy, self.accumulate = guard, strategy, accumulate
         self.clip_grad_norm = clip_grad_norm  # 0 = no clipping
         self._autocast = autocast(precision, samples.device)  # entered once per forward
-        self._losses = torch.zeros(0, dtype=torch.float64, device=samples.device)
+        # Per update of the epoch: [this rank's loss sum, the guard's flag after its check].
+        self._record = torch.zeros(0, 2, dtype=torch.float32, device=samples.device)
 
     def begin_epoch(self, updates: int) -> None:
         self.guard.reset()
-        if len(self._losses) != updates:
-            self._losses = torch.zeros(updates, dtype=torch.float64, device=self.samples.device)
+        if len(self._record) != updates:
+            self._record = torch.zeros(updates, 2, dtype=torch.float32, device=self.samples.device)
 
     def __call__(self, index: int, rows: torch.Tensor, global_batch: int, lr: float) -> None:
         """Update `index` of the epoch on this rank's `rows` of a global batch of that size."""
@@ -107,7 +106,8 @@ class EagerStep:
         if self.clip_grad_norm:
             self.strategy.clip_gradients(self.model, self.clip_grad_norm)
         self.optimizer.step()
-        self._losses[index] = losses[0] if not first else torch.stack(losses).sum()
+        loss = losses[0] if not first else torch.stack(losses).sum()
+        torch.stack((loss, self.guard.flag), out=self._record[index])
 
     def _forward_backward(self, rows: torch.Tensor, global_batch: int) -> torch.Tensor:
         """Add the gradient of this loss sum / global batch; returns the loss sum (detached)."""
@@ -115,17 +115,18 @@ class EagerStep:
         with self._autocast:  # backward follows the dtypes it chose
             loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
         # NaN if this rank's loss is not finite: then the gradients turn NaN (every summed
-        # element) on every rank, and all skip alike.
-        (loss * (loss.detach() * 0.0 + 1 / global_batch)).backward()
+        # element) on every rank, and all skip alike. (Given as backward's gradient: no
+        # product node, no ones to fill.)
+        loss.backward(loss.detach() * 0.0 + 1 / global_batch)
         return loss.detach()
 
     def end_epoch(self) -> torch.Tensor:
         """[this rank's loss sum over the epoch, updates skipped] (float64, on the device)."""
-        return torch.stack([self._losses.sum(), self.guard.skipped.to(torch.float64)])
+        return self._record.sum(0, dtype=torch.float64)
 
     def loss_at(self, index: int) -> float:
         """This rank's loss sum at update `index` of the last epoch (for the stop line)."""
-        return self._losses[index].item()
+        return self._record[index, 0].item()
 
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,

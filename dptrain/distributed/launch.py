@@ -87,9 +87,7 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
     threads = resolve_threads(config.system, plan, config.model.hidden, config.launch.nproc)
     os.environ.update({LAUNCH_TIME_ENV: repr(started), LAUNCHED_ENV: "1",
                        THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads)})
-    # torch.cuda.is_available() (here and in torchrun) then asks NVML instead of initializing
-    # CUDA, which would make forked workers unable to use it.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    ask_cuda_through_nvml()
     # Restarted workers must not meet in the rendezvous store of the attempt before: with the
     # store shared (torch's default) they read its stale addresses and cannot connect
     # (pytorch/pytorch#135712). A store per attempt avoids that.
@@ -142,32 +140,77 @@ def remove_stale_scratch() -> None:
             pass
 
 
+# Makes torch.cuda.is_available() and device_count() ask NVML, not CUDA (torch/cuda/__init__.py).
+NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
+FRESH = ["-m", "dptrain.worker"]
+
+
+def ask_cuda_through_nvml() -> None:
+    """Make this process's CUDA questions (cuda_run here, torchrun's LaunchConfig next) leave a
+    fork usable, whatever the user's environment says (=0 included).
+
+    Asked the usual way (cudaGetDeviceCount), even a "no" poisons a fork: torch then refuses
+    CUDA in every forked child ("Cannot re-initialize CUDA in forked subprocess"). NVML's
+    answer does not. The workers inherit the setting but do not trust it: they decide their
+    device by CUDA's own answer (strategy.cuda_available), as seq does.
+    """
+    os.environ[NVML_CHECK_ENV] = "1"
+
+
 def worker_entry(mode: str, config: Config) -> list[str]:
     """How torchrun starts the workers (launch.start_method): forked from this process, or as
     fresh `python -m dptrain.worker` processes. auto forks CPU runs and starts CUDA runs fresh.
 
-    A forked worker can use CUDA only if this process never initialized it. Nothing here does:
-    launch() makes torch answer "is CUDA available?" through NVML, which torchrun's own check
-    (LaunchConfig's NUMA default) then uses too. Whether forked CUDA workers start faster and
-    run correctly is for a GPU machine to show (benchmarks/gpu_check.py); until then CUDA runs
-    fork only on request.
+    A forked worker can use CUDA only if nothing in this process asked CUDA itself (see
+    ask_cuda_through_nvml). Where NVML cannot answer (no NVML library, MIG devices named in
+    CUDA_VISIBLE_DEVICES), torch falls back to that question: then forked CUDA workers could
+    not start, and they start fresh instead, with one line. Whether forked CUDA workers start
+    faster is for a GPU machine to show (benchmarks/gpu_check.py); until then CUDA runs fork
+    only on request.
     """
-    import torch
-
     method = config.launch.start_method
+    cuda = cuda_run(config)
     if method == "auto":
-        method = "fresh" if cuda_run(config) else "fork"
-    if method == "fork" and torch.cuda.is_initialized():  # a bug: the workers could not use it
-        raise RuntimeError("the launcher initialized CUDA; forked workers cannot use it")
-    return fork_workers(mode) if method == "fork" else ["-m", "dptrain.worker"]
+        method = "fresh" if cuda else "fork"
+    if method == "fresh":
+        return FRESH
+    entry = fork_workers(mode)
+    if cuda and fork_poisoned():
+        from dptrain.worker import FORKED_ENV
+
+        os.environ.pop(FORKED_ENV, None)
+        print("dptrain: warning: --start-method fork: NVML could not say whether this node has "
+              "GPUs, so torch asked CUDA itself, after which forked workers cannot use CUDA; "
+              "starting the workers fresh instead", file=sys.stderr, flush=True)
+        return FRESH
+    return entry
 
 
 def cuda_run(config: Config) -> bool:
-    """True when the workers will train on GPUs (asked without initializing CUDA here)."""
+    """True when the workers will train on GPUs. Asked as torchrun's LaunchConfig asks next
+    (through NVML, ask_cuda_through_nvml), so that fork_poisoned() sees what that question
+    does; a CPU run asks nothing (a poisoned fork cannot harm CPU workers)."""
     import torch
 
     device = config.system.device
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cpu":
+        return False
+    return torch.cuda.is_available() or device == "cuda"
+
+
+def fork_poisoned() -> bool:
+    """Whether a worker forked from this process now could not use CUDA. torch records it only
+    in the child (a fork handler that any CUDA query or initialization installs), so a child
+    is forked to ask, and exits at once."""
+    import torch
+
+    in_bad_fork = getattr(torch._C, "_cuda_isInBadFork", None)
+    if in_bad_fork is None:  # torch built without CUDA
+        return False
+    pid = os.fork()
+    if pid == 0:
+        os._exit(1 if in_bad_fork() else 0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
 
 
 def fork_workers(mode: str) -> list[str]:

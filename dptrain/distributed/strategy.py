@@ -49,15 +49,34 @@ class DistEnv:
         return self.rank == 0
 
 
+# Set by the launcher for its own questions (launch.ask_cuda_through_nvml); torch reads it.
+NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
+# NVIDIA's containers set it: it turns float32 GEMMs into TF32 unless torch is told otherwise.
+TF32_OVERRIDE_ENV = "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"
+
+
+def cuda_available() -> bool:
+    """Whether CUDA can run here, by CUDA's own answer (cudaGetDeviceCount: none where the
+    driver cannot start), never NVML's, whatever the environment says: NVML may see a GPU that
+    CUDA cannot use (a driver too old for the wheel's CUDA), and every mode must decide alike.
+    Poisons a fork of this process: a rank's question, never the launcher's."""
+    saved = os.environ.pop(NVML_CHECK_ENV, None)
+    try:
+        return torch.cuda.is_available()
+    finally:
+        if saved is not None:
+            os.environ[NVML_CHECK_ENV] = saved
+
+
 def resolve_device(requested: str, env: DistEnv, backend: str = "auto") -> torch.device:
     """auto = this rank's GPU when CUDA is available, else the CPU.
 
     nccl needs a GPU per rank. gloo can share one: with --backend gloo, local ranks beyond the
     node's GPUs take them round-robin, so multi-rank CUDA code runs on a one-GPU machine.
     """
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+    if requested == "cpu" or (requested == "auto" and not cuda_available()):
         return torch.device("cpu")
-    if not torch.cuda.is_available():
+    if not cuda_available():
         raise UserError("--device cuda, but CUDA is not available on this machine; "
                         "use --device cpu (or auto)")
     count = torch.cuda.device_count()
@@ -75,7 +94,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     if requested == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if requested == "nccl" and device.type != "cuda":
-        reason = "CUDA is not available" if not torch.cuda.is_available() else "the device is cpu"
+        reason = "CUDA is not available" if not cuda_available() else "the device is cpu"
         raise UserError(f"--backend nccl needs CUDA devices, but {reason}; use --backend gloo")
     return requested
 
@@ -87,6 +106,7 @@ class Strategy:
     backend = "none"
     grad_sync = "none"  # how gradients are summed over ranks
     checkpoint_format = "torch"  # one state.pt, written by rank 0
+    fp32_precision = "ieee"  # of float32 matmuls: as make_strategy pinned it
 
     def __init__(self, env: DistEnv, device: torch.device):
         self.env = env
@@ -167,8 +187,8 @@ class Strategy:
 
     def parameters_finite(self, model: nn.Module) -> bool:
         """True when every parameter is finite on every rank. Every rank must call it."""
-        return self.all_agree(math.isfinite(sum(_local(p).sum(dtype=torch.float64).item()
-                                                for p in model.parameters())))
+        sums = torch.stack([_local(p).sum(dtype=torch.float64) for p in model.parameters()])
+        return self.all_agree(math.isfinite(sums.sum().item()))  # one read of the device
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The unsharded state on CPU, complete on rank 0. Every rank must call it."""
@@ -563,14 +583,29 @@ STATE_LOADERS = {"torch": load_torch_state, "dcp": load_dcp_state}
 STRATEGIES = {"seq": Strategy, "ddp": DDPStrategy, "fsdp": FSDPStrategy}
 
 
+def pin_fp32_precision() -> str:
+    """Every float32 matmul and convolution in IEEE fp32, whatever the environment: TF32 keeps
+    10 mantissa bits, Adam amplifies the difference, and the parity guarantee needs fp32 on
+    CUDA (torch's defaults are off, but $TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 turns GEMMs to TF32).
+    Returns the precision that cuBLAS now uses, as torch reads it back: "ieee" (or "tf32")."""
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def make_strategy(mode: str, env: DistEnv, system: SystemConfig,
                   knobs: DDPConfig = DDPConfig()) -> Strategy:
-    """Pick the device and backend, join the process group (ddp/fsdp), and return the strategy
-    (ddp with its knobs; config.ignored_by_mode has refused them for the other modes)."""
+    """Pick the device and backend, pin fp32, join the process group (ddp/fsdp), and return the
+    strategy (ddp with its knobs; config.ignored_by_mode has refused them for the others)."""
     device = resolve_device(system.device, env, system.backend)
+    precision = pin_fp32_precision()
     if mode == "seq":  # config.resolve has already required a world size of 1
-        return Strategy(env, device)
-    backend = resolve_backend(system.backend, device)
-    if mode == "ddp":
-        return DDPStrategy(env, device, backend, system, knobs)
-    return STRATEGIES[mode](env, device, backend, system)
+        strategy = Strategy(env, device)
+    elif mode == "ddp":
+        strategy = DDPStrategy(env, device, resolve_backend(system.backend, device), system,
+                               knobs)
+    else:
+        strategy = STRATEGIES[mode](env, device, resolve_backend(system.backend, device), system)
+    strategy.fp32_precision = precision
+    return strategy

@@ -7,6 +7,7 @@ or a bare model.pt (`load` says how each is read).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,11 +164,15 @@ def evaluate_run(source: Path, data_dir: str | None = None,
                  activation: str | None = None) -> Evaluation:
     """The model of `source` (load) on its run's test split (the split seed of its config;
     of a bare model.pt, the default split, which every run uses unless told otherwise)."""
-    from dptrain.components.data import load_mnist, split_indices
+    from dptrain.components.data import load_mnist, recorded_location, split_indices
 
     loaded = load(source, activation)
     model, config = loaded.model, loaded.config
-    mnist = load_mnist(data_dir if data_dir is not None else config.data.data_dir)
+    if data_dir is None:  # where the run found the data, unless it has moved since
+        data_dir, note = recorded_location(config.data.data_dir, typed=False)
+        if note:
+            print(f"dptrain: warning: {note}", file=sys.stderr)
+    mnist = load_mnist(data_dir)
     test = split_indices(len(mnist.labels), config.data.split_seed).test
     images = mnist.images[test].astype(np.float32) / 255.0  # as training scaled them
     predicted = predict_proba(model, images).argmax(axis=1)

@@ -135,8 +135,12 @@ def report(sweep_dir: Path) -> list[Path]:
     return paths
 
 
-def setting(row: dict) -> str:
-    return f"{epochs_text(row['epochs'])}, global batch {row['global_batch']}"
+def setting(row: dict, keys: list[str] = ()) -> str:
+    """What every run of the figure shares: the epochs and the global batch, unless varied."""
+    parts = [] if "epochs" in keys else [epochs_text(row["epochs"])]
+    if not {"batch_size", "full_batch"} & set(keys):
+        parts.append(f"global batch {row['global_batch']}")
+    return ", ".join(parts)
 
 
 def epochs_text(epochs: int) -> str:
@@ -191,8 +195,9 @@ def _time_vs_nproc(plt, rows: list[dict], modes: list[str], out: Path) -> Path:
                                       ("efficiency", "^", "efficiency (train)")):
                 ax_speed.plot(x, [r[key] for r in runs], marker=marker, ls=ls,
                               label=f"{mode} {name}")
-        ideal_line(ax_speed, max(nprocs))
-        ax_speed.set_ylim(bottom=0)
+        ideal_line(ax_speed, max(nprocs), [r[key] for runs in parallel.values() for r in runs
+                                           for key in ("speedup", "wall_speedup")])
+        ax_speed.axhline(1, color="black", lw=0.8, label="as fast as seq")
     else:
         ax_speed.text(0.5, 0.5, "no seq run in this sweep:\nno speedup", ha="center",
                       va="center", transform=ax_speed.transAxes)
@@ -207,10 +212,13 @@ def _time_vs_nproc(plt, rows: list[dict], modes: list[str], out: Path) -> Path:
     return _save(fig, plt, out)
 
 
-def ideal_line(ax, largest: int) -> None:
-    """Speedup = nproc, from 1 process: a visible segment even when only one nproc was run."""
+def ideal_line(ax, largest: int, measured: list[float]) -> None:
+    """Speedup = nproc, from 1 process (a visible segment even when only one nproc was run).
+    The measured values set the scale, from 0: the line runs off the top rather than squash
+    speedups of 0.1 to 2 against an ideal of 8."""
     ax.plot([1, max(largest, 2)], [1, max(largest, 2)], color="gray", ls="--", lw=1,
             label="ideal speedup (= nproc)")
+    ax.set_ylim(0, max([2.0, *(1.15 * v for v in measured if v is not None)]))
 
 
 # --- the figures of a --vary grid ---------------------------------------------------------
@@ -247,11 +255,12 @@ def _cells(rows: list[dict], keys: list[str]) -> list[tuple[str, list[dict]]]:
     return list(cells.items())
 
 
-def _values_label(row: dict, keys: list[str]) -> str:
-    def text(value) -> str:
-        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+def _text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
-    return ", ".join(f"{k}={text(row['vary'][k])}" for k in keys)
+
+def _values_label(row: dict, keys: list[str]) -> str:
+    return ", ".join(f"{k}={_text(row['vary'][k])}" for k in keys)
 
 
 def _by_mode(runs: list[dict]) -> dict[str, list[dict]]:
@@ -269,12 +278,12 @@ def _speedup_vs_nproc(plt, rows: list[dict], keys: list[str], out: Path) -> Path
             if mode != "seq":
                 ax.plot([r["nproc"] for r in line], [r["speedup"] for r in line],
                         color=f"C{i % 10}", label=f"{label} ({mode})", **MODE_STYLES[mode])
-    ideal_line(ax, max(nprocs))
+    ideal_line(ax, max(nprocs), [r.get("speedup") for r in rows if r["mode"] != "seq"])
     ax.axhline(1, color="black", lw=0.8, label="as fast as seq")
     ax.set(xlabel="processes (nproc)", ylabel="train speedup (seq train s / run train s)",
-           title=f"Train speedup against nproc, seq of the same cell = 1 ({setting(rows[0])})")
+           title=f"Train speedup against nproc, seq of the same cell = 1 "
+                 f"({setting(rows[0], keys)})")
     ax.set_xticks(sorted({1, *nprocs}))
-    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", title=", ".join(keys))
     return _save(fig, plt, out)
@@ -292,21 +301,28 @@ def _speedup_heatmap(plt, rows: list[dict], modes: list[str], keys: list[str],
               for r in runs}
     top = max([v for v in values.values() if v] + [2.0])
     norm = TwoSlopeNorm(vmin=0, vcenter=1, vmax=top)  # red: slower than seq; blue: faster
+    # Rows are labelled by their values alone (the keys name the axis), and the figure is
+    # sized from the longest label and a fixed width per cell, so that neither the labels nor
+    # the numbers run into each other, however many cells and keys.
+    rows_text = [", ".join(_text(r["vary"][k]) for k in keys) for _, (r, *_) in cells]
+    label_inches = 0.6 + 0.08 * max(len(t) for t in rows_text)
     fig, axes = plt.subplots(1, len(parallel_modes), squeeze=False, constrained_layout=True,
-                             figsize=(2.2 + 1.3 * len(nprocs) * len(parallel_modes),
-                                      1.6 + 0.5 * len(cells)))
+                             figsize=(1.2 + len(parallel_modes) * (label_inches + 0.9 * len(nprocs)),
+                                      1.8 + 0.45 * len(cells)))
     for ax, mode in zip(axes[0], parallel_modes):
         grid = [[values.get((label, mode, n)) for n in nprocs] for label, _ in cells]
         image = ax.imshow([[float("nan") if v is None else v for v in line] for line in grid],
                           cmap="RdBu", norm=norm, aspect="auto")
         for y, line in enumerate(grid):
             for x, v in enumerate(line):
-                ax.text(x, y, "-" if v is None else f"{v:.2f}", ha="center", va="center")
+                dark = v is not None and not 0.2 < norm(v) < 0.8  # white on the deep colours
+                ax.text(x, y, "-" if v is None else f"{v:.2f}", ha="center", va="center",
+                        fontsize="small", color="white" if dark else "black")
         ax.set_xticks(range(len(nprocs)), [str(n) for n in nprocs])
-        ax.set_yticks(range(len(cells)), [label for label, _ in cells])
-        ax.set(xlabel="processes (nproc)", title=f"{mode}: train speedup")
+        ax.set_yticks(range(len(cells)), rows_text)
+        ax.set(xlabel="processes (nproc)", ylabel=", ".join(keys), title=f"{mode}: train speedup")
     fig.colorbar(image, ax=axes[0].tolist(), label="speedup (1 = seq)")
-    fig.suptitle(setting(rows[0]))
+    fig.suptitle(setting(rows[0], keys))
     return _save(fig, plt, out)
 
 
@@ -318,7 +334,7 @@ def _memory_vs_nproc(plt, rows: list[dict], keys: list[str], out: Path) -> Path:
               ("seconds per epoch (training steps)", lambda r: r.get("epoch_seconds")))
     from matplotlib.ticker import LogFormatter
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5), layout="constrained")
     nprocs = sorted({r["nproc"] for r in rows})
     for ax, (ylabel, value) in zip(axes, panels):
         for i, (label, runs) in enumerate(_cells(rows, keys)):
@@ -332,66 +348,90 @@ def _memory_vs_nproc(plt, rows: list[dict], keys: list[str], out: Path) -> Path:
         ax.yaxis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 1)))
         ax.set_xticks(nprocs)
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize="small", title=", ".join(keys))
+    # Beside the panels, not over a panel's lines (a grid has a line per cell and mode).
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper",
+               fontsize="small", title=", ".join(keys))
     fig.suptitle("Memory and time per rank against nproc (star: seq, solid: ddp, dashed: "
-                 f"fsdp; {setting(rows[0])})")
+                 f"fsdp; {setting(rows[0], keys)})")
     return _save(fig, plt, out)
 
 
 def _accuracy_vs_batch(plt, rows: list[dict], keys: list[str], sweep_dir: Path) -> Path:
-    """Test accuracy against the global batch, one line per value of the other varied keys:
-    all of it on the left, the region around the reference batch's accuracy on the right.
-    The seq runs make the lines, parallel runs are open markers on them."""
+    """Test accuracy against the global batch, one line per value of the other varied keys.
+    The seq runs make the lines, parallel runs are open markers on them. Where the lines have
+    a seq run at the lr rule's reference batch, a band marks 1 point below it (one band per
+    model: lines that train the same model there share it), and a second panel zooms in."""
     others = [k for k in keys if k not in ("batch_size", "full_batch")]
-    base, ref = _baseline(rows, sweep_dir)
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), constrained_layout=True)
+    cells = _cells(rows, others) if others else [("", rows)]
+    ref = _reference_batch(sweep_dir)
+    bands = _bands(cells, ref)
+    fig, axes = plt.subplots(1, 2 if bands else 1, squeeze=False, figsize=(15 if bands else 8.5, 5.5),
+                             constrained_layout=True)
+    axes = axes[0]
+    batches = sorted({r["global_batch"] for r in rows})
     for ax in axes:
-        _accuracy_lines(ax, rows, others)
-        if base is not None:
-            ax.axhspan(base - 0.01, base, color="gray", alpha=0.2,
-                       label=f"within 1 point of batch {ref} ({base:.4f})")
-        batches = sorted({r["global_batch"] for r in rows})
+        _accuracy_lines(ax, cells)
+        for accuracy, color, label in bands:
+            ax.axhspan(accuracy - 0.01, accuracy, color=color, alpha=0.15, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.set(xlabel="global batch (samples per update)", ylabel="final test accuracy")
         ax.grid(alpha=0.3)
-    top = max(r["test_accuracy"] for r in rows)
-    if base is not None:
-        axes[1].set_ylim(base - 0.04, top + 0.005)
-    axes[0].set_title("all runs")
-    axes[1].set_title("near the reference batch's accuracy (the band: within 1 point)")
+    if bands:
+        top = max(r["test_accuracy"] for r in rows)
+        axes[1].set_ylim(min(a for a, _, _ in bands) - 0.04, top + 0.005)
+        axes[0].set_title("all runs")
+        axes[1].set_title(f"near the accuracy at the reference batch {ref} (band: within 1 point)")
     axes[0].legend(fontsize="small", title=", ".join(others) or None)
     fig.suptitle(f"Test accuracy against the global batch after {epochs_text(rows[0]['epochs'])}")
     return _save(fig, plt, sweep_dir / "accuracy_vs_batch.png")
 
 
-def _accuracy_lines(ax, rows: list[dict], others: list[str]) -> None:
-    cells = _cells(rows, others) if others else [("", rows)]
+def _accuracy_lines(ax, cells: list[tuple[str, list[dict]]]) -> None:
+    drawn = set()
     for i, (label, runs) in enumerate(cells):
         seq = sorted((r for r in runs if r["mode"] == "seq"), key=lambda r: r["global_batch"])
-        # Shrinking markers: a line drawn exactly over an earlier one leaves it visible.
-        ax.plot([r["global_batch"] for r in seq], [r["test_accuracy"] for r in seq],
-                marker="osD^vPX"[i % 7], ms=11 - 6 * i / max(len(cells) - 1, 1),
-                color=f"C{i % 10}", label=label or "seq")
+        points = tuple((r["global_batch"], r["test_accuracy"]) for r in seq)
+        # Shrinking markers: one drawn exactly over an earlier one leaves it visible. A line
+        # equal to an earlier one (lr_scaling=seed trains seq as linear does; a warmup from
+        # the lr to itself changes nothing) is dashed, so that both show.
+        shrink = i / max(len(cells) - 1, 1)
+        ax.plot([b for b, _ in points], [a for _, a in points], marker="osD^vPX"[i % 7],
+                ms=11 - 6 * shrink, lw=2.5 if points in drawn else 2, color=f"C{i % 10}",
+                ls=(0, (3, 3)) if points in drawn else "-",
+                label=(label or "seq") + (" (= a line above)" if points in drawn else ""))
+        drawn.add(points)
         for r in (r for r in runs if r["mode"] != "seq"):
             ax.plot(r["global_batch"], r["test_accuracy"], ls="", marker="osD^v"[r["nproc"] % 5],
                     mfc="none", ms=13, color=f"C{i % 10}")
-    for mode, n in sorted({(r["mode"], r["nproc"]) for r in rows if r["mode"] != "seq"}):
+    parallel = {(r["mode"], r["nproc"]) for _, runs in cells for r in runs if r["mode"] != "seq"}
+    for mode, n in sorted(parallel):
         ax.plot([], [], ls="", marker="osD^v"[n % 5], mfc="none", ms=13, color="gray",
                 label=f"{mode} x{n} (open markers)")
 
 
-def _baseline(rows: list[dict], sweep_dir: Path) -> tuple[float | None, int | None]:
-    """Mean test accuracy of the seq runs at the lr rule's reference batch, and that batch."""
+def _reference_batch(sweep_dir: Path) -> int | None:
+    """The lr rule's reference batch (the sweep's ref_batch_size)."""
     from dptrain.config import build_config, read_toml
     from dptrain.study.sweep import SWEEP_CONFIG
 
     try:
-        ref = build_config(read_toml(sweep_dir / SWEEP_CONFIG)).optim.ref_batch_size
+        return build_config(read_toml(sweep_dir / SWEEP_CONFIG)).optim.ref_batch_size
     except UserError:
-        return None, None
-    at_ref = [r["test_accuracy"] for r in rows if r["global_batch"] == ref and r["mode"] == "seq"]
-    return (sum(at_ref) / len(at_ref), ref) if at_ref else (None, ref)
+        return None
+
+
+def _bands(cells: list[tuple[str, list[dict]]], ref: int | None) -> list[tuple[float, str, str]]:
+    """(accuracy, colour, label) of each distinct seq accuracy at the reference batch: one gray
+    band where every line has the same model there, else one per line, in its colour (an
+    average of two models' accuracies would describe neither)."""
+    at_ref = [(i, r["test_accuracy"]) for i, (_, runs) in enumerate(cells) for r in runs
+              if r["mode"] == "seq" and r["global_batch"] == ref]
+    if not at_ref:
+        return []
+    if len({a for _, a in at_ref}) == 1:
+        return [(at_ref[0][1], "gray", f"within 1 point of batch {ref} ({at_ref[0][1]:.4f})")]
+    return [(a, f"C{i % 10}", f"within 1 point of its batch {ref} ({a:.4f})") for i, a in at_ref]
 
 
 def _save(fig, plt, out: Path) -> Path:
