@@ -97,37 +97,52 @@ def comm_hook(grad_sync: str, knobs: DDPConfig, params: list[torch.Tensor], env,
     """
     compress, rank = parse_grad_compress(knobs.grad_compress)
     if knobs.local_sgd:
-        from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (
-            PostLocalSGDState, post_localSGD_hook)
-
-        # post_local_gradient_allreduce=False: after the warm-up each rank steps on its own
-        # gradients (no subgroup sums); the averager (DDPStrategy.wrap_optimizer) averages.
-        state = PostLocalSGDState(process_group=None, subgroup=None,
-                                  start_localSGD_iter=knobs.local_sgd_warmup,
-                                  post_local_gradient_allreduce=False)
-        return state, scaled(post_localSGD_hook, env.world_size)
+        return _local_sgd(knobs, env.world_size)
     if compress in ("fp16", "bf16"):
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        wrapper = {"fp16": default_hooks.fp16_compress_wrapper,
-                   "bf16": default_hooks.bf16_compress_wrapper}[compress]
-        return None, wrapper(sum_hook)
+        return None, _cast_sum(compress)
     if compress == "powersgd":
-        from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import (
-            PowerSGDState, powerSGD_hook)
-
-        # torch's recommended settings: error feedback and warm start on; a layer is compressed
-        # only where its factors are at most half its size (min_compression_rate 2).
-        state = PowerSGDState(process_group=None, matrix_approximation_rank=rank,
-                              start_powerSGD_iter=knobs.powersgd_warmup, min_compression_rate=2,
-                              use_error_feedback=True, warm_start=True, random_seed=0)
-        return PowerSGD(state, params), scaled(powersgd_hook, env.world_size)
+        return _powersgd(rank, knobs, params, env.world_size)
     if grad_sync == "shm":
         from dptrain.distributed.shm_sum import SharedMemorySum
 
         numel = sum(p.numel() for p in params)
         return SharedMemorySum(numel, env.rank, env.world_size, timeout_s), shm_sum_hook
     return None, sum_hook
+
+
+def _local_sgd(knobs: DDPConfig, world_size: int) -> tuple[Any, Hook]:
+    """torch's post-local SGD hook: its warm-up sums; after it, no gradient sync (no subgroup
+    sums, post_local_gradient_allreduce=False): each rank steps on its own gradients, and
+    DDPStrategy.make_optimizer's averager averages the parameters."""
+    from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (
+        PostLocalSGDState, post_localSGD_hook)
+
+    state = PostLocalSGDState(process_group=None, subgroup=None,
+                              start_localSGD_iter=knobs.local_sgd_warmup,
+                              post_local_gradient_allreduce=False)
+    return state, scaled(post_localSGD_hook, world_size)
+
+
+def _cast_sum(dtype_name: str) -> Hook:
+    """dptrain's sum, its bucket cast to fp16 or bf16 first and back after (torch's wrappers)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    wrapper = {"fp16": default_hooks.fp16_compress_wrapper,
+               "bf16": default_hooks.bf16_compress_wrapper}[dtype_name]
+    return wrapper(sum_hook)
+
+
+def _powersgd(rank: int, knobs: DDPConfig, params: list[torch.Tensor],
+              world_size: int) -> tuple[Any, Hook]:
+    """torch's PowerSGD at `rank` with its recommended settings: error feedback and warm start
+    on; a layer is compressed only where its factors are at most half its size
+    (min_compression_rate 2)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import PowerSGDState
+
+    state = PowerSGDState(process_group=None, matrix_approximation_rank=rank,
+                          start_powerSGD_iter=knobs.powersgd_warmup, min_compression_rate=2,
+                          use_error_feedback=True, warm_start=True, random_seed=0)
+    return PowerSGD(state, params), scaled(powersgd_hook, world_size)
 
 
 class PowerSGD:
