@@ -15,7 +15,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from dptrain.config import (ACTIVATIONS, BACKENDS, BEST_METRICS, DECAYING, DEVICES, GRAD_SYNCS,
                             LOSSES, LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
-                            START_METHODS, Config, ConfigError)
+                            POWERSGD_RANK, START_METHODS, Config, ConfigError)
 
 _DEFAULTS = Config()
 TRAIN = "Training"
@@ -150,9 +150,10 @@ def process_group_flags(
 def ddp_flags(
     grad_compress: Annotated[Optional[str], _opt(
         "none|fp16|bf16|powersgd[:RANK]: what the gradient sum sends. fp16/bf16: each rank's "
-        "gradients cast, summed in that type; powersgd: torch's PowerSGD (rank-RANK factors, "
-        "error feedback) after --powersgd-warmup plain sums. Sums through the process group "
-        "(not --grad-sync shm).", _DEFAULTS.ddp.grad_compress, DDP)] = None,
+        "gradients cast, summed in that type; powersgd: torch's PowerSGD (factors of rank "
+        f"RANK, {POWERSGD_RANK} if not given; error feedback) after --powersgd-warmup plain "
+        "sums. Sums through the process group (not --grad-sync shm).",
+        _DEFAULTS.ddp.grad_compress, DDP)] = None,
     powersgd_warmup: Annotated[Optional[int], _opt(
         "Updates with the plain sum before PowerSGD compresses (>= 2).",
         _DEFAULTS.ddp.powersgd_warmup, DDP)] = None,
@@ -165,8 +166,8 @@ def ddp_flags(
         _DEFAULTS.ddp.local_sgd_warmup, DDP)] = None,
     zero: Annotated[Optional[bool], _opt(
         "ZeRO stage 1 (torch's ZeroRedundancyOptimizer): each rank holds the optimizer state "
-        "of 1/N of the parameters; the same parameters as without (so it may change on "
-        "--resume).", "no-zero", DDP, "--zero/--no-zero")] = None,
+        "of its share of the parameter tensors (about 1/N); the same parameters as without "
+        "(so it may change on --resume).", "no-zero", DDP, "--zero/--no-zero")] = None,
 ) -> None:
     """Declares ddp's own knobs (ddp, the worker and the sweep); never called."""
 
