@@ -32,11 +32,13 @@ with wire bytes = 4P / the compression ratio, rounds = 1 (fp16, bf16) or 3 (Powe
 uncompressed vectors, then P, then Q), the times to compress and to average fitted to
 benchmarks/compress_cost.py (seconds = o + k * P per method), and a link (l_link, s_link):
 this node's gloo all_reduce (fitted to benchmarks/grad_sync.py's collective rows at 2 ranks;
-compression and local SGD sum through the process group), this node's shared-memory sum (the
-fit's own l and s), or two nodes on an Ethernet link (ASSUMED_LINKS). It prints the predicted
-against the measured ms per update of every knob run of KNOB_SWEEP (ddp runs with n <= cores)
-and, per link, the width from which each knob takes less time per update than plain ddp; it
-writes knob_model.json.
+compression and local SGD sum through the process group), this node's shared-memory sum
+(fitted to its shm rows; the fit's l and s keep what ddp pays besides it), or two nodes on an
+Ethernet link (ASSUMED_LINKS). It prints the predicted against the measured ms per update of
+every knob run of KNOB_SWEEP (ddp runs with n <= cores) and the width from which each knob
+takes less time per update than plain ddp: on this node (the knob on gloo, plain ddp on the
+shared-memory sum that auto picks; and both on shared memory, which dptrain does not offer)
+and on each Ethernet link; it writes knob_model.json.
 """
 
 from __future__ import annotations
@@ -276,17 +278,19 @@ def knob_step_seconds(coef, knob: str, params: float, batch: float, nproc: int, 
     return besides + rounds * latency + per_byte * wire * ring + o + k * params
 
 
-def pays_from(coef, knob: str, batch: float, link, shm, fitted, compress_cost,
+def pays_from(coef, knob: str, batch: float, links: tuple, shm, fitted, compress_cost,
               cores: int) -> float | None:
-    """The fewest parameters (from 1e4 to 1e9) from which `knob` beats plain ddp at 2 ranks on
-    `link`, for good (it stays ahead up to 1e9); None if it is behind at 1e9."""
+    """The fewest parameters (from 1e4 to 1e9) from which `knob` on the first of `links` beats
+    plain ddp on the second, at 2 ranks, for good (it stays ahead up to 1e9); None if it is
+    behind at 1e9."""
     sizes = np.geomspace(1e4, 1e9, 400)
+    knob_link, plain_link = links
 
-    def seconds(name, p):
+    def seconds(name, p, link):
         return knob_step_seconds(coef, name, p, batch, 2, cores, link, shm, fitted,
                                  compress_cost)
 
-    ahead = [seconds(knob, p) < seconds("plain", p) for p in sizes]
+    ahead = [seconds(knob, p, knob_link) < seconds("plain", p, plain_link) for p in sizes]
     if not ahead[-1]:
         return None
     last_behind = max((i for i, a in enumerate(ahead) if not a), default=-1)
@@ -322,6 +326,11 @@ def knob_report(coef, cores: int, batch: float, sweep_dirs: list[Path], grad_syn
     fitted = overheads(compress_cost)
     gloo, shm = sum_link(grad_sync, "collective"), sum_link(grad_sync, "shm")
     links = {"this node, shared memory": shm, "this node, gloo": gloo, **ASSUMED_LINKS}
+    # (the knob's link, plain ddp's): on this node plain ddp keeps the shared-memory sum (auto)
+    # while torch's hooks go through gloo; both on shared memory is what dptrain does not offer.
+    pairs = {"this node (knob on gloo, plain ddp on shared memory)": (gloo, shm),
+             "this node, both on shared memory (not offered)": (shm, shm),
+             **{name: (link, link) for name, link in ASSUMED_LINKS.items()}}
     runs = knob_runs(sweep_dirs, cores)
     for r in runs:
         link = gloo if r["grad_sync"] == "collective" else shm
@@ -331,10 +340,10 @@ def knob_report(coef, cores: int, batch: float, sweep_dirs: list[Path], grad_syn
     knobs = ["fp16", "bf16", *(m for m in compress_cost["rows"][0]["methods"]
                                if m.startswith("powersgd")), "local:4", "local:16"]
     pays = {}
-    for name, link in links.items():
+    for name, pair in pairs.items():
         pays[name] = {}
         for knob in knobs:
-            where = pays_from(coef, knob, batch, link, shm, fitted, compress_cost, cores)
+            where = pays_from(coef, knob, batch, pair, shm, fitted, compress_cost, cores)
             pays[name][knob] = {"params": where, "hidden": width_of(where) if where else None}
     return {"links": {k: {"latency_s": v[0], "s_per_byte": v[1]} for k, v in links.items()},
             "assumed_links": list(ASSUMED_LINKS), "overheads": fitted, "runs": runs,

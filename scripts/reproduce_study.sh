@@ -125,14 +125,17 @@ if wanted g; then
     "${dptrain[@]}" report "$out/g-nproc"
 fi
 if wanted h; then
+    mkdir -p "$out/h"
     knob_sweeps=()
+    more=""
+    $more_knobs && more=", --local-sgd $local_sgd, --zero, --accumulate 1,4 x --precision fp32,bf16"
     for width in "${knob_widths[@]}"; do
         IFS=: read -r hidden ep knob_nprocs <<< "$width"
         dir="$out/h/${hidden//,/-}"
         knob=("${dptrain[@]}" sweep --config $cfg/h-knobs.toml --hidden "$hidden" --epochs "$ep" --force)
         step "h. section 5: hidden $hidden, $(epochs $ep): seq at seeds $seeds (the reference and its band)"
         "${knob[@]}" --mode seq --vary seed=$seeds --out "$dir/band"
-        step "h. ddp x $knob_nprocs: --grad-compress $compressions, --local-sgd $local_sgd, --zero, --accumulate, --precision"
+        step "h. ddp x $knob_nprocs: --grad-compress $compressions$more"
         # --no-seq: the band sweep holds every cell's seq fp32 reference (seed 0)
         "${knob[@]}" --mode ddp --nproc "$knob_nprocs" --no-seq --vary grad_compress=$compressions --out "$dir/compress"
         knob_sweeps+=("$dir/band" "$dir/compress")
