@@ -1,4 +1,4 @@
-"""The study and model-use commands: sweep, plot, report, evaluate, predict.
+"""The study and model-use commands: sweep, plan, plot, report, evaluate, predict.
 
 Registered on the CLI's app by `register(app)`. Importing this module costs nothing: torch,
 matplotlib and Pillow are imported inside the commands that need them.
@@ -130,6 +130,84 @@ def _sweep_plan(mode, nproc, vary, no_seq, flags: dict):
     return grid, config, out, False
 
 
+def plan_flags(
+    target_accuracy: Annotated[Optional[float], typer.Option(
+        help="The validation accuracy to reach. Else the target is what --epochs (the "
+             "config's, 25 built in) reach at the configured batch. \\[default: none]",
+        show_default=False, rich_help_panel="Plan")] = None,
+    max_nproc: Annotated[Optional[int], typer.Option(
+        help="The most processes to consider. \\[default: this machine's cores]",
+        show_default=False, rich_help_panel="Plan")] = None,
+    budget: Annotated[float, typer.Option(
+        help="Seconds the calibration run (ddp x2 at the configured batch) may train to reach "
+             "the target.", rich_help_panel="Plan")] = 30.0,
+    constants: Annotated[Optional[Path], typer.Option(
+        help="Reuse the cost-model constants of an earlier plan on this machine (its plan.json "
+             "or folder) instead of timing updates. \\[default: measure]", show_default=False,
+        rich_help_panel="Plan")] = None,
+) -> None:
+    """Declares the plan's own options; never called."""
+
+
+PLAN_HELPS = {
+    "out": Annotated[Optional[str], _opt("Plan folder: plan.json, the calibration run and its "
+                                         "log.", "runs/plan-<timestamp>", TRAIN)],
+    "force": Annotated[bool, typer.Option("--force", help="Replace a plan in --out.",
+                                          rich_help_panel=TRAIN)],
+    "epochs": Annotated[Optional[int], _opt(
+        "Without --target-accuracy: the target is the validation accuracy these epochs reach at "
+        "the configured batch (the calibration run trains them).", 25)],
+    "threads": Annotated[Optional[int], _opt(
+        "Intra-op threads per process, timed and recommended; 0 = 1 (the cost model's).", 1,
+        SYSTEM)],
+}
+# Flags of a training run that plan cannot honour: its runs are measurements, without
+# checkpoints, and it predicts a constant lr after the warmup.
+PLAN_REFUSES = {
+    "resume": "--resume continues a training run; plan starts none to continue",
+    "checkpoint_every": "--checkpoint-every: plan's runs write no checkpoints",
+    "keep": "--keep: plan's runs write no checkpoints",
+    "keep_best": "--keep-best: plan's runs write no checkpoints",
+}
+
+
+def plan(target_accuracy: float | None, max_nproc: int | None, budget: float,
+         constants: Path | None, **flags) -> None:
+    from dptrain.study.plan import PLAN_JSON, make_plan, plan_table
+
+    refused = [line for key, line in PLAN_REFUSES.items() if flags.get(key)]
+    if refused:
+        raise UserError("; ".join(refused))
+    if target_accuracy is not None and flags.get("epochs") is not None:
+        raise UserError("--target-accuracy and --epochs both set the target; pass one of them")
+    if target_accuracy is not None and not 0 < target_accuracy < 1:
+        raise UserError(f"--target-accuracy {target_accuracy}: expected a fraction between 0 "
+                        "and 1, e.g. 0.95")
+    if max_nproc is not None and max_nproc < 1:
+        raise UserError(f"--max-nproc {max_nproc}: expected at least 1 process")
+    if not budget > 0:
+        raise UserError(f"--budget {budget:g}: expected a positive number of seconds")
+    config = config_from_flags(flags)
+    if config.optim.lr_schedule != "constant":
+        raise UserError(f"--lr-schedule {config.optim.lr_schedule}: plan predicts a constant lr "
+                        "after the warmup (a schedule over the epochs changes with them); plan "
+                        "without it, then add it to the command plan recommends")
+    out = Path(flags["out"]) if flags.get("out") else default_out_dir("plan")
+    if (out / PLAN_JSON).exists() and not flags["force"]:
+        raise UserError(f"--out {out} already holds a plan ({PLAN_JSON}); choose another "
+                        "folder, or pass --force to replace it")
+    console = make_console(highlight=False)
+    result = make_plan(config, target=target_accuracy, max_nproc=max_nproc, budget=budget,
+                       out=out, constants_from=constants, echo=console.print)
+    console.print(plan_table(result))
+    best = result["recommendation"]
+    console.print(f"run: [bold]{best['command']}[/]", soft_wrap=True)  # one line, to copy
+    console.print(f"  {best['reason']}")
+    seconds = result["seconds"]
+    console.print(f"plan took {seconds['total']:.1f} s (timing {seconds['constants']:.1f} s, "
+                  f"calibration {seconds['calibration']:.1f} s); {out / PLAN_JSON}")
+
+
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to draw on one figure.")],
     out: Annotated[Path, typer.Option(help="The PNG to write.")] = Path("plot.png"),
@@ -215,6 +293,12 @@ def register(app: typer.Typer) -> None:
                      "SWEEP_DIR continues an interrupted sweep.")(
         with_flags(_user_errors(sweep), sweep_flags, training_flags, process_group_flags,
                    ddp_flags, helps=SWEEP_HELPS))
+    app.command("plan", cls=Command,
+                help="Predict the fastest process count and global batch to reach a validation "
+                     "accuracy on this machine: time a few updates, train one short calibration "
+                     "run, print the table and the command to run; plan.json in --out.")(
+        with_flags(_user_errors(plan), plan_flags, training_flags, process_group_flags,
+                   helps=PLAN_HELPS))
     app.command("plot", cls=Command,
                 help="Loss and validation accuracy curves of runs, as one PNG; a run still "
                      "training is drawn up to its last finished epoch.")(_wrap(plot))

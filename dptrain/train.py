@@ -23,6 +23,7 @@ from dptrain.components.best import best_record, early_stop_line, is_new_best
 from dptrain.components.data import Mnist, Split, epoch_order, shard_bounds
 from dptrain.errors import UserError
 from dptrain.components.model import LOSS_SUMS, MLP
+from dptrain.components.noise import epoch_batches, estimate
 from dptrain.storage.runlog import RunLog
 from dptrain.components.step import (EagerStep, NonFiniteGuard, autocast, make_optimizer,
                                      make_step)
@@ -96,8 +97,9 @@ def evaluate(model: nn.Module, samples: Samples, rows: np.ndarray, strategy: Str
 
 
 def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan,
-                strategy: Strategy, first_step: int) -> float:
-    """One pass over the train split; returns the mean train loss over all ranks.
+                strategy: Strategy, first_step: int) -> tuple[float, dict]:
+    """One pass over the train split; returns the mean train loss over all ranks and the
+    epoch's gradient noise scale record (noise.estimate; empty where the run has none).
 
     The host reads the device once, at the end. Raises NonFinite if an update's gradients were
     not finite on any rank: that update and the rest of the epoch's were not applied.
@@ -106,13 +108,17 @@ def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan
     batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
     for index, rows in enumerate(batches):
         step(index, rank_slice(rows, strategy), len(rows), plan.lr_at(first_step + index))
-    loss_sum, skipped = strategy.all_reduce_sum(step.end_epoch()).tolist()
+    loss_sum, skipped, *norms = strategy.all_reduce_sum(step.end_epoch()).tolist()
     if skipped:
         # Ranks that hold different gradient shards (fsdp) may have stopped at different
         # updates; the earliest counts. Only a run that is about to stop gets here.
         first = plan.updates_per_epoch - max(strategy.gather_object(int(step.end_epoch()[1])))
         raise NonFinite(first_step + first, step.loss_at(first))
-    return loss_sum / plan.samples_per_epoch
+    noise = {}
+    if step.tap is not None:
+        batches = epoch_batches(plan.samples_per_epoch, plan.global_batch)
+        noise = estimate(norms, batches, step.tap.parts, plan.n_train)
+    return loss_sum / plan.samples_per_epoch, noise
 
 
 def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: Split,
@@ -131,8 +137,11 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         checkpoint.restore(strategy, model, optimizer, resume)
         records, earlier_seconds = list(resume.records), resume.meta["train_seconds"]
     loss_sum = LOSS_SUMS[config.train.loss]
+    # The noise scale's small batches: the ranks' shares, or seq's micro-batches (noise.py).
+    tap = strategy.gradient_tap(model, micro_batches=config.train.accumulate)
     step = make_step(strategy, model, optimizer, samples, guard, config.optim.clip_grad_norm,
-                     accumulate=config.train.accumulate, precision=config.train.precision)
+                     accumulate=config.train.accumulate, precision=config.train.precision,
+                     tap=tap)
     evaluate_ = functools.partial(evaluate, model, samples, strategy=strategy, loss_sum=loss_sum,
                                   batch=config.train.eval_batch_size,
                                   precision=config.train.precision)
@@ -148,7 +157,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         order = epoch_order(split.train, config.train.seed, epoch)
         first_step = (epoch - 1) * plan.updates_per_epoch
         try:
-            train_loss = train_epoch(step, samples, order, plan, strategy, first_step)
+            train_loss, noise = train_epoch(step, samples, order, plan, strategy, first_step)
         except NonFinite as e:
             raise _diverged(e, epoch, plan, log.out) from None
         strategy.end_epoch(model)
@@ -164,7 +173,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
                         "epoch_seconds": epoch_seconds,
                         "val_seconds": time.perf_counter() - start - epoch_seconds,
                         "samples_per_second": plan.samples_per_epoch / epoch_seconds,
-                        "checkpoint_seconds": 0.0})
+                        "checkpoint_seconds": 0.0, **noise})
         # Every rank holds the same records, so all decide alike (no collective).
         stop = early_stop_line(records, config.train)
         trained = earlier_seconds + time.perf_counter() - loop_start - saving
@@ -191,6 +200,7 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
             "epochs_trained": last["epoch"], "stopped_early": bool(stop),
             "best_epoch": best["epoch"], "best_metric": config.train.best_metric,
             "best_value": best[config.train.best_metric],
+            **({"noise_scale": last["noise_scale"]} if "noise_scale" in last else {}),
             "memory": memory, "state_dict": state}
 
 

@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # Reproduce the seed study (cases a-c), go beyond it (d, e), and answer the study's part 2:
 # when data parallelism pays (f, section 2), what FSDP saves (f, section 3), how to scale the
-# lr with the batch (g, section 4), what each knob buys (h, section 5). See docs/STUDY.md.
+# lr with the batch (g, section 4), what each knob buys (h, section 5), and check
+# `dptrain plan` against real runs (p, section 6). See docs/STUDY.md.
 #
 #   scripts/reproduce_study.sh [--quick] [--out DIR] [--only CASES]   (DIR defaults to runs/study)
 #
 # --quick: 1 epoch per run, nproc 2 instead of 1,2,4,6,8 (8 becomes 2), and small grids: a smoke
-# test of the whole pipeline in about a minute, not a result. --only: a comma-separated subset
-# of a,b,c,d,e,f,g,h (b and e also draw on a and c's runs; h's cost model on f's). Runs are
-# replaced (--force) when rerun.
+# test of the whole pipeline (but p) in about a minute, not a result. --only: a comma-separated
+# subset of a,b,c,d,e,f,g,h,p (b and e also draw on a and c's runs; h's cost model on f's). Runs
+# are replaced (--force) when rerun, except p's, which continue where they stopped (their
+# timings: p's quiet-machine part).
 # Set DPTRAIN to choose the command (default: python -m dptrain), PYTHON for the benchmarks.
 set -euo pipefail
 
 out=runs/study
 quick=false
-only=a,b,c,d,e,f,g,h
+only=a,b,c,d,e,f,g,h,p
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) quick=true; shift ;;
         --out) out="$2"; shift 2 ;;
         --only) only="$2"; shift 2 ;;
-        *) echo "usage: $0 [--quick] [--out DIR] [--only a,b,c,d,e,f,g,h]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--quick] [--out DIR] [--only a,b,c,d,e,f,g,h,p]" >&2; exit 2 ;;
     esac
 done
 # A relative --out means the caller's folder, not the repository's.
@@ -47,6 +49,7 @@ compressions=none,fp16,bf16,powersgd
 local_sgd=4,16
 more_knobs=true
 cost_args=()
+plan_settings=adam-16,sgd-16,adam-1024,sgd-1024   # section 6: optimizer-width (not --quick)
 extra=(--force)
 if $quick; then
     nprocs=2
@@ -160,5 +163,13 @@ if wanted h; then
     else
         echo "h: no $out/f (case f) to fit the base cost model on; run --only f,h"
     fi
+fi
+# --quick skips p (its runs are long by nature; tests/test_plan.py runs a plan end to end).
+if wanted p && ! $quick; then
+    step "p. section 6: plan's predicted updates against real runs, $plan_settings"
+    $python benchmarks/plan_check.py updates --out "$out/p" --settings "$plan_settings"
+    step "p. section 6: timings (seconds per update, time to target, the plan itself)"
+    $python benchmarks/plan_check.py times --out "$out/p" --settings "$plan_settings"
+    $python benchmarks/plan_check.py compare --out "$out/p"
 fi
 echo "study done in $((SECONDS - started)) s; results in $out"

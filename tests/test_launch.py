@@ -29,6 +29,9 @@ def one_gpu(monkeypatch):
     ("cpu", "fresh", True), ("cuda", "fork", False)])
 def test_start_method_choices(one_gpu, monkeypatch, device, method, fresh):
     monkeypatch.setenv(FORKED_ENV, "")  # fork_workers sets it; restored after the test
+    # Whether this process may still fork CUDA workers depends on what earlier tests asked
+    # CUDA in it; the fallback when it may not has its own tests below.
+    monkeypatch.setattr(launch, "fork_poisoned", lambda: False)
     config = build_config({}, {"device": device, "start_method": method})
     assert (worker_entry("ddp", config) == ["-m", "dptrain.worker"]) == fresh
     assert bool(os.environ[FORKED_ENV]) != fresh

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dptrain.config import OptimConfig
+from dptrain.components.noise import GradientTap
 from dptrain.components.optim import FusedAdam, FusedSGD
 from dptrain.errors import UserError
 
@@ -76,16 +77,20 @@ class EagerStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
                  guard: NonFiniteGuard, strategy, clip_grad_norm: float = 0.0, *,
-                 accumulate: int = 1, precision: str = "fp32"):
+                 accumulate: int = 1, precision: str = "fp32",
+                 tap: GradientTap | None = None):
         self.model, self.optimizer, self.samples = model, optimizer, samples
         self.guard, self.strategy, self.accumulate = guard, strategy, accumulate
         self.clip_grad_norm = clip_grad_norm  # 0 = no clipping
         self._autocast = autocast(precision, samples.device)  # entered once per forward
+        self.tap = tap  # the gradient noise scale's norms (noise.py), where a run has them
         # Per update of the epoch: [this rank's loss sum, the guard's flag after its check].
         self._record = torch.zeros(0, 2, dtype=torch.float32, device=samples.device)
 
     def begin_epoch(self, updates: int) -> None:
         self.guard.reset()
+        if self.tap is not None:
+            self.tap.begin_epoch()
         if len(self._record) != updates:
             self._record = torch.zeros(updates, 2, dtype=torch.float32, device=self.samples.device)
 
@@ -93,6 +98,8 @@ class EagerStep:
         """Update `index` of the epoch on this rank's `rows` of a global batch of that size."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.tap is not None:
+            self.tap.begin_update(index)
         self.optimizer.zero_grad(set_to_none=True)
         # Every rank runs K micro-batches (fsdp gathers parameters in each forward); those of a
         # short tail batch may be empty.
@@ -102,7 +109,10 @@ class EagerStep:
             with self.strategy.no_gradient_sync(self.model):
                 losses.append(self._forward_backward(micro_rows, global_batch))
         losses.append(self._forward_backward(last, global_batch))
-        self.guard.check(self.strategy.local_gradients(self.model))
+        grads = self.strategy.local_gradients(self.model)
+        self.guard.check(grads)
+        if self.tap is not None:  # the summed gradient as computed, before any clipping
+            self.tap.summed(grads)
         if self.clip_grad_norm:
             self.strategy.clip_gradients(self.model, self.clip_grad_norm)
         self.optimizer.step()
@@ -121,8 +131,12 @@ class EagerStep:
         return loss.detach()
 
     def end_epoch(self) -> torch.Tensor:
-        """[this rank's loss sum over the epoch, updates skipped] (float64, on the device)."""
-        return self._record.sum(0, dtype=torch.float64)
+        """[this rank's loss sum over the epoch, updates skipped, then the tap's matrix, if
+        any] (float64, on the device): what the epoch's one all-reduce sums."""
+        totals = self._record.sum(0, dtype=torch.float64)
+        if self.tap is None:
+            return totals
+        return torch.cat([totals, self.tap.end_epoch(len(self._record))])
 
     def loss_at(self, index: int) -> float:
         """This rank's loss sum at update `index` of the last epoch (for the stop line)."""
@@ -131,7 +145,7 @@ class EagerStep:
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
               guard: NonFiniteGuard, clip_grad_norm: float = 0.0, *, accumulate: int = 1,
-              precision: str = "fp32") -> EagerStep:
+              precision: str = "fp32", tap: GradientTap | None = None) -> EagerStep:
     """The step implementation for the strategy's device. The eager step is the only one so
     far; a CUDA-graphed step is the planned second (issue 10), behind these same methods."""
     device = strategy.device
@@ -139,4 +153,4 @@ def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samp
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
                         "bfloat16 support; use --precision fp32")
     return EagerStep(model, optimizer, samples, guard, strategy, clip_grad_norm,
-                     accumulate=accumulate, precision=precision)
+                     accumulate=accumulate, precision=precision, tap=tap)

@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dptrain.config import DDPConfig, SystemConfig
+from dptrain.components import noise
+from dptrain.components.noise import GradientTap
+from dptrain.config import DDPConfig, SystemConfig, cpu_cores
 from dptrain.distributed import gradsum
 from dptrain.errors import UserError
 from dptrain.storage.runlog import peak_rss_bytes, write_atomic
@@ -169,6 +171,15 @@ class Strategy:
         it holds; the next backward outside sums them all over ranks (--accumulate)."""
         return contextlib.nullcontext()
 
+    def gradient_tap(self, model: nn.Module, micro_batches: int) -> GradientTap | None:
+        """What reads the gradient noise scale's small batches (components/noise.py): in one
+        process, the micro-batches of an update; None where an update has fewer than two."""
+        if micro_batches < 2:
+            return None
+        tap = GradientTap(self.device, micro_batches)
+        noise.tap_micro_batches(model, tap)
+        return tap
+
     def local_gradients(self, model: nn.Module) -> list[torch.Tensor]:
         """The gradients this rank holds after backward (its shards under fsdp), summed over
         ranks; what the non-finite check of a step reads (step.NonFiniteGuard)."""
@@ -223,6 +234,10 @@ class _ProcessGroupStrategy(Strategy):
         super().__init__(env, device)
         self.backend = backend
         self.system = system
+        # The ranks' shares are the noise scale's small batches; wrap() installs the reading.
+        n = env.world_size
+        self.tap = GradientTap(device, n, column=env.rank,
+                               summed_share=1 / n if self.mode == "ddp" else 1.0) if n > 1 else None
         if not dist.is_initialized():
             setup = max(system.timeout, SETUP_TIMEOUT_S)
             # device_id binds nccl's communicator to this rank's GPU at once; gloo has none.
@@ -242,6 +257,9 @@ class _ProcessGroupStrategy(Strategy):
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def gradient_tap(self, model: nn.Module, micro_batches: int) -> GradientTap | None:
+        return self.tap
 
     def gather_object(self, obj) -> list:
         gathered = [None] * self.env.world_size
@@ -294,6 +312,10 @@ class DDPStrategy(_ProcessGroupStrategy):
         super().__init__(env, device, backend, system)
         self.knobs = knobs
         self.grad_sync = gradsum.resolve_grad_sync(system, knobs, env, device)
+        if gradsum.needs_collective(knobs):
+            # The noise scale compares the ranks' gradients with their exact sum, which
+            # compression approximates and local SGD skips: no estimate rather than a wrong one.
+            self.tap = None
         self.hook_state = None  # the comm hook's state (PowerSGD's, local SGD's), for checkpoints
         self.averager = None  # local SGD's PeriodicModelAverager
 
@@ -306,6 +328,8 @@ class DDPStrategy(_ProcessGroupStrategy):
         self.hook_state, hook = gradsum.comm_hook(self.grad_sync, self.knobs,
                                                   list(model.parameters()), self.env,
                                                   self.system.timeout)
+        if self.tap is not None:  # the noise scale reads each bucket before the sum
+            hook = noise.tapped_comm_hook(hook, self.tap, model)
         try:
             ddp.register_comm_hook(self.hook_state, hook)
         except TypeError as e:  # torch allows bf16 sums only with NCCL >= 2.10 or XCCL in its build
@@ -506,6 +530,8 @@ class FSDPStrategy(_ProcessGroupStrategy):
                 # Sum, as DDP's hook above; the plain SUM op also works on gloo (no PREMUL_SUM).
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
+                if self.tap is not None:
+                    module.set_custom_reduce_scatter(noise.tapped_reduce_scatter(self.tap))
         return model
 
     @contextlib.contextmanager

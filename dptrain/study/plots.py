@@ -102,9 +102,35 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     runs = [(f"{name}: {run_label(s)}", s, m)
             for name, d in zip(names, run_dirs) for s, m in [read_run(d)]]
     plt = _pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(13, 5), constrained_layout=True)
-    _curves(ax_loss, ax_acc, runs)
+    noisy = any(_has_noise(m) for _, _, m in runs)  # a third panel: the noise scale
+    fig, axes = plt.subplots(1, 3 if noisy else 2, figsize=(19 if noisy else 13, 5),
+                             constrained_layout=True)
+    _curves(axes[0], axes[1], runs)
+    if noisy:
+        _noise_curves(axes[2], runs)
     return _save(fig, plt, out)
+
+
+def _has_noise(metrics: list[dict]) -> bool:
+    return any("noise_scale" in m for m in metrics)
+
+
+def _noise_curves(ax, runs: list[tuple[str, dict, list[dict]]]) -> None:
+    """The gradient noise scale B_simple per epoch (components/noise.py), with the standard
+    error of each epoch's estimate, in the colours of _curves; runs without it are skipped."""
+    from matplotlib.ticker import MaxNLocator
+
+    for i, (label, _, metrics) in enumerate(runs):
+        points = [m for m in metrics if "noise_scale" in m]
+        if points:
+            ax.errorbar([m["epoch"] for m in points], [m["noise_scale"] for m in points],
+                        yerr=[m.get("noise_scale_se", 0.0) for m in points], color=f"C{i % 10}",
+                        marker="o" if len(points) <= 12 else None, ms=3, capsize=2, label=label)
+    ax.set(xlabel="epoch", ylabel="B_simple = tr(Σ) / |G|² (samples)",
+           title="Gradient noise scale (± standard error of the epoch's mean)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 def report(sweep_dir: Path) -> list[Path]:
@@ -132,7 +158,16 @@ def report(sweep_dir: Path) -> list[Path]:
         paths.append(_save(fig, plt, sweep_dir / name))
     paths.append(_accuracy_vs_nproc(plt, ok, modes, sweep_dir / "accuracy_vs_nproc.png"))
     paths.append(_time_vs_nproc(plt, ok, modes, sweep_dir / "time_vs_nproc.png"))
+    if any(_has_noise(m) for _, _, m in runs):
+        paths.append(_noise_figure(plt, runs, setting(ok[0]), sweep_dir / "noise_scale.png"))
     return paths
+
+
+def _noise_figure(plt, runs, title: str, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    _noise_curves(ax, runs)
+    fig.suptitle(title)
+    return _save(fig, plt, out)
 
 
 def setting(row: dict, keys: list[str] = ()) -> str:
@@ -241,6 +276,11 @@ def grid_figures(plt, rows: list[dict], modes: list[str], keys: list[str],
         paths.append(_memory_vs_nproc(plt, rows, keys, sweep_dir / "memory_vs_nproc.png"))
     if {"batch_size", "full_batch"} & set(keys):
         paths.append(_accuracy_vs_batch(plt, rows, keys, sweep_dir))
+    if any(r.get("noise_scale") for r in rows):  # every run with the estimate, over epochs
+        runs = [(f"{r['mode']} x{r['nproc']}, {_values_label(r, keys)}",
+                 *read_run(sweep_dir / r["run_dir"])) for r in rows if r.get("noise_scale")]
+        paths.append(_noise_figure(plt, runs, "the runs' noise scale",
+                                   sweep_dir / "noise_scale.png"))
     if not paths:
         raise UserError(f"{sweep_dir}: this grid has no speedups (no seq run), no memory and no "
                         "varied batch to draw")

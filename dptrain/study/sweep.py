@@ -43,7 +43,7 @@ SEQ_CONFIG = "sweep-config-seq.toml"
 COLUMNS = ("mode", "nproc", "status", "threads", "grad_sync", "global_batch", "accumulate",
            "precision", "grad_compress", "powersgd_warmup", "local_sgd", "local_sgd_warmup", "zero",
            "updates_per_epoch", "lr", "epochs", "val_accuracy", "test_accuracy",
-           "test_loss", "train_seconds", "epoch_seconds", "wall_seconds", "speedup", "efficiency",
+           "test_loss", "noise_scale", "train_seconds", "epoch_seconds", "wall_seconds", "speedup", "efficiency",
            "wall_speedup", "wall_efficiency", "peak_rss_bytes", "param_bytes", "grad_bytes",
            "optimizer_bytes", "peak_gpu_bytes", "run_dir", "error")
 MEMORY_KEYS = ("peak_rss_bytes", "param_bytes", "grad_bytes", "optimizer_bytes",

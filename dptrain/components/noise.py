@@ -1,0 +1,218 @@
+"""The gradient noise scale, measured during training, at no extra sync.
+
+McCandlish, Kaplan, Amodei et al. 2018 ("An Empirical Model of Large-Batch Training", appendix
+A): the mean gradient of a batch of b samples has E|G_b|^2 = |G|^2 + tr(Sigma) / b, so squared
+norms at two batch sizes give unbiased estimates of |G|^2 (the true gradient's squared norm) and
+tr(Sigma) (the per-sample gradient variance, summed over parameters), and the simple noise scale
+B_simple = tr(Sigma) / |G|^2 is the batch beyond which a bigger batch stops saving updates.
+
+Data-parallel training has both sizes for free: a rank's gradient before the sum over ranks
+(the small batch: its share) and the summed gradient (the whole global batch). In seq, an update
+of K >= 2 micro-batches gives them too (the micro-batches, and their sum).
+
+Scaling (train.py): each rank's loss is *summed* over its samples and divided by the *global*
+batch B, and gradients are summed over ranks. A rank's pre-sum gradient is therefore its share
+of the mean, (b/B) * G_b, not its own mean G_b: its squared norm is rescaled by (B/b)^2.
+
+Batches are drawn without replacement from the N train samples, so the variance of a batch mean
+is tr(Sigma) * (1/b - 1/N) (Sigma with the 1/(N-1) normalisation): the estimates below use that
+weight, exact for any b <= N (the full batch, b = N, has no noise), where the paper's 1/b
+assumes an infinite population.
+
+On the device, per update: the norms of the pre-sum gradient (a DDP bucket's parameters, an FSDP
+unit's reduce-scatter input, a micro-batch's gradients) and of the summed gradients this rank
+holds, appended to a list (one foreach kernel each); once per epoch they are added, in a fixed
+order, into an (updates x parts+1) matrix that joins the epoch's one all-reduce of the losses.
+The host then computes the estimates per update and averages them over the epoch (`estimate`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def shares(n: int, parts: int) -> list[int]:
+    """The sizes of `parts` contiguous shares of n items, larger first (data.shard_bounds and
+    torch.tensor_split split alike)."""
+    base, extra = divmod(n, parts)
+    return [base + 1] * extra + [base] * (parts - extra)
+
+
+def epoch_batches(samples_per_epoch: int, global_batch: int) -> list[int]:
+    """The global batch of each update of an epoch (train.global_batches): full ones, then the
+    tail, if any."""
+    full, tail = divmod(samples_per_epoch, global_batch)
+    return [global_batch] * full + ([tail] if tail else [])
+
+
+class GradientTap:
+    """Squared gradient norms of every update of an epoch, kept on the device.
+
+    Columns 0..parts-1: the pre-sum gradients, one per small batch (a rank's share under
+    ddp/fsdp: `column` is this rank's; a micro-batch in seq: the next column per backward).
+    The last column: this rank's part of the summed gradient's squared norm, times
+    `summed_share` (1/world size where every rank holds the whole sum, 1 where each holds a
+    shard), so that the sum over ranks is the whole norm. Nothing is read by the host here.
+    """
+
+    def __init__(self, device: torch.device, parts: int, *, column: int | None = None,
+                 summed_share: float = 1.0):
+        self.device, self.parts, self.column = device, parts, column
+        self.summed_share = summed_share
+        self._index, self._next = 0, 0
+        self._norms: list[torch.Tensor] = []
+        self._at: list[int] = []  # flat (update, column) index of each norm
+        self._keys: list[int] = []  # its order within that cell (a parameter's position)
+
+    @property
+    def columns(self) -> int:
+        return self.parts + 1
+
+    def begin_epoch(self) -> None:
+        self._norms, self._at, self._keys = [], [], []
+
+    def begin_update(self, index: int) -> None:
+        self._index, self._next = index, 0
+
+    def pre_sum(self, tensors: torch.Tensor | Sequence[torch.Tensor],
+                keys: Sequence[int] | None = None) -> None:
+        """A piece of this rank's gradient before the sum over ranks (ddp, fsdp): a bucket's
+        gradients or a unit; pieces of one update add up, in the order of `keys` (the
+        parameters' positions), whatever order they came in."""
+        self._add(tensors, self.column, keys)
+
+    def micro_batch(self, tensors: Sequence[torch.Tensor]) -> None:
+        """The whole gradient of one micro-batch (seq), before it is added to the others'."""
+        self._add(tensors, self._next)
+        self._next += 1
+
+    def summed(self, grads: Sequence[torch.Tensor]) -> None:
+        """The gradients this rank holds after the update's sum (its shards under fsdp)."""
+        self._add(grads, self.parts)
+
+    def _add(self, tensors, column: int, keys: Sequence[int] | None = None) -> None:
+        if isinstance(tensors, torch.Tensor):
+            norms = [torch.linalg.vector_norm(tensors)]
+        else:
+            norms = torch._foreach_norm(list(tensors)) if tensors else []
+        self._norms.extend(norms)
+        self._at.extend([self._index * self.columns + column] * len(norms))
+        self._keys.extend(keys if keys is not None else range(len(norms)))
+
+    def end_epoch(self, updates: int) -> torch.Tensor:
+        """The (updates x columns) matrix of squared norms, flattened (float64, on the device):
+        to be summed over ranks with the epoch's other totals."""
+        out = torch.zeros(updates * self.columns, dtype=torch.float64, device=self.device)
+        if self._norms:
+            # A fixed order of addition: DDP may hand the same gradients over in other
+            # buckets after it rebuilds them, and a resumed run must give the same digits.
+            order = sorted(range(len(self._norms)), key=lambda i: (self._at[i], self._keys[i]))
+            squares = torch.stack([self._norms[i] for i in order]).to(torch.float64).square()
+            at = torch.tensor([self._at[i] for i in order], dtype=torch.int64, device=self.device)
+            out.index_add_(0, at, squares)
+            out.view(updates, self.columns)[:, self.parts] *= self.summed_share
+        return out
+
+
+def unbiased_parts(small_sq: np.ndarray, small_sizes: np.ndarray, big_sq: np.ndarray,
+                   big_sizes: np.ndarray, population: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per update: unbiased (|G|^2, tr(Sigma)) from the squared norms of the small batches'
+    mean gradients (updates x parts; a size of 0 marks a part to leave out) and of the big
+    batch's (updates). Needs two or more parts of one or more samples in every update."""
+    used = small_sizes > 0
+    weight = np.where(used, 1.0 / np.maximum(small_sizes, 1) - 1.0 / population, 0.0)
+    count = used.sum(axis=1)
+    small_mean = np.where(used, small_sq, 0.0).sum(axis=1) / count
+    w_small = weight.sum(axis=1) / count  # E[small_mean] = |G|^2 + tr(Sigma) * w_small
+    w_big = 1.0 / big_sizes - 1.0 / population  # E[big_sq] = |G|^2 + tr(Sigma) * w_big
+    trace = (small_mean - big_sq) / (w_small - w_big)
+    grad_sq = (w_small * big_sq - w_big * small_mean) / (w_small - w_big)
+    return grad_sq, trace
+
+
+def estimate(matrix: Sequence[float], batches: Sequence[int], parts: int,
+             population: int) -> dict[str, float]:
+    """The epoch's noise-scale record from the all-reduced tap matrix (updates x parts+1).
+
+    `batches`: the global batch of each update of the epoch, split into `parts` small batches
+    (the ranks' shares, or one rank's micro-batches in seq; both split alike: `shares`).
+    Smoothing: the paper averages the two unbiased estimates separately (an exponential moving
+    average) and takes the ratio of the averages, since the ratio of single noisy estimates is
+    biased; here the average is uniform over the epoch's updates (the host reads once per
+    epoch), so each record describes its epoch alone. Keys: grad_sq (|G|^2), trace_cov
+    (tr Sigma), noise_scale (their ratio, in samples; left out where grad_sq <= 0, i.e. noise
+    swamps the signal), and the standard errors of the epoch means (*_se: the spread over the
+    epoch's updates, which includes training's drift; none with one update per epoch).
+    Empty where no update has two parts of one sample or more.
+    """
+    batches = np.asarray(batches, dtype=np.float64)
+    table = np.asarray(matrix, dtype=np.float64).reshape(len(batches), parts + 1)
+    sizes = np.array([shares(int(b), parts) for b in batches], dtype=np.float64)
+    usable = (sizes > 0).sum(axis=1) >= 2
+    if not usable.any():
+        return {}
+    sizes, table, batches = sizes[usable], table[usable], batches[usable]
+    # A rank's pre-sum gradient is its share (b/B) of the mean: its own mean is (B/b) times it.
+    scale = np.where(sizes > 0, (batches[:, None] / np.maximum(sizes, 1)) ** 2, 0.0)
+    grad_sq, trace = unbiased_parts(table[:, :parts] * scale, sizes, table[:, parts], batches,
+                                    population)
+    record = {"grad_sq": float(grad_sq.mean()), "trace_cov": float(trace.mean())}
+    if record["grad_sq"] > 0:
+        record["noise_scale"] = record["trace_cov"] / record["grad_sq"]
+    n = len(grad_sq)
+    if n >= 2:
+        cov = np.cov(np.stack([grad_sq, trace])) / n  # of the two epoch means
+        record["grad_sq_se"] = math.sqrt(cov[0, 0])
+        record["trace_cov_se"] = math.sqrt(cov[1, 1])
+        if "noise_scale" in record:  # the delta method for a ratio of means
+            g, t = record["grad_sq"], record["trace_cov"]
+            var = (cov[1, 1] / g**2 - 2 * t * cov[0, 1] / g**3 + t**2 * cov[0, 0] / g**4)
+            record["noise_scale_se"] = math.sqrt(max(var, 0.0))
+    return {k: v for k, v in record.items() if math.isfinite(v)}
+
+
+# Where each mode reads its small batches (the strategies install these; nothing here is
+# called by the loop):
+
+def tapped_comm_hook(hook, tap: GradientTap, model: torch.nn.Module):
+    """DDP comm hook `hook`, wrapped: it first reads this rank's gradients in the bucket, before
+    the sum. DDP hands a hook a bucket of this rank's gradients and nothing else does, so the
+    norms cost one pass over the bucket, which the sum reads anyway. Per parameter, in the
+    model's order: DDP rebuilds its buckets after the first update, in another order."""
+    position = {param: i for i, param in enumerate(model.parameters())}
+
+    def observed(state, bucket):  # `bucket`, not annotated: DDP checks both (gradsum.py)
+        tap.pre_sum(bucket.gradients(), [position[p] for p in bucket.parameters()])
+        return hook(state, bucket)
+
+    return observed
+
+
+def tapped_reduce_scatter(tap: GradientTap):
+    """FSDP2's reduce-scatter with a read of its input first: this rank's whole (padded,
+    flattened) gradient of a unit before the sum, which FSDP2 holds nowhere else.
+    `set_custom_reduce_scatter` is FSDP2's public seam for it; the default comm it takes the
+    place of comes from a private module, so it is imported here only."""
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+    class TappedReduceScatter(DefaultReduceScatter):  # the default, with its checks' type
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            tap.pre_sum(input_tensor)
+            return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+    return TappedReduceScatter()
+
+
+def tap_micro_batches(model: torch.nn.Module, tap: GradientTap):
+    """Read each micro-batch's gradients (seq) as one backward computes them, before they are
+    added into .grad: one hook for all parameters (torch's multi-grad hook), one norm each."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def observed(grads):
+        tap.micro_batch([g for g in grads if g is not None])
+
+    return torch.autograd.graph.register_multi_grad_hook(params, observed)

@@ -1,0 +1,148 @@
+"""The gradient noise scale (components/noise.py): a known answer, and real runs that agree."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import train
+from dptrain.components.noise import (GradientTap, estimate, shares, tap_micro_batches,
+                                      unbiased_parts)
+
+# A population of N = 8 per-sample gradients z_i = G + s * e_i, e_i the 8 sign vectors of
+# {-1, 1}^3 (they average to zero): a linear loss z_i . theta has exactly these gradients.
+# |G|^2 and tr(Sigma) = sum |z_i - G|^2 / (N - 1) = 8 * 3 s^2 / 7 in closed form.
+G = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+S = 1.5
+SIGNS = torch.tensor([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)],
+                     dtype=torch.float64)
+Z = G + S * SIGNS
+GRAD_SQ, TRACE = float(G @ G), 8 * 3 * S**2 / 7
+
+
+def batches(updates: int, batch: int, seed: int = 0) -> list[torch.Tensor]:
+    """Random batches drawn without replacement from the N samples, as an epoch's are."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randperm(len(Z), generator=generator)[:batch] for _ in range(updates)]
+
+
+def check(record: dict) -> None:
+    """Within 4 standard errors of the closed form, and the errors small enough to tell."""
+    for key, truth in (("grad_sq", GRAD_SQ), ("trace_cov", TRACE),
+                       ("noise_scale", TRACE / GRAD_SQ)):
+        assert abs(record[key] - truth) < 4 * record[f"{key}_se"], (key, record[key], truth)
+        assert record[f"{key}_se"] < 0.04 * truth, key
+
+
+def test_micro_batches_give_the_known_answer():
+    """seq with 2 micro-batches of 2: the tap reads each micro-batch's gradient through the
+    multi-grad hook of a real backward, scaled as dptrain scales it (sum / global batch)."""
+    theta = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    model = torch.nn.Module()
+    model.theta = theta
+    tap = GradientTap(torch.device("cpu"), 2)
+    tap_micro_batches(model, tap)
+    rows = batches(1200, 4)
+    tap.begin_epoch()
+    for index, batch in enumerate(rows):
+        tap.begin_update(index)
+        theta.grad = None
+        for micro in batch.tensor_split(2):
+            (Z[micro] @ theta).sum().div(len(batch)).backward()
+        tap.summed([theta.grad])
+    check(estimate(tap.end_epoch(len(rows)).tolist(), [4] * len(rows), 2, len(Z)))
+
+
+def test_rank_shares_give_the_known_answer():
+    """ddp with 2 ranks of an uneven batch of 5 (3 + 2): each rank's tap holds its pre-sum
+    gradient and 1/2 of the summed one's norm; their matrices summed, as the epoch's all-reduce
+    sums them."""
+    taps = [GradientTap(torch.device("cpu"), 2, column=r, summed_share=0.5) for r in range(2)]
+    rows = batches(1200, 5, seed=1)
+    for tap in taps:
+        tap.begin_epoch()
+    for index, batch in enumerate(rows):
+        parts = [Z[share].sum(0) / len(batch) for share in batch.tensor_split(2)]
+        for tap, part in zip(taps, parts):
+            tap.begin_update(index)
+            tap.pre_sum(part)
+            tap.summed([sum(parts)])
+    matrix = sum(tap.end_epoch(len(rows)) for tap in taps)
+    check(estimate(matrix.tolist(), [5] * len(rows), 2, len(Z)))
+
+
+def test_without_the_finite_population_weight_the_answer_is_wrong():
+    """The check above can fail: the paper's 1/b weights (an infinite population) move |G|^2
+    by tr(Sigma)/8 here, many standard errors."""
+    small = np.array([[4.0, 6.0]]), np.array([[2, 2]])
+    exact = unbiased_parts(*small, np.array([4.5]), np.array([4]), 8)
+    infinite = unbiased_parts(*small, np.array([4.5]), np.array([4]), 10**12)
+    assert exact[1] == pytest.approx(infinite[1])  # tr(Sigma): the same difference of weights
+    assert exact[0] - infinite[0] == pytest.approx(exact[1][0] / 8)
+
+
+def test_what_an_estimate_leaves_out():
+    assert shares(5, 2) == [3, 2] and shares(1, 2) == [1, 0]
+    # One update per epoch: the estimate, without standard errors.
+    one = estimate([4.0, 6.0, 9.0], [4], 2, 8)
+    assert set(one) == {"grad_sq", "trace_cov", "noise_scale"}
+    # |G|^2 estimated <= 0 (noise swamps the signal): no ratio.
+    swamped = estimate([9.0, 9.0, 0.0], [4], 2, 8)
+    assert swamped["grad_sq"] <= 0 and "noise_scale" not in swamped
+    # A share of no samples is left out; an update without two shares gives nothing.
+    assert estimate([1.0, 0.0, 1.0], [1], 2, 8) == {}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """ddp x2 and x4 (real workers), and seq with 2 micro-batches (in this process), 1 epoch."""
+    from dptrain.storage import checkpoint
+    from dptrain.worker import run
+
+    root = tmp_path_factory.mktemp("noise")
+    runs = {n: train("ddp", root / f"ddp-{n}", "--epochs", "1", "--checkpoint-every", "0",
+                     nproc=n) for n in (2, 4)}
+    config, _ = checkpoint.config_and_resume("seq", {
+        "out": str(root / "seq-k2"), "device": "cpu", "epochs": 1, "checkpoint_every": 0,
+        "accumulate": 2, "threads": 1})
+    return runs | {"seq": run("seq", config), "root": root}
+
+
+@pytest.mark.slow
+def test_ddp_at_2_and_4_ranks_and_seq_micro_batches_agree(ddp_runs):
+    """Shares of 512 and of 256 estimate the same |G|^2 and tr(Sigma): their epoch means
+    agree within their standard errors, and the last is in summary.json. seq's 2 micro-batches
+    are ddp x2's two shares (both split alike): the same estimate, to round-off."""
+    records = {n: json.loads((ddp_runs["root"] / name / "metrics.jsonl").read_text())
+               for n, name in ((2, "ddp-2"), (4, "ddp-4"), ("seq", "seq-k2"))}
+    for key in ("grad_sq", "trace_cov", "noise_scale"):
+        assert records["seq"][key] == pytest.approx(records[2][key], rel=1e-4), key
+    for key in ("grad_sq", "trace_cov", "noise_scale"):
+        a, b = records[2][key], records[4][key]
+        error = np.hypot(records[2][f"{key}_se"], records[4][f"{key}_se"])
+        assert 0 < a and 0 < b and abs(a - b) < 3 * error, (key, a, b, error)
+    # About 250 samples after one epoch of the default model (a measured value; what matters
+    # is that it is neither the batch nor a share of it).
+    assert 100 < records[2]["noise_scale"] < 600
+    assert ddp_runs[2]["noise_scale"] == records[2]["noise_scale"]
+
+
+@pytest.mark.slow
+def test_seq_without_micro_batches_has_no_estimate(trained_run):
+    lines = (trained_run / "metrics.jsonl").read_text().splitlines()
+    assert all("noise_scale" not in json.loads(line) for line in lines)
+    assert "noise_scale" not in json.loads((trained_run / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_plot_draws_the_noise_scale(ddp_runs, trained_run, tmp_path):
+    """`dptrain plot` adds a third panel, the noise scale over epochs, when a run has it."""
+    from PIL import Image
+
+    from dptrain.study.plots import plot_runs
+
+    runs = [ddp_runs["root"] / "ddp-2", ddp_runs["root"] / "ddp-4"]
+    with_noise = Image.open(plot_runs(runs, tmp_path / "noise.png")).size
+    without = Image.open(plot_runs([trained_run], tmp_path / "plain.png")).size
+    assert with_noise[0] > 1.4 * without[0] and with_noise[1] == without[1]
