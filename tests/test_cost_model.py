@@ -67,3 +67,26 @@ def test_the_plain_sum_on_the_shared_memory_link_is_the_fit_itself(cost_model):
             knob = cost_model.knob_step_seconds(coef, "plain", point["params"], 1024, 2, 2, shm,
                                                 shm, {}, {})
             assert knob == pytest.approx(point["model_seconds"], rel=0.02)
+
+
+@pytest.mark.slow
+def test_compress_cost_times_each_hook_and_its_ratio(tmp_path):
+    """benchmarks/compress_cost.py end to end, one short round: every method of dptrain's
+    hooks timed on one rank, with the bytes each would send."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "compress_cost.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compress_cost.py"),
+                             "--widths", "16,16", "--repeats", "1", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["params"] == 13002 and row["average_seconds"] > 0
+    methods = row["methods"]
+    assert set(methods) == {"sum", "fp16", "bf16", "powersgd:1", "powersgd:2", "powersgd:4"}
+    assert methods["fp16"]["ratio"] == methods["bf16"]["ratio"] == 2.0
+    # rank 2: each weight (n x m) as factors of (n + m) x 2 elements, the biases whole
+    assert methods["powersgd:2"]["wire_bytes"] == 4 * ((16 + 784) * 2 + (16 + 16) * 2
+                                                       + (10 + 16) * 2 + 16 + 16 + 10)
+    assert all(m["seconds"] > 0 for m in methods.values())
