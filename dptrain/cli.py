@@ -16,7 +16,7 @@ from dptrain.storage.checkpoint import Finished
 from dptrain.commands import register as register_study_commands
 from dptrain.config import Config
 from dptrain.errors import USER_ERROR_EXIT, Stopped, UserError, stop_on_signals
-from dptrain.flags import (DEFAULTS_NOTE, Command, Group, fill_optional_values, launch_flags,
+from dptrain.flags import (DEFAULTS_NOTE, Command, Group, ddp_flags, fill_optional_values,
                            option_names, process_group_flags, training_flags, with_flags)
 from dptrain.distributed.launch import launch, stopped_line
 from dptrain.storage.runlog import command_start_time, default_out_dir, err
@@ -103,7 +103,8 @@ app.command("seq", cls=Command, help="Train in this process: the sequential base
     with_flags(_train_command("seq"), training_flags))
 app.command("ddp", cls=Command, help="Train with DistributedDataParallel on --nproc workers "
                                      "(torchrun).\n\n" + DEFAULTS_NOTE)(
-    with_flags(_train_command("ddp"), training_flags, process_group_flags, launch_flags))
+    with_flags(_train_command("ddp"), training_flags, process_group_flags, ddp_flags,
+               launch_flags))
 app.command("fsdp", cls=Command, help="Train with FSDP2 on --nproc workers (torchrun): "
                                       "parameters sharded over the ranks; layers of 4 MiB or "
                                       "more are units of their own, the rest one unit.\n\n"
@@ -167,6 +168,11 @@ def _usage_error_line(error) -> str:
     """A bad flag in one line; a ddp/fsdp flag given to seq says where it belongs."""
     command = error.ctx.info_name if error.ctx and error.ctx.parent else ""
     name = getattr(error, "option_name", "")
+    if command in ("seq", "fsdp") and name in option_names(ddp_flags):
+        return (f"{name}: one of ddp's own knobs; {command} "
+                + ("trains in one process, without a gradient sum" if command == "seq" else
+                   "reduce-scatters its gradients and shards its optimizer itself")
+                + f" (dptrain ddp {name} ...)")
     if command == "seq" and name in option_names(process_group_flags, launch_flags):
         return (f"{name}: seq trains in one process, without workers or a process group; "
                 f"{name} belongs to ddp and fsdp (dptrain ddp {name} ...)")

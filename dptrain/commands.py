@@ -12,7 +12,7 @@ import typer
 
 from dptrain.errors import USER_ERROR_EXIT, UserError
 from dptrain.flags import (CHECKPOINT, SYSTEM, TRAIN, Command, _opt, config_from_flags,
-                           process_group_flags, training_flags, with_flags)
+                           ddp_flags, process_group_flags, training_flags, with_flags)
 from dptrain.storage.runlog import default_out_dir, err, make_console
 
 
@@ -238,6 +238,22 @@ ACTIVATION_HELP = ("relu|sigmoid|tanh: the activation of a model.pt that has no 
                    "tensors, the activation cannot be; a run or checkpoint names its own.")
 
 
+def matrix(
+    sweep_dirs: Annotated[list[Path], typer.Argument(
+        help="Folders written by `dptrain sweep`: the knobs' runs, their seq references and "
+             "the seq runs of the seed band (e.g. a seq sweep with --vary seed=0,1,2,3,4).")],
+    out: Annotated[Optional[Path], typer.Option(
+        help="Folder for matrix.csv, matrix.md and matrix.png. \\[default: the first sweep's]",
+        show_default=False)] = None,
+) -> None:
+    from dptrain.study.matrix import build_matrix, load_runs, markdown, write_matrix
+
+    rows = build_matrix(load_runs(sweep_dirs))
+    print(markdown(rows), end="")
+    for path in write_matrix(rows, out or sweep_dirs[0]):
+        print(f"wrote {path}")
+
+
 def evaluate(
     model: Annotated[Path, typer.Argument(help=SOURCE_HELP)],
     confusion_png: Annotated[Optional[Path], typer.Option(
@@ -279,7 +295,7 @@ def register(app: typer.Typer) -> None:
                      "cell of the --vary keys; write sweep.csv and sweep.json. --resume "
                      "SWEEP_DIR continues an interrupted sweep.")(
         with_flags(_user_errors(sweep), sweep_flags, training_flags, process_group_flags,
-                   helps=SWEEP_HELPS))
+                   ddp_flags, helps=SWEEP_HELPS))
     app.command("plan", cls=Command,
                 help="Predict the fastest process count and global batch to reach a validation "
                      "accuracy on this machine: time a few updates, train one short calibration "
@@ -292,6 +308,11 @@ def register(app: typer.Typer) -> None:
                      "time goes.")(_wrap(plot))
     app.command("report", cls=Command,
                 help="The figures of a sweep, written into its folder.")(_wrap(report))
+    app.command("matrix", cls=Command,
+                help="What each knob changes: every run of the sweeps against its seq fp32 "
+                     "reference (same global batch and seed): the largest parameter "
+                     "difference and a verdict, the accuracy gap against the seed band, the "
+                     "time and memory it costs.")(_wrap(matrix))
     app.command("evaluate", cls=Command, help="Test accuracy, per-class precision/recall and the "
                                               "confusion matrix of a trained model: a run's, a "
                                               "checkpoint's or a model.pt.")(_wrap(evaluate))

@@ -28,6 +28,7 @@ DEVICES = ("auto", "cpu", "cuda")
 RDZV_BACKENDS = ("c10d", "static")
 GRAD_SYNCS = ("auto", "collective", "shm")
 START_METHODS = ("auto", "fork", "fresh")
+GRAD_COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")  # powersgd[:RANK]
 LR_SCHEDULES = ("constant", "cosine", "linear", "step")
 DECAYING = ("cosine", "linear")  # the schedules whose shape depends on the run's length
 BEST_METRICS = ("val_accuracy", "val_loss")
@@ -112,6 +113,27 @@ class SystemConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class DDPConfig:
+    """ddp's knobs that trade the exact sum for time or memory (docs/DESIGN.md, "How ddp sums
+    gradients"); every other mode refuses them."""
+
+    # What the gradient sum sends: none, fp16, bf16 (each rank's gradients cast, summed in that
+    # type), or powersgd[:RANK] (torch's PowerSGD: low-rank factors, error feedback; rank 2).
+    grad_compress: str = "none"
+    # Plain sums before PowerSGD compresses (>= 2): about 2.4 epochs at the default batch, torch's
+    # advice of ~10% of training. (Default model, rank 2: 2 updates ended 0.17 points above
+    # seq, 100 updates 0.32 below; one seed each, both within the seeds' spread.)
+    powersgd_warmup: int = 100
+    # Post-local SGD: after local_sgd_warmup plain updates, each rank steps on its own and the
+    # parameters are averaged every local_sgd updates (and at each epoch's end); 0 = off.
+    local_sgd: int = 0
+    # As PowerSGD's. (Default model, K = 4: warm-ups of 0 and 100 updates ended at test
+    # accuracy 0.9454 and 0.9456, seq 0.9417.)
+    local_sgd_warmup: int = 100
+    zero: bool = False  # ZeRO stage 1: each rank keeps the optimizer state of 1/N of the model
+
+
+@dataclass(kw_only=True, frozen=True)
 class LaunchConfig:
     nproc: int = 2  # processes per node (ddp, fsdp)
     nnodes: int = 1
@@ -145,6 +167,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     system: SystemConfig = SystemConfig()
+    ddp: DDPConfig = DDPConfig()
     launch: LaunchConfig = LaunchConfig()
     run: RunConfig = RunConfig()
 
@@ -327,6 +350,7 @@ def validate(c: Config) -> list[str]:
          0 <= c.launch.node_rank < max(c.launch.nnodes, 1), f"in [0, nnodes={c.launch.nnodes})"),
     ]
     p += [f"{name}: must be {rule}, got {value!r}" for name, value, ok, rule in checks if not ok]
+    p += _ddp_problems(c.ddp)
     if c.optim.lr_schedule in DECAYING and c.optim.warmup_epochs >= c.train.epochs:
         p.append(f"optim.lr_schedule: {c.optim.lr_schedule} decays the lr after the warmup, but "
                  f"warmup_epochs {c.optim.warmup_epochs} leaves none of the {c.train.epochs} "
@@ -344,9 +368,77 @@ def validate(c: Config) -> list[str]:
     return p
 
 
+def parse_grad_compress(text: str) -> tuple[str, int]:
+    """'powersgd:4' -> ('powersgd', 4); 'fp16' -> ('fp16', 0). ValueError if malformed."""
+    kind, sep, rank = text.partition(":")
+    if kind not in GRAD_COMPRESSIONS or (sep and kind != "powersgd"):
+        raise ValueError(text)
+    if kind != "powersgd":
+        return kind, 0
+    if sep and not (rank.isdigit() and int(rank) >= 1):
+        raise ValueError(text)
+    return kind, int(rank) if sep else POWERSGD_RANK
+
+
+# PowerSGD's rank when --grad-compress powersgd names none: 2, the PowerSGD paper's choice for
+# image models. On the default model (25 epochs, ddp x 2, one seed each) ranks 1, 2 and 4 ended
+# 0.21, 0.32 and 0.03 points of test accuracy below seq, within its seeds' spread of 0.34; at
+# 1024,1024 rank 2 lost 1.28 points in 5 epochs (docs/STUDY.md, section 5).
+POWERSGD_RANK = 2
+
+
+def _ddp_problems(d: DDPConfig) -> list[str]:
+    """The ddp knobs' values, and the combinations that cannot work (whatever the mode)."""
+    p = []
+    try:
+        compress, _ = parse_grad_compress(d.grad_compress)
+    except ValueError:
+        p.append(f"ddp.grad_compress: expected none, fp16, bf16, powersgd or powersgd:RANK "
+                 f"(RANK >= 1), got {d.grad_compress!r}")
+        compress = "?"
+    checks = [
+        # torch's PowerSGD memorizes buckets from its first compressed step; DDP rebuilds them
+        # after the first update, so compression may start at the third (update 2) at earliest.
+        ("ddp.powersgd_warmup", d.powersgd_warmup, d.powersgd_warmup >= 2, ">= 2 updates"),
+        ("ddp.local_sgd", d.local_sgd, d.local_sgd >= 0, ">= 0 (0 = off)"),
+        ("ddp.local_sgd_warmup", d.local_sgd_warmup, d.local_sgd_warmup >= 0, ">= 0 updates"),
+    ]
+    p += [f"{name}: must be {rule}, got {value!r}" for name, value, ok, rule in checks if not ok]
+    if d.local_sgd and d.zero:
+        p.append("ddp.zero with ddp.local_sgd: ZeRO broadcasts every rank's shard of the "
+                 "parameters after each update, which would undo the local steps; use one")
+    if d.local_sgd and compress not in ("none", "?"):
+        p.append(f"ddp.grad_compress {d.grad_compress} with ddp.local_sgd: both are DDP's one "
+                 "gradient hook (local SGD sums no gradients after its warm-up); use one")
+    return p
+
+
+DDP_DEFAULTS = DDPConfig()
+
+
+def ddp_knobs(c: Config) -> list[str]:
+    """The ddp knobs this config sets away from their defaults, as 'key=value'."""
+    return [f"{f.name}={getattr(c.ddp, f.name)!r}" for f in fields(DDPConfig)
+            if getattr(c.ddp, f.name) != getattr(DDP_DEFAULTS, f.name)]
+
+
 def ignored_by_mode(mode: str, c: Config) -> list[str]:
     """Settings that `mode` would silently not use: each one a problem to report."""
     p = []
+    if mode != "ddp" and ddp_knobs(c):
+        p.append(f"[ddp] {', '.join(ddp_knobs(c))}: ddp's own knobs; {mode} "
+                 + ("trains in one process, without a gradient sum" if mode == "seq" else
+                    "sums gradients by reduce-scatter with its sharded optimizer")
+                 + ", so leave them out (or train with `dptrain ddp`)")
+    if mode == "ddp" and c.system.grad_sync == "shm" and c.ddp.grad_compress != "none":
+        p.append(f"ddp.grad_compress {c.ddp.grad_compress} with --grad-sync shm: compression "
+                 "saves bytes on a link, and torch's hooks send them through the process "
+                 "group; the shared-memory sum has no link to save on. Use --grad-sync "
+                 "collective (or auto)")
+    if mode == "ddp" and c.system.grad_sync == "shm" and c.ddp.local_sgd:
+        p.append("ddp.local_sgd with --grad-sync shm: torch's post-local SGD sums the "
+                 "warm-up's gradients and averages the parameters through the process group; "
+                 "use --grad-sync collective (or auto)")
     if mode == "fsdp" and c.system.grad_sync == "shm":
         p.append("system.grad_sync: fsdp always sums gradients through the process group "
                  "(reduce-scatter); shm is ddp's, so leave --grad-sync out with fsdp")

@@ -15,8 +15,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from dptrain.config import (ACTIVATIONS, BACKENDS, BEST_METRICS, DECAYING, DEFAULT_PROFILE,
                             DEVICES, GRAD_SYNCS, LOSSES, LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS,
-                            PRECISIONS,
-                            START_METHODS, Config, ConfigError)
+                            POWERSGD_RANK, PRECISIONS, START_METHODS, Config, ConfigError)
 
 _DEFAULTS = Config()
 TRAIN = "Training"
@@ -24,6 +23,7 @@ SYSTEM = "System"
 LAUNCH = "Launch (torchrun)"
 CHECKPOINT = "Checkpoints"
 TELEMETRY = "Where the time goes"
+DDP = "DDP knobs (change the result or the memory; docs/DESIGN.md)"
 # Under each training command's description in --help.
 DEFAULTS_NOTE = ("Defaults shown are the built-in ones; a --config file may change them, and "
                  "flags override both.")
@@ -161,6 +161,31 @@ def process_group_flags(
     none); never called."""
 
 
+def ddp_flags(
+    grad_compress: Annotated[Optional[str], _opt(
+        "none|fp16|bf16|powersgd[:RANK]: what the gradient sum sends. fp16/bf16: each rank's "
+        "gradients cast, summed in that type; powersgd: torch's PowerSGD (factors of rank "
+        f"RANK, {POWERSGD_RANK} if not given; error feedback) after --powersgd-warmup plain "
+        "sums. Sums through the process group (not --grad-sync shm).",
+        _DEFAULTS.ddp.grad_compress, DDP)] = None,
+    powersgd_warmup: Annotated[Optional[int], _opt(
+        "Updates with the plain sum before PowerSGD compresses (>= 2).",
+        _DEFAULTS.ddp.powersgd_warmup, DDP)] = None,
+    local_sgd: Annotated[Optional[int], _opt(
+        "Post-local SGD: after --local-sgd-warmup updates, each rank steps on its own "
+        "gradients and the parameters are averaged every K updates (and at each epoch's "
+        "end); 0 = off.", _DEFAULTS.ddp.local_sgd, DDP)] = None,
+    local_sgd_warmup: Annotated[Optional[int], _opt(
+        "Ordinary updates (gradients summed) before local SGD starts.",
+        _DEFAULTS.ddp.local_sgd_warmup, DDP)] = None,
+    zero: Annotated[Optional[bool], _opt(
+        "ZeRO stage 1 (torch's ZeroRedundancyOptimizer): each rank holds the optimizer state "
+        "of its share of the parameter tensors (about 1/N); the same parameters as without "
+        "(so it may change on --resume).", "no-zero", DDP, "--zero/--no-zero")] = None,
+) -> None:
+    """Declares ddp's own knobs (ddp, the worker and the sweep); never called."""
+
+
 def launch_flags(
     nproc: Annotated[Optional[int], _opt("Worker processes per node.", _DEFAULTS.launch.nproc,
                                          LAUNCH)] = None,
@@ -293,6 +318,10 @@ def unused_flags(given: set[str], c: Config) -> list[str]:
          "--batch-size is not used with --full-batch (the whole train split is the batch)"),
         ("keep", c.run.checkpoint_every == 0,
          "--keep is not used with --checkpoint-every 0 (no checkpoints are written)"),
+        ("powersgd_warmup", not c.ddp.grad_compress.startswith("powersgd"),
+         "--powersgd-warmup is not used without --grad-compress powersgd"),
+        ("local_sgd_warmup", not c.ddp.local_sgd,
+         "--local-sgd-warmup is not used without --local-sgd K"),
         ("ref_batch_size", c.optim.lr_scaling == "none",
          "--ref-batch-size is not used with lr_scaling none; choose an --lr-scaling rule"),
         # A flag only: a sweep that crosses rules with warmups, or a config file, may hold it.

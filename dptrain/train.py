@@ -135,7 +135,8 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
                           precision=config.train.precision, telemetry=telemetry)
     samples = Samples(mnist, strategy.device)
     guard = NonFiniteGuard(strategy.device)
-    optimizer = make_optimizer(config.optim, model.parameters(), plan.lr_at(0), skip_if=guard.flag)
+    build = functools.partial(make_optimizer, config.optim, lr=plan.lr_at(0), skip_if=guard.flag)
+    optimizer = strategy.make_optimizer(build, model)
     records, earlier_seconds = [], 0.0
     if resume is not None:
         checkpoint.restore(strategy, model, optimizer, resume)
@@ -167,6 +168,8 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
                                             telemetry)
         except NonFinite as e:
             raise _diverged(e, epoch, plan, log.out) from None
+        with telemetry.phase("epoch_end"):  # local SGD's last average, if due: a collective
+            strategy.end_epoch(model)
         if train_loss > DIVERGED_LOSS:  # the same reduced value on every rank: all stop
             raise UserError(f"the loss diverged: epoch {epoch}'s mean train loss is "
                             f"{train_loss:.3g}, over a million times chance level; not "

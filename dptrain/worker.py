@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -21,8 +21,8 @@ import typer
 from dptrain.storage import checkpoint
 from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_threads, to_toml
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
-from dptrain.flags import (Command, fill_optional_values, process_group_flags, training_flags,
-                           with_flags)
+from dptrain.flags import (Command, ddp_flags, fill_optional_values, process_group_flags,
+                           training_flags, with_flags)
 from dptrain.storage.runlog import (RunLock, RunLog, StorageError, check_out_dir,
                                     command_start_time, default_out_dir, err, stopped_message,
                                     write_atomic)
@@ -92,7 +92,7 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
             raise checkpoint.CheckpointError(f"--resume {resume}: {'; '.join(stray)}; dptrain "
                                              "writes only folders there: remove it")
 
-    strategy = make_strategy(mode, env, config.system,
+    strategy = make_strategy(mode, env, config.system, config.ddp,
                              before_group=functools.partial(arm_flight_recorder, out))
     lock = RunLock(out)  # rank 0's, taken before anything is written
     ok = False
@@ -128,7 +128,7 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
         state_dict = results.pop("state_dict")
         summary = {**setting, **_plan_fields(plan), "epochs": config.train.epochs,
                    "accumulate": config.train.accumulate, "precision": config.train.precision,
-                   **results,
+                   **asdict(config.ddp), **results,
                    "resumed_from_epoch": found.epoch if found else 0, "restarts": restarts,
                    "wall_seconds": time.time() - command_start_time(),
                    "fp32_precision": strategy.fp32_precision,
@@ -388,7 +388,8 @@ def _die_with_parent() -> None:
 def main() -> None:
     # Plain tracebacks: a bug in a worker must read like any Python error, rank-prefixed by torchrun.
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command(cls=Command)(with_flags(_worker, mode_flag, training_flags, process_group_flags))
+    app.command(cls=Command)(with_flags(_worker, mode_flag, training_flags, process_group_flags,
+                                        ddp_flags))
     app(args=fill_optional_values(sys.argv[1:]))
 
 

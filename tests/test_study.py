@@ -212,8 +212,10 @@ def reproduce(out, only, env=None):
 def test_reproduce_study_quick(tmp_path):
     """Cases c, f and g run for real: a nproc sweep with the seed rule, the width grid with
     fsdp, the cost model and the gradient sums, the lr rules and the nproc check. Cases a, b,
-    d and e are the same commands on other configs: the script runs them with a recorder as
-    `dptrain`, and the test checks what each would run and read."""
+    d and e are the same commands on other configs, and h's (the knobs' matrix and the cost
+    model extended: tests/test_matrix.py and test_cost_model.py run them) too: the script runs
+    them with a recorder as `dptrain` and as `python`, and the test checks what each would run
+    and read."""
     out = tmp_path / "study"
     # A relative --out is the caller's folder (here tmp_path), not the repository's.
     result = reproduce(out, "c,f,g")
@@ -260,8 +262,9 @@ def test_reproduce_study_quick(tmp_path):
     recorder = tmp_path / "recorder.py"
     recorder.write_text(RECORDER)
     recorded = tmp_path / "recorded.jsonl"
-    result = reproduce(out, "a,b,d,e", {"DPTRAIN": f"{sys.executable} {recorder}",
-                                        "RECORDED": str(recorded)})
+    result = reproduce(out, "a,b,d,e,h", {"DPTRAIN": f"{sys.executable} {recorder}",
+                                          "PYTHON": f"{sys.executable} {recorder}",
+                                          "RECORDED": str(recorded)})
     assert "lr 0.01, 1 epoch (" in result.stdout and "25 epochs" not in result.stdout
     commands = [json.loads(line) for line in recorded.read_text().splitlines()]
     written = {out / "c" / "ddp-2"}  # the real sweep's run that case e draws
@@ -276,15 +279,23 @@ def test_reproduce_study_quick(tmp_path):
             assert flags["--epochs"] == "1" and flags.get("--nproc", "2") == "2", argv
             written.add(Path(flags["--out"]))
         elif argv[0] == "sweep":
-            assert flags["--epochs"] == "1" and flags["--nproc"] == "2", argv
+            assert flags["--epochs"] == "1" and flags.get("--nproc", "2") == "2", argv
             written.update(Path(flags["--out"]) / name for name in ("seq-1", "ddp-2"))
             written.add(Path(flags["--out"]))
-        else:  # plot and report read only what an earlier command wrote
+        elif argv[0].endswith("compress_cost.py"):
+            written.add(Path(command["cwd"]) / flags["--json"])
+        elif argv[0].endswith("cost_model.py"):  # section 2's fit (run for real above), case h's
+            assert Path(argv[1]) == out / "f" and (out / "f" / "sweep.json").is_file(), argv
+            knobs = argv[argv.index("--knobs") + 1:argv.index("--grad-sync")]
+            assert knobs and set(map(Path, knobs)) <= written, argv
+            assert Path(command["cwd"]) / flags["--compress-cost"] in written, argv
+        else:  # plot, report and matrix read only what an earlier command wrote
             reads = [Path(a) for a in argv[1:]
                      if not a.startswith("--") and a not in flags.values()]
             assert reads and set(reads) <= written, argv
-    assert [c["argv"][0] for c in commands] == ["seq", "ddp", "plot", "ddp", "plot", "sweep",
-                                                "report", "sweep", "plot", "report"]
+    assert [Path(c["argv"][0]).name for c in commands] == [
+        "seq", "ddp", "plot", "ddp", "plot", "sweep", "report", "sweep", "plot", "report",
+        "sweep", "sweep", "matrix", "compress_cost.py", "cost_model.py"]  # case h
 
 
 @pytest.mark.slow

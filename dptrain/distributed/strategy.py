@@ -21,7 +21,8 @@ from torch import nn
 
 from dptrain.components import noise
 from dptrain.components.noise import GradientTap
-from dptrain.config import SystemConfig, cpu_cores
+from dptrain.config import DDPConfig, SystemConfig, cpu_cores
+from dptrain.distributed import gradsum
 from dptrain.errors import UserError
 from dptrain.storage.runlog import peak_rss_bytes, write_atomic
 
@@ -122,6 +123,15 @@ class Strategy:
         """The MLP inside whatever `wrap` returned."""
         return model
 
+    def make_optimizer(self, build, model: nn.Module) -> torch.optim.Optimizer:
+        """The run's optimizer for `wrap`'s model: `build(params)` (step.make_optimizer, the
+        fused Adam or SGD), or what a strategy wraps around it (ddp's ZeRO, local SGD)."""
+        return build(model.parameters())
+
+    def end_epoch(self, model: nn.Module) -> None:
+        """An epoch's updates are done: leave one model on every rank for validation and the
+        checkpoint (ddp's local SGD averages it). Every rank must call it."""
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place; returns the tensor."""
         return tensor
@@ -147,7 +157,7 @@ class Strategy:
             "param_bytes": sum(_local_bytes(p) for p in model.parameters()),
             "grad_bytes": sum(_local_bytes(p.grad) for p in model.parameters()
                               if p.grad is not None),
-            "optimizer_bytes": sum(_local_bytes(v) for state in optimizer.state.values()
+            "optimizer_bytes": sum(_local_bytes(v) for state in _own_state(optimizer).values()
                                    for v in state.values() if isinstance(v, torch.Tensor)),
         }
         if self.device.type == "cuda":
@@ -291,37 +301,35 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def _own_state(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer state this rank holds: ZeRO's and local SGD's wrappers keep it in the
+    optimizer they wrap, `.optim` (ZeRO: this rank's shard)."""
+    return getattr(optimizer, "optim", optimizer).state
+
+
 def _local_bytes(tensor: torch.Tensor) -> int:
     """Bytes this rank stores for `tensor`."""
     tensor = _local(tensor)
     return tensor.numel() * tensor.element_size()
 
 
-def _sum_gradients(_state, bucket):
-    """DDP comm hook: all-reduce SUM (the default hook would divide by the world size).
-
-    Not annotated: DDP checks the annotation against dist.GradBucket, and postponed annotations
-    are strings.
-    """
-    work = dist.all_reduce(bucket.buffer(), op=dist.ReduceOp.SUM, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
-
-
-def _sum_gradients_in_shared_memory(summer, bucket):
-    """DDP comm hook: the same sum through a SharedMemorySum; done when it returns."""
-    done = torch.futures.Future()
-    done.set_result(summer.sum_(bucket.buffer()))
-    return done
-
-
 class DDPStrategy(_ProcessGroupStrategy):
-    """DistributedDataParallel: a full replica per rank, gradients all-reduced."""
+    """DistributedDataParallel: a full replica per rank, gradients summed by the hook that
+    gradsum.comm_hook chooses; the knobs of [ddp] (compression, local SGD, ZeRO) included."""
 
     mode = "ddp"
 
-    def __init__(self, env: DistEnv, device: torch.device, backend: str, system: SystemConfig):
+    def __init__(self, env: DistEnv, device: torch.device, backend: str, system: SystemConfig,
+                 knobs: DDPConfig = DDPConfig()):
         super().__init__(env, device, backend, system)
-        self.grad_sync = self._grad_sync()
+        self.knobs = knobs
+        self.grad_sync = gradsum.resolve_grad_sync(system, knobs, env, device)
+        if gradsum.needs_collective(knobs):
+            # The noise scale compares the ranks' gradients with their exact sum, which
+            # compression approximates and local SGD skips: no estimate rather than a wrong one.
+            self.tap = None
+        self.hook_state = None  # the comm hook's state (PowerSGD's, local SGD's), for checkpoints
+        self.averager = None  # local SGD's PeriodicModelAverager
 
     def wrap(self, model: nn.Module, *, precision: str = "fp32", telemetry=None) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
@@ -329,41 +337,165 @@ class DDPStrategy(_ProcessGroupStrategy):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model.to(self.device), device_ids=device_ids,
                                       gradient_as_bucket_view=True)
-        if self.grad_sync == "shm":
-            from dptrain.distributed.shm_sum import SharedMemorySum
-
-            summer = SharedMemorySum(sum(p.numel() for p in model.parameters()), self.env.rank,
-                                     self.env.world_size, self.system.timeout)
-            state, hook = summer, _sum_gradients_in_shared_memory
-        else:
-            state, hook = None, _sum_gradients
-        if self.tap is not None:
+        self.hook_state, hook = gradsum.comm_hook(self.grad_sync, self.knobs,
+                                                  list(model.parameters()), self.env,
+                                                  self.system.timeout)
+        if self.tap is not None:  # the noise scale reads each bucket before the sum
             hook = noise.tapped_comm_hook(hook, self.tap, model)
         # The telemetry times the chosen hook (with the tap's read) from the outside; it never
         # replaces it.
-        ddp.register_comm_hook(state, telemetry.wrap_hook(hook) if telemetry else hook)
+        if telemetry is not None:
+            hook = telemetry.wrap_hook(hook)
+        try:
+            ddp.register_comm_hook(self.hook_state, hook)
+        except TypeError as e:  # torch allows bf16 sums only with NCCL >= 2.10 or XCCL in its build
+            raise UserError(f"--grad-compress {self.knobs.grad_compress}: torch refuses it in "
+                            f"this build ({e}); use fp16") from None
         return ddp
-
-    def _grad_sync(self) -> str:
-        """shm where every rank shares this node's CPUs without oversubscribing them."""
-        from dptrain.distributed.shm_sum import supported
-
-        one_node = self.env.local_world_size == self.env.world_size
-        possible = self.device.type == "cpu" and one_node and supported()
-        if self.system.grad_sync == "shm" and not possible:
-            raise UserError("--grad-sync shm needs CPU ranks that all run on one x86-64 node; "
-                            "use --grad-sync collective")
-        if self.system.grad_sync == "auto":
-            fits = self.env.local_world_size <= cpu_cores()
-            return "shm" if possible and fits else "collective"
-        return self.system.grad_sync
-
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module
 
     def no_gradient_sync(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return model.no_sync()  # DDP reads the flag in forward too: both run inside
+
+    def make_optimizer(self, build, model: nn.Module) -> torch.optim.Optimizer:
+        self._build = build  # a plain optimizer like the run's, to load ZeRO's checkpoints into
+        if self.knobs.zero:
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+
+            # Each rank builds `build` (the fused optimizer, with the NaN guard's skip flag)
+            # over its shard of the parameters, steps it, and broadcasts the shard. Every rank
+            # holds the whole summed gradient, so every rank's guard raises the same flag and
+            # every shard skips the same updates: the NaN contract holds as without ZeRO.
+            return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=build)
+        if self.knobs.local_sgd:
+            from torch.distributed.algorithms.model_averaging.averagers import (
+                PeriodicModelAverager)
+            from torch.distributed.optim import PostLocalSGDOptimizer
+
+            self.averager = PeriodicModelAverager(period=self.knobs.local_sgd,
+                                                  warmup_steps=self.knobs.local_sgd_warmup)
+            return PostLocalSGDOptimizer(build(model.parameters()), self.averager)
+        return build(model.parameters())
+
+    def end_epoch(self, model: nn.Module) -> None:
+        """Local SGD: average the parameters unless the epoch's last update did, so that
+        validation, checkpoints and model.pt see one model, the same on every rank."""
+        if self.averager is None:
+            return
+        done, warmup, period = self.averager.step, self.averager.warmup_steps, self.averager.period
+        if done > warmup and (done - 1 - warmup) % period:
+            from torch.distributed.algorithms.model_averaging.utils import average_parameters
+
+            average_parameters(iter(model.parameters()), dist.group.WORLD)
+
+    def save_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        """state.pt in seq's format: the model and one plain optimizer state (ZeRO: consolidated
+        on rank 0 from every rank's shard; local SGD: rank 0's), which export, evaluate and a
+        run without the knob read like any other; and what the knobs keep beside it, KNOB_FILE
+        (PowerSGD's and local SGD's state of every rank). Every rank must call it."""
+        if self.knobs.zero:
+            optimizer.consolidate_state_dict(to=0)  # a collective: every rank sends its shard
+        knobs = self._knob_state(optimizer) if _per_rank(self.knobs) else None
+        if self.env.is_main:
+            plain = optimizer.optim if self.knobs.local_sgd else optimizer
+            state = {"model": self.unwrap(model).state_dict(), "optimizer": plain.state_dict()}
+            write_atomic(folder / STATE_FILE, lambda f: torch.save(state, f))
+            if knobs is not None:
+                write_atomic(folder / KNOB_FILE, lambda f: torch.save(knobs, f))
+        if self.knobs.zero:
+            # torch keeps the consolidated copy on rank 0 until the next consolidation: the
+            # whole optimizer state, which ZeRO is there to spare. It is written; drop it.
+            getattr(optimizer, "_all_state_dicts", []).clear()
+
+    def _knob_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """KNOB_FILE's content: the update count, and each rank's hook state (PowerSGD's error
+        feedback and factors) and, under local SGD, its own optimizer state (the ranks step
+        apart). A collective: every rank sends its part to every rank."""
+        own = {"hook": gradsum.hook_state_dict(self.hook_state)}
+        if self.knobs.local_sgd:
+            own["optimizer"] = optimizer.optim.state_dict()["state"]
+        step = self.averager.step if self.knobs.local_sgd else self.hook_state.torch.iter
+        return {"step": step, "ranks": self.gather_object(own)}
+
+    def load_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+        module = self.unwrap(model)
+        if self.knobs.zero:  # checked and loaded whole into a plain optimizer; each rank keeps its shard
+            plain = self._build(module.parameters())
+            load_torch_state(module, plain, folder, self.device)
+            optimizer.load_state_dict(plain.state_dict())
+        else:
+            load_torch_state(module, optimizer.optim if self.knobs.local_sgd else optimizer,
+                             folder, self.device)
+        if not _per_rank(self.knobs):
+            return
+        plain = optimizer.optim if self.knobs.local_sgd else None
+        knobs = load_knob_state(folder, self.device, self.knobs, module, plain,
+                                self.env.world_size)
+        own = knobs["ranks"][self.env.rank]
+        if self.knobs.local_sgd:
+            optimizer.optim.load_state_dict({**optimizer.optim.state_dict(),
+                                             "state": own["optimizer"]})
+            self.averager.step = knobs["step"]
+        gradsum.load_hook_state(self.hook_state, own["hook"], self.device)
+
+
+# What ddp's PowerSGD and local SGD keep beside state.pt: {"step": updates done, "ranks": [each
+# rank's {"hook": ..., "optimizer": ...}]}, plain tensors and numbers.
+KNOB_FILE = "knobs.pt"
+
+
+def _per_rank(knobs: DDPConfig) -> bool:
+    """Whether ranks hold state of their own that a checkpoint must keep for each (PowerSGD's
+    error feedback; local SGD's optimizer states): KNOB_FILE."""
+    return bool(knobs.local_sgd) or knobs.grad_compress.startswith("powersgd")
+
+
+def load_knob_state(folder: Path, device: torch.device, knobs: DDPConfig, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None, world_size: int,
+                    step: int | None = None) -> dict:
+    """KNOB_FILE of a ddp checkpoint whose config sets `knobs`, checked before anything uses it
+    (safeload.LoadError, one line): for `world_size` ranks, after `step` updates (None: the
+    count it holds, which the trial resume has checked against the manifest), for `model`'s
+    parameters; under local SGD, every rank's optimizer state as `optimizer` (a plain one like
+    the run's) would hold it. {} when the knobs keep nothing there."""
+    from dptrain.storage.safeload import ARCHIVE_OVERHEAD, LoadError, first_line, torch_load
+    from dptrain.storage.statecheck import check_state, expected_state
+
+    if not _per_rank(knobs):
+        return {}
+    path = folder / KNOB_FILE
+    numel = sum(p.numel() for p in model.parameters())
+    # Per rank at most: PowerSGD's error, P and Q (under 3 x 4 bytes a parameter), or Adam's
+    # two moments (8); and the generator's 624 words.
+    state = torch_load(path, map_location=device, follow_links=False,
+                       max_bytes=world_size * (12 * numel + (64 << 10)) + ARCHIVE_OVERHEAD)
+    try:
+        if not isinstance(state, dict) or set(state) != {"step", "ranks"}:
+            raise ValueError("not a table of step and ranks")
+        if step is not None and state["step"] != step:
+            raise ValueError(f"it counts {state['step']!r} updates, its manifest {step}")
+        step = state["step"]
+        ranks = state["ranks"]
+        if not isinstance(ranks, list) or len(ranks) != world_size:
+            raise ValueError(f"it holds no state for each of its {world_size} ranks")
+        shapes = [p.shape for p in model.parameters()]
+        expected = expected_state(model, optimizer)["optimizer"]["state"] \
+            if knobs.local_sgd else None
+        for rank, own in enumerate(ranks):
+            keys = {"hook", "optimizer"} if knobs.local_sgd else {"hook"}
+            if not isinstance(own, dict) or set(own) != keys:
+                raise ValueError(f"rank {rank}'s state is not a table of {', '.join(keys)}")
+            try:
+                gradsum.check_hook_state(own["hook"], knobs, shapes, step)
+                if expected is not None:
+                    check_state(own["optimizer"], expected)
+            except (ValueError, LoadError) as e:
+                raise ValueError(f"rank {rank}: {e}") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise LoadError(f"{path}: damaged: {first_line(e)}") from None
+    return state
 
 
 # A Linear whose parameters reach this many bytes is its own FSDP unit, gathered just for its
@@ -462,7 +594,7 @@ class FSDPStrategy(_ProcessGroupStrategy):
 
 
 def load_torch_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path,
-                     device: torch.device) -> None:
+                     device: torch.device) -> dict:
     """A seq/ddp checkpoint's state.pt into a plain model and its optimizer (weights_only);
     safeload.LoadError in one line if it is refused or is not what they would hold: every
     tensor and setting is checked against them (statecheck.py) before any kernel sees it."""
@@ -515,10 +647,10 @@ def pin_fp32_precision() -> str:
 
 
 def make_strategy(mode: str, env: DistEnv, system: SystemConfig,
-                  before_group=None) -> Strategy:
+                  knobs: DDPConfig = DDPConfig(), before_group=None) -> Strategy:
     """Pick the device and backend, pin fp32, join the process group (ddp/fsdp), and return the
-    strategy. `before_group(backend)` runs just before the group is made (the flight
-    recorder's set-up)."""
+    strategy (ddp with its knobs; config.ignored_by_mode has refused them for the others).
+    `before_group(backend)` runs just before the group is made (the flight recorder's set-up)."""
     device = resolve_device(system.device, env, system.backend)
     precision = pin_fp32_precision()
     if mode == "seq":  # config.resolve has already required a world size of 1
@@ -527,6 +659,7 @@ def make_strategy(mode: str, env: DistEnv, system: SystemConfig,
         backend = resolve_backend(system.backend, device)
         if before_group is not None:
             before_group(backend)
-        strategy = STRATEGIES[mode](env, device, backend, system)
+        strategy = (DDPStrategy(env, device, backend, system, knobs) if mode == "ddp"
+                    else STRATEGIES[mode](env, device, backend, system))
     strategy.fp32_precision = precision
     return strategy

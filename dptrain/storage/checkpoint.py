@@ -42,11 +42,13 @@ MANIFEST_BYTES, MANIFEST_BYTES_PER_EPOCH, MANIFEST_MAX_BYTES = 1 << 20, 16 << 10
 MANIFEST_DEPTH = 32
 # Flags that may differ from the checkpoint's config on --resume: they change where and how the
 # run goes on, not what it computes (nproc may change the lr; the worker checks the plan).
+# zero: ZeRO's parameters equal plain ddp's bit for bit (tests/test_ddp_knobs.py), and its
+# checkpoint holds the consolidated optimizer state, which loads with and without it.
 MAY_CHANGE = {"epochs", "checkpoint_every", "keep", "keep_best", "early_stop", "best_metric",
               "out", "data_dir", "backend", "device",
               "threads", "timeout", "nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id",
-              "rdzv_backend", "max_restarts", "start_method",
-              "phase_times", "profile", "tensorboard"}  # what the run records of itself
+              "rdzv_backend", "max_restarts", "start_method", "zero",
+              "phase_times", "profile", "tensorboard"}  # the last three: what a run records
 
 
 class CheckpointError(UserError):
@@ -201,6 +203,11 @@ def _trial_restore(path: Path, meta: dict[str, Any], n_train: int) -> dict[str, 
     try:
         model, optimizer = _spare_model(config, plan.lr_at(0), what=str(path))
         load_state(meta["format"], model, optimizer, path, torch.device("cpu"))
+        if meta["mode"] == "ddp":  # what ddp's knobs keep beside (PowerSGD's error, ...)
+            from dptrain.distributed.strategy import load_knob_state
+
+            load_knob_state(path, torch.device("cpu"), config.ddp, model, optimizer,
+                            meta["world_size"], step=meta["step"])
     except LoadError as e:  # named within the folder: the caller names the folder
         text = str(e).removeprefix(f"{path}/").removeprefix(f"{path}: ")
         raise CheckpointError(text) from None
@@ -552,8 +559,14 @@ def resume_config(mode: str, run_dir: Path, flags: dict[str, Any]) -> Config:
                if key not in MAY_CHANGE]
     if changed:
         raise UserError(f"--resume {run_dir}: {', '.join(changed)} would change the run; only "
-                        "--epochs, --early-stop, --best-metric, the checkpoint, system and "
-                        "launch flags may differ (start a new run with another --out instead)")
+                        "--epochs, --early-stop, --best-metric, --zero, the checkpoint, system "
+                        "and launch flags may differ (start a new run with another --out instead)")
+    world_size = config.launch.nproc * config.launch.nnodes
+    if _rank_state(config) and world_size != found.meta["world_size"]:
+        raise UserError(f"--resume {run_dir}: {_rank_state(config)} keeps state of each of its "
+                        f"{found.meta['world_size']} ranks; resume it at that world size "
+                        f"(--nproc {found.meta['world_size'] // config.launch.nnodes}), not "
+                        f"{world_size}")
     if config.train.epochs < found.epoch:
         raise UserError(f"--resume {run_dir}: its checkpoint is at epoch {found.epoch}; "
                         f"--epochs must be at least that, got {config.train.epochs}")
@@ -571,6 +584,15 @@ def resume_config(mode: str, run_dir: Path, flags: dict[str, Any]) -> Config:
                            "to do (pass a larger --early-stop, or --early-stop 0, to train on)")
     _check_schedule_kept(run_dir, saved, config, found.epoch)
     return config
+
+
+def _rank_state(config: Config) -> str:
+    """The ddp knob whose checkpoint holds per-rank state ("" if none)."""
+    if config.ddp.local_sgd:
+        return "--local-sgd (each rank's own optimizer state)"
+    if config.ddp.grad_compress.startswith("powersgd"):
+        return "--grad-compress powersgd (each rank's error feedback)"
+    return ""
 
 
 def _check_schedule_kept(run_dir: Path, saved: Config, config: Config, trained: int) -> None:

@@ -600,3 +600,42 @@ def _save(fig, plt, out: Path) -> Path:
     finally:
         plt.close(fig)
     return out
+
+
+def matrix_figure(rows: list[dict], out: Path) -> Path:
+    """The equivalence matrix (study/matrix.py): accuracy gap against time saved, one point per
+    knob and nproc, a panel per model width, the seed band of seq shaded."""
+    plt = _pyplot()
+    widths = list(dict.fromkeys(r["width"] for r in rows))
+    fig, axes = plt.subplots(1, len(widths), figsize=(9.5 * len(widths), 5.5), squeeze=False,
+                             constrained_layout=True)
+    markers = {"identical": "o", "round-off": "s", "differs": "X"}
+    for ax, width in zip(axes[0], widths):
+        mine = [r for r in rows if r["width"] == width]
+        band = max(mine, key=lambda r: r["band_runs"])
+        if band["band_runs"] > 1:  # as far as changing the seed moves seq's accuracy, either way
+            spread = 100 * band["seed_spread"]
+            ax.axhspan(-spread, spread, color="gray", alpha=0.2,
+                       label=f"± the spread of seq over {band['band_runs']} seeds")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.axvline(0, color="black", lw=0.8)
+        knobs = list(dict.fromkeys(r["knob"] for r in mine))
+        for r in mine:
+            x = 100 * r["time_saved"] if r["time_saved"] is not None else 0.0
+            color = f"C{knobs.index(r['knob']) % 10}"
+            ax.scatter(x, 100 * r["accuracy_diff"], marker=markers[r["verdict"]], s=60,
+                       color=color, label=f"{r['knob']} ({r['verdict']})")
+            ax.annotate(f"{r['mode']}×{r['nproc']}", (x, 100 * r["accuracy_diff"]), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")
+        handles, names = ax.get_legend_handles_labels()
+        unique = dict(zip(names, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize="small", loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0))
+        untimed = " (no timings: time saved drawn as 0)" if any(
+            r["time_saved"] is None for r in mine) else ""
+        ax.set(xlabel="time saved per update against seq (%)",
+               ylabel="test accuracy - seq fp32's (points)",
+               title=f"hidden {width}{untimed}")
+        ax.grid(alpha=0.3)
+    fig.suptitle("What each knob buys: accuracy gap against time saved")
+    return _save(fig, plt, out)

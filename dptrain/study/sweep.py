@@ -28,8 +28,8 @@ from typing import Any
 
 from rich.markup import escape
 
-from dptrain.config import (Config, ConfigError, build_config, cpu_cores, read_toml, section_of,
-                            to_toml)
+from dptrain.config import (Config, ConfigError, DDPConfig, build_config, cpu_cores, ddp_knobs,
+                            ignored_by_mode, read_toml, section_of, to_toml)
 from dptrain.errors import UserError
 from dptrain.storage.runlog import (METRICS, SUMMARY, RunLock, read_small, storage_errors,
                                     write_atomic)
@@ -37,9 +37,12 @@ from dptrain.storage.runlog import (METRICS, SUMMARY, RunLock, read_small, stora
 SWEEP_JSON = "sweep.json"
 SWEEP_CSV = "sweep.csv"
 SWEEP_CONFIG = "sweep-config.toml"
+# A cell's seq reference, where the cell sets ddp's knobs: the same config without them.
+SEQ_CONFIG = "sweep-config-seq.toml"
 # The varied keys go after nproc, one column each.
 COLUMNS = ("mode", "nproc", "status", "threads", "grad_sync", "global_batch", "accumulate",
-           "precision", "updates_per_epoch", "lr", "epochs", "val_accuracy", "test_accuracy",
+           "precision", "grad_compress", "powersgd_warmup", "local_sgd", "local_sgd_warmup", "zero",
+           "updates_per_epoch", "lr", "epochs", "val_accuracy", "test_accuracy",
            "test_loss", "noise_scale", "train_seconds", "epoch_seconds", "wall_seconds", "speedup", "efficiency",
            "wall_speedup", "wall_efficiency", "peak_rss_bytes", "param_bytes", "grad_bytes",
            "optimizer_bytes", "peak_gpu_bytes", "run_dir", "error")
@@ -48,6 +51,8 @@ MEMORY_KEYS = ("peak_rss_bytes", "param_bytes", "grad_bytes", "optimizer_bytes",
 SWEEP_MODES = ("ddp", "fsdp")
 DEFAULT_NPROCS = "1,2,4,6,8"
 # Keys the sweep decides itself: the run folders, and the process count (--nproc).
+# Keys whose values hold ':' themselves (powersgd:4): --vary splits them at commas only.
+COLON_VALUES = {"grad_compress"}
 NOT_VARIED = {"out": "the sweep names each run's folder", "nproc": "use --nproc"}
 INTERRUPTED = 130
 # A failed run that may well succeed when run again: --resume re-runs it, and the sweep is not
@@ -160,7 +165,8 @@ def _config_fields() -> dict[str, Any]:
 def parse_vary(text: str) -> Axis:
     """'KEY=V1,V2,...' -> Axis. Values are split at ':' when there is one (so that a value may
     hold commas: hidden=16,16:256,256), else at commas outside brackets, as in Hydra's multirun
-    (batch_size=256,1024; hidden=[16,16],[256,256])."""
+    (batch_size=256,1024; hidden=[16,16],[256,256]); grad_compress, whose values hold ':'
+    (powersgd:4), at commas only."""
     key, sep, rhs = text.partition("=")
     key = key.strip().rpartition(".")[2]  # train.batch_size or batch_size
     known = _config_fields()
@@ -173,7 +179,8 @@ def parse_vary(text: str) -> Axis:
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(f"--vary: unknown config key {key!r}{hint}")
-    texts = rhs.split(":") if ":" in rhs else re.findall(r"\[[^\]]*\]|[^,]+", rhs)
+    split_colons = ":" in rhs and key not in COLON_VALUES
+    texts = rhs.split(":") if split_colons else re.findall(r"\[[^\]]*\]|[^,]+", rhs)
     texts = tuple(t.strip() for t in texts if t.strip())
     values = tuple(_parse_value(key, t, known[key].default) for t in texts)
     if len(set(values)) != len(values):
@@ -230,6 +237,21 @@ def cell_config(config: Config, cell) -> Config:
     return merged
 
 
+def check_modes(grid: Grid, configs: list[Config]) -> None:
+    """Refuse, before any run, a cell that a swept mode would refuse: ddp's knobs in an fsdp
+    run, say (each run would fail alike). A cell's seq reference runs without ddp's knobs
+    (SEQ_CONFIG), so a grid of seq runs alone must not set them."""
+    problems = []
+    for cfg in configs:
+        if grid.modes == ("seq",) and ddp_knobs(cfg):
+            problems.append(f"--mode seq: ddp's knobs ({', '.join(ddp_knobs(cfg))}) would not "
+                            "be used; sweep --mode ddp (each cell then has its seq reference)")
+        for mode in set(grid.modes) - {"seq"}:
+            problems += [f"--mode {mode}: {p}" for p in ignored_by_mode(mode, cfg)]
+    if problems:
+        raise ConfigError("; ".join(dict.fromkeys(problems)))
+
+
 def check_sweep_dir(out: Path, force: bool) -> None:
     """Refuse a folder that holds a finished sweep, unless forced; an interrupted one is reused
     (its finished runs are refused one by one, as a run folder is, or kept by --resume)."""
@@ -250,6 +272,7 @@ def run_sweep(grid: Grid, config: Config, out: Path, *, force: bool = False,
     """
     cells = grid.cells()
     configs = [cell_config(config, cell) for cell in cells]  # every bad value before any run
+    check_modes(grid, configs)
     lock = RunLock(out, kind="sweep")
     lock.acquire()  # creates the folder
     try:
@@ -266,6 +289,11 @@ def run_sweep(grid: Grid, config: Config, out: Path, *, force: bool = False,
             with storage_errors(folder):
                 folder.mkdir(exist_ok=True)
             _write_text(folder / SWEEP_CONFIG, to_toml(cell_cfg))
+            if cell_cfg.ddp != DDPConfig():  # the seq reference is seq fp32, without ddp's knobs
+                _write_text(folder / SEQ_CONFIG, to_toml(replace(cell_cfg, ddp=DDPConfig())))
+            else:  # one left by an earlier sweep in this folder would be the wrong config
+                with storage_errors(folder):
+                    (folder / SEQ_CONFIG).unlink(missing_ok=True)
         return _run_plan(plan, grid, out, force=force, resume=resume, echo=echo)
     finally:
         lock.release()
@@ -332,7 +360,10 @@ def run_one(out: Path, cell, mode: str, nproc: int, *, force: bool, resume: bool
            **{column_of(key): value for key, value in varied.items()}, "run_dir": name}
     if resume and (run_dir / SUMMARY).exists():
         return {**row, **_finished(run_dir), "kept": True}
-    argv = [sys.executable, "-m", "dptrain", mode, "--config", str(run_dir.parent / SWEEP_CONFIG),
+    config_file = run_dir.parent / SWEEP_CONFIG
+    if mode == "seq" and (run_dir.parent / SEQ_CONFIG).exists():
+        config_file = run_dir.parent / SEQ_CONFIG
+    argv = [sys.executable, "-m", "dptrain", mode, "--config", str(config_file),
             "--out", str(run_dir)]
     argv += ["--nproc", str(nproc)] if mode != "seq" else []
     argv += ["--resume", "auto"] if resume else ["--force"] if force else []

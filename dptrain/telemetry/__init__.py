@@ -15,6 +15,7 @@ no-op object, never an `if` per step. No torch at import (the CLI imports `board
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from dptrain.telemetry.phases import KINDS, TIMED, CudaClock, HostClock, Layout, split
@@ -172,6 +173,8 @@ class Telemetry:
         self._contexts["sum"] = self._context("sum", tail=True)
         contexts = self._contexts  # looked up per call: the profiler's window swaps them
 
+        # wraps: DDP reads the hook's name and signature (its bf16 check, its annotations).
+        @functools.wraps(hook)
         def timed_hook(state, bucket):
             with contexts["sum"]:
                 return hook(state, bucket)
