@@ -17,7 +17,8 @@ from dptrain.commands import register as register_study_commands
 from dptrain.config import Config
 from dptrain.errors import USER_ERROR_EXIT, Stopped, UserError, stop_on_signals
 from dptrain.flags import (DEFAULTS_NOTE, Command, Group, ddp_flags, fill_optional_values,
-                           option_names, process_group_flags, training_flags, with_flags)
+                           launch_flags, option_names, process_group_flags, training_flags,
+                           with_flags)
 from dptrain.distributed.launch import launch, stopped_line
 from dptrain.storage.runlog import command_start_time, default_out_dir, err
 
