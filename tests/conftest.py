@@ -218,8 +218,7 @@ def metric_values(run_dir: Path) -> list[dict]:
 
 def assert_covers(phases: dict, epoch_seconds: float) -> None:
     """The phases (seconds, mean over ranks) add up to the epoch: they leave out only the loop's
-    own few lines and the work of the epoch's final loss sum (docs/DESIGN.md, the phase
-    timers)."""
+    own few lines (docs/DESIGN.md, the phase timers)."""
     assert all(seconds >= 0 for seconds in phases.values()), phases
     assert 0.85 * epoch_seconds <= sum(phases.values()) <= 1.05 * epoch_seconds, \
         (sum(phases.values()), epoch_seconds, phases)

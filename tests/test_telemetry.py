@@ -19,7 +19,7 @@ from dptrain.storage.runlog import RunLog
 from dptrain.telemetry.hangs import stall_line
 from dptrain.telemetry.phases import Layout, run_totals, split
 
-DDP_PHASES = ["batch", "forward_backward", "sum", "wait", "optimizer"]
+DDP_PHASES = ["batch", "forward_backward", "sum", "wait", "optimizer", "epoch_end"]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,7 @@ def test_the_last_rank_to_arrive_waits_for_nobody():
     assert (fastest["forward_backward"], slowest["forward_backward"]) == (
         pytest.approx(12 * ms), pytest.approx(16 * ms))
     assert fields["straggler_seconds"] == pytest.approx(4 * ms)  # update 1: 5 ms against 1
+    assert mean["epoch_end"] == pytest.approx(1 * ms)  # the last rank there waited for nobody
     # Each rank's phases still add up to what it timed.
     totals = run_totals([{"epoch": 1, **fields}, {"epoch": 2, **fields}])
     assert totals["phase_seconds"]["mean"]["wait"] == pytest.approx(7 * ms)
@@ -134,7 +135,8 @@ def test_tensorboard_holds_every_number_of_the_records_and_the_config(profiled):
 
 def test_a_seq_run_times_its_phases(trained_run):
     for record in records(trained_run):
-        assert list(record["phase_seconds"]["mean"]) == ["batch", "forward_backward", "optimizer"]
+        assert list(record["phase_seconds"]["mean"]) == ["batch", "forward_backward", "optimizer",
+                                                         "epoch_end"]
         assert record["straggler_seconds"] == 0
         assert_covers(record["phase_seconds"]["mean"], record["epoch_seconds"])
 

@@ -152,7 +152,8 @@ SEGMENTS = (("batch", "batch (index + gather)", "#8c8c8c"),
             ("sum", "gradient sum", "#2ca02c"),
             ("wait", "waiting for the slowest peer", "#d62728"),
             ("optimizer", "optimizer (lr, NaN check, step)", "#ff7f0e"),
-            ("other", "rest of the epoch (the loop, the epoch's loss sum)", "#e0e0e0"),
+            ("epoch_end", "the epoch's end (its loss sum)", "#bcbd22"),
+            ("other", "rest of the epoch (the loop's own lines)", "#e0e0e0"),
             ("evaluation", "validation", "#9467bd"),
             ("checkpoint", "checkpoint writing", "#8c564b"))
 

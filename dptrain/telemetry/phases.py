@@ -6,9 +6,11 @@ Timed phases (seconds per epoch, per rank):
   forward_backward  forward and backward compute, without the collectives inside them
   gather            fsdp: the parameter all-gathers, as long as the last rank to arrive took
   sum               the gradient sum (ddp's comm hook, fsdp's reduce-scatter), likewise
-  wait              time in those collectives, and in the epoch's final loss sum, spent
-                    waiting for a slower peer
+  wait              time in those collectives, and in the epoch's end, spent waiting for a
+                    slower peer
   optimizer         the lr and cleared gradients, the NaN check, clipping, the optimizer step
+  epoch_end         the epoch's loss sum (the host's one read of the device), local SGD's last
+                    average: as long as the last rank to arrive took
 
 Summing against waiting, without comparing clocks. A collective ends at about the same moment
 on every rank: when the last rank has arrived and the data has moved. So the time a rank spends
@@ -36,11 +38,10 @@ import time
 
 import numpy as np
 
-# epoch_end: the epoch's loss sum, a collective once per epoch; only its wait is a phase.
 TIMED = ("batch", "forward_backward", "optimizer", "epoch_end")
 KINDS = ("gather", "sum")  # the collectives whose exposure is recorded per update
 # The order of the phases in records and figures.
-PHASES = ("batch", "forward_backward", "gather", "sum", "wait", "optimizer")
+PHASES = ("batch", "forward_backward", "gather", "sum", "wait", "optimizer", "epoch_end")
 # The words for a phase or a place in the loop (the hang line, figures).
 LABELS = {"start": "start-up", "epoch_start": "the epoch's start", "batch": "batch", "forward_backward": "forward/backward",
           "gather": "the parameter gather", "sum": "the gradient sum",
@@ -118,8 +119,9 @@ def split(gathered: np.ndarray, layout: Layout, kinds: set[str]) -> dict:
     largest spread of the ranks' arrival at a gradient sum (0 without one)."""
     phases = {name: gathered[:, layout.phase(name)] for name in TIMED}
     exposed_total = np.zeros(len(gathered))
-    # At the epoch's end a rank waits for the slowest one's last update.
-    epoch_end = phases.pop("epoch_end")
+    # The epoch's end is a collective too: there a rank waits for the slowest one's last update.
+    epoch_end = phases["epoch_end"]
+    phases["epoch_end"] = np.full(len(gathered), epoch_end.min())
     wait = epoch_end - epoch_end.min()
     straggler = 0.0
     for kind in KINDS:
