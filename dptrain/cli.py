@@ -16,8 +16,9 @@ from dptrain.storage.checkpoint import Finished
 from dptrain.commands import register as register_study_commands
 from dptrain.config import Config
 from dptrain.errors import USER_ERROR_EXIT, Stopped, UserError, stop_on_signals
-from dptrain.flags import (DEFAULTS_NOTE, Command, Group, ddp_flags, launch_flags,
-                           option_names, process_group_flags, training_flags, with_flags)
+from dptrain.flags import (DEFAULTS_NOTE, Command, Group, ddp_flags, fill_optional_values,
+                           launch_flags, option_names, process_group_flags, training_flags,
+                           with_flags)
 from dptrain.distributed.launch import launch, stopped_line
 from dptrain.storage.runlog import command_start_time, default_out_dir, err
 
@@ -189,7 +190,7 @@ def main() -> None:
 
     stop_on_signals()
     try:
-        status = app(standalone_mode=False)
+        status = app(args=fill_optional_values(sys.argv[1:]), standalone_mode=False)
     except no_args as e:
         print(e.format_message())
         status = 0

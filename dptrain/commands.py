@@ -211,10 +211,13 @@ def plan(target_accuracy: float | None, max_nproc: int | None, budget: float,
 def plot(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to draw on one figure.")],
     out: Annotated[Path, typer.Option(help="The PNG to write.")] = Path("plot.png"),
+    breakdown: Annotated[bool, typer.Option(
+        "--breakdown", help="Draw where each run's time goes (a stacked bar of its phases per "
+                            "epoch) instead of its curves.")] = False,
 ) -> None:
     from dptrain.study.plots import plot_runs
 
-    print(f"wrote {plot_runs(run_dirs, out)}")
+    print(f"wrote {plot_runs(run_dirs, out, breakdown=breakdown)}")
 
 
 def report(
@@ -301,7 +304,8 @@ def register(app: typer.Typer) -> None:
                    helps=PLAN_HELPS))
     app.command("plot", cls=Command,
                 help="Loss and validation accuracy curves of runs, as one PNG; a run still "
-                     "training is drawn up to its last finished epoch.")(_wrap(plot))
+                     "training is drawn up to its last finished epoch. --breakdown: where their "
+                     "time goes.")(_wrap(plot))
     app.command("report", cls=Command,
                 help="The figures of a sweep, written into its folder.")(_wrap(report))
     app.command("matrix", cls=Command,

@@ -9,6 +9,7 @@ import difflib
 import json
 import math
 import os
+import re
 import time
 import tomllib
 from dataclasses import asdict, dataclass, fields
@@ -32,6 +33,11 @@ LR_SCHEDULES = ("constant", "cosine", "linear", "step")
 DECAYING = ("cosine", "linear")  # the schedules whose shape depends on the run's length
 BEST_METRICS = ("val_accuracy", "val_loss")
 PRECISIONS = ("fp32", "bf16")
+
+# --profile START:COUNT: skip START updates of the run, then record COUNT (>= 1).
+PROFILE_WINDOW = re.compile(r"\d+:0*[1-9]\d*")
+# --profile alone: skip the first update, which pays first touches, and record five.
+DEFAULT_PROFILE = "1:5"
 
 # Output-only section of a run's config.toml; ignored when that file is read back as --config.
 RESOLVED_SECTION = "resolved"
@@ -149,6 +155,9 @@ class RunConfig:
     checkpoint_every: int = 1  # epochs between checkpoints; 0 = none
     keep: int = 2  # the newest checkpoints kept
     keep_best: bool = False  # also keep the best epoch's checkpoint (best_metric) in checkpoints/best/
+    phase_times: bool = True  # time the phases of every update (telemetry/phases.py)
+    profile: str = ""  # "START:COUNT": torch.profiler over those updates; "" = off
+    tensorboard: bool = False  # event files in RUN/tensorboard (the tensorboard extra)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -348,6 +357,9 @@ def validate(c: Config) -> list[str]:
                  "epochs")
     if c.optim.optimizer == "adam" and c.optim.momentum:
         p.append("optim.momentum: only sgd uses momentum; adam has its own betas")
+    if c.run.profile and not PROFILE_WINDOW.fullmatch(c.run.profile):
+        p.append(f"run.profile: expected START:COUNT in updates, COUNT >= 1, such as 10:5, "
+                 f"got {c.run.profile!r}")
     host, _, port = c.launch.rdzv_endpoint.rpartition(":")
     if c.launch.rdzv_endpoint and not (host and port.isdigit() and 0 < int(port) < 65536):
         p.append(f"launch.rdzv_endpoint: expected HOST:PORT, got {c.launch.rdzv_endpoint!r}")
@@ -559,6 +571,11 @@ def resolve(config: Config, *, mode: str, world_size: int, n_train: int) -> Plan
     else:
         updates_per_epoch = math.ceil(n_train / global_batch)
         samples_per_epoch = n_train
+    updates = train.epochs * updates_per_epoch
+    if config.run.profile and int(config.run.profile.split(":")[0]) >= updates:
+        raise ConfigError(f"run.profile: {config.run.profile} starts after the run's last update "
+                          f"(it makes {updates}: {train.epochs} epochs x {updates_per_epoch}); "
+                          f"choose a START below {updates}, such as 0:{min(5, updates)}")
     return Plan(mode=mode, world_size=world_size, n_train=n_train, global_batch=global_batch,
                 updates_per_epoch=updates_per_epoch, samples_per_epoch=samples_per_epoch,
                 base_lr=config.optim.lr, lr=lr,

@@ -13,27 +13,29 @@ import typer
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from dptrain.config import (ACTIVATIONS, BACKENDS, BEST_METRICS, DECAYING, DEVICES, GRAD_SYNCS,
-                            LOSSES, LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS, PRECISIONS,
-                            POWERSGD_RANK, START_METHODS, Config, ConfigError)
+from dptrain.config import (ACTIVATIONS, BACKENDS, BEST_METRICS, DECAYING, DEFAULT_PROFILE,
+                            DEVICES, GRAD_SYNCS, LOSSES, LR_SCALINGS, LR_SCHEDULES, OPTIMIZERS,
+                            POWERSGD_RANK, PRECISIONS, START_METHODS, Config, ConfigError)
 
 _DEFAULTS = Config()
 TRAIN = "Training"
 SYSTEM = "System"
 LAUNCH = "Launch (torchrun)"
 CHECKPOINT = "Checkpoints"
+TELEMETRY = "Where the time goes"
 DDP = "DDP knobs (change the result or the memory; docs/DESIGN.md)"
 # Under each training command's description in --help.
 DEFAULTS_NOTE = ("Defaults shown are the built-in ones; a --config file may change them, and "
                  "flags override both.")
 
 
-def _opt(help: str, default: Any = None, panel: str = TRAIN, *names: str) -> Any:
+def _opt(help: str, default: Any = None, panel: str = TRAIN, *names: str, **options) -> Any:
     """An option that shows its built-in default as Typer shows a default, since the option's
     own default is None ("not set": the defaults live in config.py, and a --config file may
     replace them)."""
     shown = f" [dim]{escape(f'[default: {default}]')}[/]" if default not in (None, "") else ""
-    return typer.Option(*names, help=help + shown, rich_help_panel=panel, show_default=False)
+    return typer.Option(*names, help=help + shown, rich_help_panel=panel, show_default=False,
+                        **options)
 
 
 def training_flags(
@@ -125,6 +127,18 @@ def training_flags(
         "Intra-op threads per rank. 0 = auto: 1 for a model and batch too small to split (the "
         "default model's), else this rank's share of the cores that are free.",
         f"{_DEFAULTS.system.threads} (auto)", SYSTEM)] = None,
+    phase_times: Annotated[Optional[bool], _opt(
+        "Time the phases of every update on every rank (batch, forward/backward, gradient sum, "
+        "waiting for peers, optimizer) into metrics.jsonl and summary.json.", "phase-times",
+        TELEMETRY, "--phase-times/--no-phase-times")] = None,
+    profile: Annotated[Optional[str], _opt(
+        "Record updates START+1 to START+COUNT of the run (over all epochs) with torch.profiler: "
+        f"one Chrome trace per rank in RUN/profile/. --profile alone: {DEFAULT_PROFILE}.", "off",
+        TELEMETRY, "--profile", metavar="[START:COUNT]")] = None,
+    tensorboard: Annotated[Optional[bool], _opt(
+        "Write TensorBoard event files into RUN/tensorboard/: the per-epoch metrics and phases, "
+        'the config (needs pip install -e ".\\[tensorboard]").', "off", TELEMETRY,
+        "--tensorboard")] = None,
 ) -> None:
     """Declares the options of every training command (seq included); never called."""
 
@@ -195,6 +209,20 @@ def launch_flags(
     """Declares the torchrun options of ddp and fsdp; never called."""
 
 
+# Options whose value may be left out (Typer has none): given alone, they get this value.
+OPTIONAL_VALUES = {"--profile": DEFAULT_PROFILE}
+
+
+def fill_optional_values(argv: list[str]) -> list[str]:
+    """argv with `--profile` given alone (last, or before another option) as --profile=1:5."""
+    filled = list(argv)
+    for i, arg in enumerate(argv):
+        alone = i + 1 == len(argv) or argv[i + 1].startswith("-")
+        if arg in OPTIONAL_VALUES and alone:
+            filled[i] = f"{arg}={OPTIONAL_VALUES[arg]}"
+    return filled
+
+
 def option_names(*declarations: Callable) -> set[str]:
     """The flags `declarations` declare, as typed: {'--nproc', '--rdzv-id', ...}."""
     return {"--" + p.name.replace("_", "-") for p in parameters(*declarations)}
@@ -260,6 +288,10 @@ def config_from_flags(flags: dict[str, Any], base: dict[str, dict] | None = None
     unused = unused_flags({k for k, v in values.items() if v is not None}, config)
     if unused:
         raise ConfigError("; ".join(unused))
+    if config.run.tensorboard:  # before any process starts: one line naming the extra
+        from dptrain.telemetry.board import require_tensorboard
+
+        require_tensorboard()
     return config
 
 

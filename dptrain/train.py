@@ -28,6 +28,8 @@ from dptrain.storage.runlog import RunLog
 from dptrain.components.step import (EagerStep, NonFiniteGuard, autocast, make_optimizer,
                                      make_step)
 from dptrain.distributed.strategy import Strategy
+from dptrain.telemetry import Telemetry
+from dptrain.telemetry.phases import run_totals
 
 LossSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # A mean train loss above this has diverged: a million times chance level (ln 10 nats per
@@ -97,7 +99,7 @@ def evaluate(model: nn.Module, samples: Samples, rows: np.ndarray, strategy: Str
 
 
 def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan,
-                strategy: Strategy, first_step: int) -> tuple[float, dict]:
+                strategy: Strategy, first_step: int, telemetry: Telemetry) -> tuple[float, dict]:
     """One pass over the train split; returns the mean train loss over all ranks and the
     epoch's gradient noise scale record (noise.estimate; empty where the run has none).
 
@@ -105,10 +107,13 @@ def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan
     not finite on any rank: that update and the rest of the epoch's were not applied.
     """
     step.begin_epoch(plan.updates_per_epoch)
-    batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
+    with telemetry.phase("batch"):
+        batches = global_batches(samples.rows(order[:plan.samples_per_epoch]), plan.global_batch)
     for index, rows in enumerate(batches):
+        telemetry.update(index)
         step(index, rank_slice(rows, strategy), len(rows), plan.lr_at(first_step + index))
-    loss_sum, skipped, *norms = strategy.all_reduce_sum(step.end_epoch()).tolist()
+    with telemetry.phase("epoch_end"):
+        loss_sum, skipped, *norms = strategy.all_reduce_sum(step.end_epoch()).tolist()
     if skipped:
         # Ranks that hold different gradient shards (fsdp) may have stopped at different
         # updates; the earliest counts. Only a run that is about to stop gets here.
@@ -122,12 +127,12 @@ def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan
 
 
 def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: Split,
-          log: RunLog, resume: Checkpoint | None = None) -> dict:
+          log: RunLog, telemetry: Telemetry, resume: Checkpoint | None = None) -> dict:
     """Train (from a checkpoint when given), logging each epoch's validation and checkpointing,
-    then test; returns the results and the full state."""
+    then test; returns the results and the full state. `telemetry` times the epochs' phases."""
     torch.manual_seed(config.train.seed)  # the same initial parameters on every rank and mode
     model = strategy.wrap(MLP(config.model.hidden, config.model.activation, config.train.loss),
-                          precision=config.train.precision)
+                          precision=config.train.precision, telemetry=telemetry)
     samples = Samples(mnist, strategy.device)
     guard = NonFiniteGuard(strategy.device)
     build = functools.partial(make_optimizer, config.optim, lr=plan.lr_at(0), skip_if=guard.flag)
@@ -140,8 +145,8 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
     # The noise scale's small batches: the ranks' shares, or seq's micro-batches (noise.py).
     tap = strategy.gradient_tap(model, micro_batches=config.train.accumulate)
     step = make_step(strategy, model, optimizer, samples, guard, config.optim.clip_grad_norm,
-                     accumulate=config.train.accumulate, precision=config.train.precision,
-                     tap=tap)
+                     telemetry=telemetry, accumulate=config.train.accumulate,
+                     precision=config.train.precision, tap=tap)
     evaluate_ = functools.partial(evaluate, model, samples, strategy=strategy, loss_sum=loss_sum,
                                   batch=config.train.eval_batch_size,
                                   precision=config.train.precision)
@@ -154,48 +159,59 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         if stop:
             break
         start = time.perf_counter()
-        order = epoch_order(split.train, config.train.seed, epoch)
         first_step = (epoch - 1) * plan.updates_per_epoch
+        telemetry.begin_epoch(epoch, first_step)
+        with telemetry.phase("batch"):  # the epoch's shuffle: the index of its batches
+            order = epoch_order(split.train, config.train.seed, epoch)
         try:
-            train_loss, noise = train_epoch(step, samples, order, plan, strategy, first_step)
+            train_loss, noise = train_epoch(step, samples, order, plan, strategy, first_step,
+                                            telemetry)
         except NonFinite as e:
             raise _diverged(e, epoch, plan, log.out) from None
-        strategy.end_epoch(model)
+        with telemetry.phase("epoch_end"):  # local SGD's last average, if due: a collective
+            strategy.end_epoch(model)
         if train_loss > DIVERGED_LOSS:  # the same reduced value on every rank: all stop
             raise UserError(f"the loss diverged: epoch {epoch}'s mean train loss is "
                             f"{train_loss:.3g}, over a million times chance level; not "
                             f"checkpointed; {_kept(log.out)}. Lower --lr")
         epoch_seconds = time.perf_counter() - start
-        val_loss, val_accuracy = evaluate_(split.val)
+        phases = telemetry.end_epoch(strategy.all_gather)  # not part of the epoch's seconds
+        val_start = time.perf_counter()
+        with telemetry.phase("evaluation"):
+            val_loss, val_accuracy = evaluate_(split.val)
         records.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                         "val_accuracy": val_accuracy,
                         "lr": plan.lr_at(first_step + plan.updates_per_epoch - 1),  # the last
                         "epoch_seconds": epoch_seconds,
-                        "val_seconds": time.perf_counter() - start - epoch_seconds,
+                        "val_seconds": time.perf_counter() - val_start,
                         "samples_per_second": plan.samples_per_epoch / epoch_seconds,
-                        "checkpoint_seconds": 0.0, **noise})
+                        "checkpoint_seconds": 0.0, **noise, **phases})
         # Every rank holds the same records, so all decide alike (no collective).
         stop = early_stop_line(records, config.train)
         trained = earlier_seconds + time.perf_counter() - loop_start - saving
-        # An early stop is checkpointed as a last epoch is: to export the run or train it on.
-        if _checkpoint_due(config, epoch) or (stop and config.run.checkpoint_every):
-            saving += _save(config, plan, strategy, model, optimizer, log, records, trained)
-        if config.run.keep_best and is_new_best(records, config.train.best_metric):
-            saving += _save(config, plan, strategy, model, optimizer, log, records, trained,
-                            best=True)
+        with telemetry.phase("checkpoint"):
+            # An early stop is checkpointed as a last epoch is: to export the run or train it on.
+            if _checkpoint_due(config, epoch) or (stop and config.run.checkpoint_every):
+                saving += _save(config, plan, strategy, model, optimizer, log, records, trained)
+            if config.run.keep_best and is_new_best(records, config.train.best_metric):
+                saving += _save(config, plan, strategy, model, optimizer, log, records,
+                                trained, best=True)
         log.epoch(records[-1])
+        telemetry.write(records[-1])
         if stop:
             log.note(stop)
     # Checkpoint writing is not training: it is reported apart, as checkpoint_seconds.
     train_seconds = earlier_seconds + time.perf_counter() - loop_start - saving
 
-    test_loss, test_accuracy = evaluate_(split.test)
+    with telemetry.phase("evaluation"):
+        test_loss, test_accuracy = evaluate_(split.test)
     memory = strategy.memory_report(model, optimizer)
     state = strategy.full_state_dict(model)
     last, best = records[-1], best_record(records, config.train.best_metric)
     return {"train_seconds": train_seconds, "train_loss": last["train_loss"],
             "val_loss": last["val_loss"], "val_accuracy": last["val_accuracy"],
             "checkpoint_seconds": sum(r["checkpoint_seconds"] for r in records),
+            "val_seconds": sum(r["val_seconds"] for r in records), **run_totals(records),
             "test_loss": test_loss, "test_accuracy": test_accuracy,
             "epochs_trained": last["epoch"], "stopped_early": bool(stop),
             "best_epoch": best["epoch"], "best_metric": config.train.best_metric,

@@ -5,6 +5,7 @@ From a cluster shell script:  torchrun [rendezvous flags] -m dptrain.worker --mo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -20,7 +21,8 @@ import typer
 from dptrain.storage import checkpoint
 from dptrain.config import MODES, Config, Plan, cpu_cores, resolve, resolve_threads, to_toml
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
-from dptrain.flags import Command, ddp_flags, process_group_flags, training_flags, with_flags
+from dptrain.flags import (Command, ddp_flags, fill_optional_values, process_group_flags,
+                           training_flags, with_flags)
 from dptrain.storage.runlog import (RunLock, RunLog, StorageError, check_out_dir,
                                     command_start_time, default_out_dir, err, stopped_message,
                                     write_atomic)
@@ -64,6 +66,8 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
     from dptrain.components.data import load_mnist, recorded_location, split_indices
     from dptrain.distributed.agreement import agree_on_start, run_identity
     from dptrain.distributed.strategy import TF32_OVERRIDE_ENV, DistEnv, make_strategy
+    from dptrain.telemetry import make_telemetry
+    from dptrain.telemetry.hangs import arm_flight_recorder
     from dptrain.train import train
 
     env = DistEnv.from_environ()
@@ -88,7 +92,8 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
             raise checkpoint.CheckpointError(f"--resume {resume}: {'; '.join(stray)}; dptrain "
                                              "writes only folders there: remove it")
 
-    strategy = make_strategy(mode, env, config.system, config.ddp)
+    strategy = make_strategy(mode, env, config.system, config.ddp,
+                             before_group=functools.partial(arm_flight_recorder, out))
     lock = RunLock(out)  # rank 0's, taken before anything is written
     ok = False
     try:
@@ -110,8 +115,11 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
         if os.environ.get(TF32_OVERRIDE_ENV):
             log.note(f"[yellow]warning:[/] {TF32_OVERRIDE_ENV} is set; float32 matmuls stay "
                      f"{strategy.fp32_precision} (TF32 off unless that says tf32), as parity needs")
+        resolved = to_toml(config, {**setting, **_plan_fields(plan)}, reusable=True)
         try:
-            results = train(config, plan, strategy, mnist, split, log, resume=found)
+            with make_telemetry(config, plan, strategy, out, config_text=resolved) as telemetry:
+                results = train(config, plan, strategy, mnist, split, log, telemetry,
+                                resume=found)
         except UserError as e:  # diverged, say: a restart would only repeat it
             log.stopped(str(e))
             raise
@@ -343,7 +351,7 @@ def _peer_failure(error: Exception, timeout: float | None = None) -> str:
     or could not be reached; "" for anything else. `timeout`: the run's --timeout, seconds."""
     import torch.distributed as dist
 
-    from dptrain.distributed.strategy import SetupFailed
+    from dptrain.distributed.strategy import DistEnv, SetupFailed
 
     setup = isinstance(error, SetupFailed)
     text = str(error.__cause__ if setup else error)
@@ -353,9 +361,14 @@ def _peer_failure(error: Exception, timeout: float | None = None) -> str:
     if setup:
         return f"{error} ({detail})"
     if "timed out" in text.lower() or "timeout" in text.lower():
+        from dptrain.telemetry.hangs import stall_line
+
         limit = f"--timeout {timeout:g} s" if timeout else "--timeout"
-        return (f"a collective timed out ({limit}): a peer is hung or dead, or the timeout is "
-                f"too short ({detail})")
+        env = DistEnv.from_environ()  # the heartbeats were read as the error left training
+        beats = getattr(error, "heartbeats", None)
+        who = stall_line(env.rank, env.world_size, timeout or 0.0, beats) if beats else ""
+        return (f"a collective timed out ({limit}): "
+                f"{who or 'a peer is hung or dead, or the timeout is too short'} ({detail})")
     return f"{LOST_PEER}, which probably died ({detail})"
 
 
@@ -377,7 +390,7 @@ def main() -> None:
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command(cls=Command)(with_flags(_worker, mode_flag, training_flags, process_group_flags,
                                         ddp_flags))
-    app()
+    app(args=fill_optional_values(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -216,6 +216,14 @@ def metric_values(run_dir: Path) -> list[dict]:
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_covers(phases: dict, epoch_seconds: float) -> None:
+    """The phases (seconds, mean over ranks) add up to the epoch: they leave out only the loop's
+    own few lines (docs/DESIGN.md, the phase timers)."""
+    assert all(seconds >= 0 for seconds in phases.values()), phases
+    assert 0.85 * epoch_seconds <= sum(phases.values()) <= 1.05 * epoch_seconds, \
+        (sum(phases.values()), epoch_seconds, phases)
+
+
 def assert_identical_parameters(a: dict, b: dict) -> None:
     """Bit for bit: what an exact resume must give on the CPU."""
     import torch

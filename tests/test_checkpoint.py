@@ -192,8 +192,9 @@ def test_diverged_parameters_are_never_checkpointed(tmp_path, monkeypatch):
 
     real_epoch = train_module.train_epoch
 
-    def epoch_that_overflows_a_weight(step, samples, order, plan, strategy, first_step):
-        loss = real_epoch(step, samples, order, plan, strategy, first_step)
+    def epoch_that_overflows_a_weight(step, samples, order, plan, strategy, first_step,
+                                      telemetry):
+        loss = real_epoch(step, samples, order, plan, strategy, first_step, telemetry)
         if first_step == plan.updates_per_epoch:  # the second epoch (first_step = 10)
             with torch.no_grad():
                 next(step.model.parameters())[0, 0] = float("inf")

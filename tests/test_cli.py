@@ -317,7 +317,7 @@ def test_log_lines_never_wrap_and_wall_seconds_is_one_number(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("dptrain mode=ddp") and lines[0].endswith(f"out={out}")
     epoch = re.compile(r"^epoch +1  train_loss \S+  val_loss \S+  val_acc \S+  lr 0\.0123\d  "
-                       r"\S+s$")
+                       r"\S+s  \S+ samples/s$")
     assert [line for line in lines if line.startswith("epoch")] == \
         [line for line in lines if epoch.match(line)] != []
     assert len(max(lines, key=len)) > 80 and lines[-1] == f"results in {out}"

@@ -8,14 +8,15 @@ epoch about a second here, so that a signal sent once epoch 1's checkpoint exist
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
 
 import pytest
 
-from conftest import (alive, assert_identical_parameters, assert_same_parameters, descendants,
-                      load_state, metric_values, run_cli, start_cli, train, wait_for)
+from conftest import (alive, assert_covers, assert_identical_parameters, assert_same_parameters,
+                      descendants, load_state, metric_values, run_cli, start_cli, train, wait_for)
 from test_cli import assert_one_line_error
 
 FLAGS = {"seq": ["--batch-size", "1024", "--epochs", "3"],
@@ -154,23 +155,29 @@ def test_killed_worker_restarts_from_the_checkpoint(tmp_path, reference, mode):
 
 
 @pytest.mark.slow
-def test_hung_peer_ends_the_job_within_the_timeout(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_hung_peer_ends_the_job_within_the_timeout_naming_it(tmp_path, mode):
+    """A SIGSTOP'ed rank stops its heartbeat; the rank that times out names it, and where it
+    waited itself (telemetry/hangs.py)."""
     out = tmp_path / "run"
-    process = start_cli("ddp", "--nproc", "2", "--device", "cpu", "--out", str(out),
-                        "--batch-size", "256", "--epochs", "50", "--timeout", "5",
+    process = start_cli(mode, "--nproc", "2", "--device", "cpu", "--out", str(out),
+                        "--batch-size", "256", "--epochs", "50", "--timeout", "3",
                         log=tmp_path / "log")
-    workers = watch(process, checkpoint_exists(out))
+    metrics = out / "metrics.jsonl"  # epoch 1's record follows its checkpoint
+    workers = watch(process, lambda: metrics.exists() and metrics.read_text().endswith("\n"))
     # The two workers: the descendants still running (short-lived helpers, such as a
     # library's probe of the system at import, have lower pids and are gone by now).
     running = alive(workers)
     assert len(running) == 2, running
     rank0, rank1 = sorted(running)
     try:
-        os.kill(rank1, signal.SIGSTOP)  # stays stopped: torchrun's SIGTERM cannot end it
+        # Stays stopped: torchrun's SIGTERM cannot end it. Its heartbeat has beaten at epoch 1's
+        # start (telemetry.begin_epoch), an epoch before the record we waited for.
+        os.kill(rank1, signal.SIGSTOP)
         stopped = time.monotonic()
         wait_for(lambda: not alive([rank0]), timeout=60, what="rank 0 to time out")
         timed_out = time.monotonic()
-        assert timed_out - stopped < 5 + 15
+        assert timed_out - stopped < 3 + 15
         process.wait(timeout=60)
         # torchrun's agent gives the stopped rank launch.STOP_GRACE_SECONDS (5), then SIGKILL;
         # it waited 30 s, whatever its shutdown timeout said.
@@ -181,9 +188,20 @@ def test_hung_peer_ends_the_job_within_the_timeout(tmp_path):
     output = (tmp_path / "log").read_text()
     assert process.returncode == 1, output
     errors = [line for line in output.splitlines() if line.startswith("dptrain: error:")]
-    assert len(errors) == 1 and "timed out (--timeout 5 s)" in errors[0], output
+    assert len(errors) == 1 and "timed out (--timeout 3 s)" in errors[0], output
+    # e.g. "rank 1 stopped at epoch 2, update 17 (forward/backward) 6 s ago; rank 0 waited in
+    # the gradient sum"
+    assert re.search(r"rank 1 stopped at epoch \d+, update \d+ \([^)]+\) \d+ s ago; "
+                     r"rank 0 waited in ", errors[0]), errors[0]
     assert alive(workers) == set()
-    assert (out / "checkpoints" / "epoch-0001").is_dir()
+    assert list((out / "checkpoints").glob("epoch-*"))  # the newest --keep survive the hang
+    # Epoch 1's record, from both ranks: the phases of the mode, which cover the epoch.
+    record = json.loads(metrics.read_text().splitlines()[0])
+    phases = record["phase_seconds"]["mean"]
+    gather = [] if mode == "ddp" else ["gather"]
+    assert list(phases) == ["batch", "forward_backward", *gather, "sum", "wait", "optimizer",
+                            "epoch_end"]
+    assert_covers(phases, record["epoch_seconds"])
 
 
 @pytest.mark.slow

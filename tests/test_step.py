@@ -9,6 +9,7 @@ from dptrain.components.model import MLP
 from dptrain.components.optim import FusedAdam, FusedSGD
 from dptrain.components.step import NonFiniteGuard, make_optimizer, make_step
 from dptrain.distributed.strategy import DistEnv, Strategy
+from dptrain.telemetry import Telemetry
 from dptrain.train import NonFinite, Samples, global_batches, train_epoch
 
 BAD = 7  # the update (0-based, within the epoch) that goes wrong
@@ -30,7 +31,8 @@ def setup(data, optimizer, **knobs):
     model = strategy.wrap(MLP())
     guard = NonFiniteGuard(strategy.device)
     opt = make_optimizer(config.optim, model.parameters(), plan.lr, skip_if=guard.flag)
-    step = make_step(strategy, model, opt, samples, guard, **knobs)
+    untimed = Telemetry(updates=plan.updates_per_epoch)
+    step = make_step(strategy, model, opt, samples, guard, telemetry=untimed, **knobs)
     return step, plan, strategy, epoch_order(split.train, 0, 1)
 
 
@@ -71,7 +73,7 @@ def test_a_non_finite_loss_is_never_applied(data, optimizer, monkeypatch):
 
     monkeypatch.setattr(MLP, "forward", forward)
     with pytest.raises(NonFinite) as stop:
-        train_epoch(step, data[0], order, plan, strategy, first_step=0)
+        train_epoch(step, data[0], order, plan, strategy, 0, step.telemetry)
     assert (stop.value.step, stop.value.local_loss) == (BAD, float("inf"))
     assert len(calls) == plan.updates_per_epoch  # the epoch ran on: one read at its end
     monkeypatch.setattr(MLP, "forward", real)
@@ -93,7 +95,7 @@ def test_a_non_finite_micro_batch_at_bf16_is_never_applied(data, monkeypatch):
 
     monkeypatch.setattr(MLP, "forward", forward)
     with pytest.raises(NonFinite) as stop:
-        train_epoch(step, data[0], order, plan, strategy, first_step=0)
+        train_epoch(step, data[0], order, plan, strategy, 0, step.telemetry)
     assert (stop.value.step, stop.value.local_loss) == (BAD, float("inf"))
     assert len(calls) == 2 * plan.updates_per_epoch
     monkeypatch.setattr(MLP, "forward", real)
@@ -118,7 +120,7 @@ def test_an_overflowing_gradient_is_never_applied(data, optimizer):
 
     weight.register_hook(overflow)
     with pytest.raises(NonFinite) as stop:
-        train_epoch(step, data[0], order, plan, strategy, first_step=0)
+        train_epoch(step, data[0], order, plan, strategy, 0, step.telemetry)
     assert stop.value.step == BAD and stop.value.local_loss < float("inf")  # a finite loss
     assert_same_state(state_of(step), clean_updates(data, optimizer, BAD))
 

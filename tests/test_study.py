@@ -58,11 +58,13 @@ def test_sweep_records_a_failed_run_and_goes_on(tmp_path):
     assert json.loads((sweep / "sweep.json").read_text())["runs"][1]["status"] == "failed"
     assert "ddp-1 failed" in result.stdout
 
-    # A plot of two of its runs (test_reproduce_study_quick draws a sweep's figures).
-    result = run_cli("plot", str(sweep / "seq-1"), str(sweep / "ddp-2"), "--out",
-                     str(tmp_path / "two.png"))
-    assert result.returncode == 0, result.stderr
-    assert_png(tmp_path / "two.png")
+    # A plot of two of its runs, and where their time goes (test_reproduce_study_quick draws
+    # a sweep's figures).
+    for extra in ([], ["--breakdown"]):
+        result = run_cli("plot", str(sweep / "seq-1"), str(sweep / "ddp-2"), "--out",
+                         str(tmp_path / "two.png"), *extra)
+        assert result.returncode == 0, result.stderr
+        assert_png(tmp_path / "two.png")
 
     # A finished sweep is not overwritten by accident.
     assert_one_line_error(run_cli("sweep", "--out", str(sweep)), "already holds a finished sweep")
@@ -220,8 +222,10 @@ def test_reproduce_study_quick(tmp_path):
     rows = read_csv(out / "c" / "sweep.csv")
     assert [(r["mode"], r["nproc"], r["status"]) for r in rows] == [
         ("seq", "1", "ok"), ("ddp", "2", "ok")]
-    for name in ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png"):
+    for name in ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png",
+                 "time_breakdown.png"):
         assert_png(out / "c" / name)
+    assert (out / "c" / "time_breakdown.csv").read_text().count("\n") == 3  # a line per run
     # The seed rule: lr = 0.01 * (42000 / nproc) / 1024; one full-batch update per epoch.
     assert abs(float(rows[1]["lr"]) - 0.01 * 21000 / 1024) < 1e-12
     assert rows[1]["global_batch"] == "42000" and rows[1]["updates_per_epoch"] == "1"
@@ -233,7 +237,7 @@ def test_reproduce_study_quick(tmp_path):
     assert [(r["mode"], r["nproc"], r["hidden"]) for r in f] == [
         ("seq", "1", "16,16"), ("ddp", "2", "16,16"), ("fsdp", "2", "16,16")]
     for name in ("speedup_vs_nproc.png", "speedup_heatmap.png", "memory_vs_nproc.png",
-                 "cost_model.png"):
+                 "cost_model.png", "time_breakdown.png"):
         assert_png(out / "f" / name)
     # FSDP holds half of the parameters, gradients and Adam state on each of its 2 ranks.
     for key in ("param_bytes", "grad_bytes", "optimizer_bytes"):

@@ -77,10 +77,11 @@ class EagerStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
                  guard: NonFiniteGuard, strategy, clip_grad_norm: float = 0.0, *,
-                 accumulate: int = 1, precision: str = "fp32",
+                 telemetry, accumulate: int = 1, precision: str = "fp32",
                  tap: GradientTap | None = None):
         self.model, self.optimizer, self.samples = model, optimizer, samples
         self.guard, self.strategy, self.accumulate = guard, strategy, accumulate
+        self.telemetry = telemetry  # times the phases (telemetry.phase)
         self.clip_grad_norm = clip_grad_norm  # 0 = no clipping
         self._autocast = autocast(precision, samples.device)  # entered once per forward
         self.tap = tap  # the gradient noise scale's norms (noise.py), where a run has them
@@ -96,11 +97,12 @@ class EagerStep:
 
     def __call__(self, index: int, rows: torch.Tensor, global_batch: int, lr: float) -> None:
         """Update `index` of the epoch on this rank's `rows` of a global batch of that size."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.tap is not None:
-            self.tap.begin_update(index)
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.telemetry.phase("optimizer"):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if self.tap is not None:
+                self.tap.begin_update(index)
+            self.optimizer.zero_grad(set_to_none=True)
         # Every rank runs K micro-batches (fsdp gathers parameters in each forward); those of a
         # short tail batch may be empty.
         *first, last = rows.tensor_split(self.accumulate) if self.accumulate > 1 else (rows,)
@@ -109,25 +111,29 @@ class EagerStep:
             with self.strategy.no_gradient_sync(self.model):
                 losses.append(self._forward_backward(micro_rows, global_batch))
         losses.append(self._forward_backward(last, global_batch))
-        grads = self.strategy.local_gradients(self.model)
-        self.guard.check(grads)
-        if self.tap is not None:  # the summed gradient as computed, before any clipping
-            self.tap.summed(grads)
-        if self.clip_grad_norm:
-            self.strategy.clip_gradients(self.model, self.clip_grad_norm)
-        self.optimizer.step()
-        loss = losses[0] if not first else torch.stack(losses).sum()
-        torch.stack((loss, self.guard.flag), out=self._record[index])
+        with self.telemetry.phase("optimizer"):
+            grads = self.strategy.local_gradients(self.model)
+            self.guard.check(grads)
+            if self.tap is not None:  # the summed gradient as computed, before any clipping
+                self.tap.summed(grads)
+            if self.clip_grad_norm:
+                self.strategy.clip_gradients(self.model, self.clip_grad_norm)
+            self.optimizer.step()
+            loss = losses[0] if not first else torch.stack(losses).sum()
+            torch.stack((loss, self.guard.flag), out=self._record[index])
 
     def _forward_backward(self, rows: torch.Tensor, global_batch: int) -> torch.Tensor:
         """Add the gradient of this loss sum / global batch; returns the loss sum (detached)."""
-        x, y = self.samples.batch(rows)
-        with self._autocast:  # backward follows the dtypes it chose
-            loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
-        # NaN if this rank's loss is not finite: then the gradients turn NaN (every summed
-        # element) on every rank, and all skip alike. (Given as backward's gradient: no
-        # product node, no ones to fill.)
-        loss.backward(loss.detach() * 0.0 + 1 / global_batch)
+        phase = self.telemetry.phase
+        with phase("batch"):
+            x, y = self.samples.batch(rows)
+        with phase("forward_backward"):
+            with self._autocast:  # backward follows the dtypes it chose
+                loss = self.model(x, y)  # this rank's loss sum (MLP.forward with targets)
+            # NaN if this rank's loss is not finite: then the gradients turn NaN (every summed
+            # element) on every rank, and all skip alike. (Given as backward's gradient: no
+            # product node, no ones to fill.)
+            loss.backward(loss.detach() * 0.0 + 1 / global_batch)
         return loss.detach()
 
     def end_epoch(self) -> torch.Tensor:
@@ -144,13 +150,18 @@ class EagerStep:
 
 
 def make_step(strategy, model: nn.Module, optimizer: torch.optim.Optimizer, samples,
-              guard: NonFiniteGuard, clip_grad_norm: float = 0.0, *, accumulate: int = 1,
-              precision: str = "fp32", tap: GradientTap | None = None) -> EagerStep:
+              guard: NonFiniteGuard, clip_grad_norm: float = 0.0, *, telemetry=None,
+              accumulate: int = 1, precision: str = "fp32",
+              tap: GradientTap | None = None) -> EagerStep:
     """The step implementation for the strategy's device. The eager step is the only one so
-    far; a CUDA-graphed step is the planned second (issue 10), behind these same methods."""
+    far; a CUDA-graphed step is the planned second (issue 10), behind these same methods.
+    `telemetry` times its phases (telemetry.phase); without one, nothing is timed."""
+    from dptrain.telemetry import Telemetry
+
+    telemetry = telemetry or Telemetry(updates=0)
     device = strategy.device
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no "
                         "bfloat16 support; use --precision fp32")
     return EagerStep(model, optimizer, samples, guard, strategy, clip_grad_norm,
-                     accumulate=accumulate, precision=precision, tap=tap)
+                     telemetry=telemetry, accumulate=accumulate, precision=precision, tap=tap)

@@ -114,8 +114,9 @@ class Strategy:
         self.env = env
         self.device = device
 
-    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
-        """The model, ready to train at `precision` (the step's autocast does the rest)."""
+    def wrap(self, model: nn.Module, *, precision: str = "fp32", telemetry=None) -> nn.Module:
+        """The model, ready to train at `precision` (the step's autocast does the rest);
+        `telemetry` may time its collectives."""
         return model.to(self.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -138,6 +139,11 @@ class Strategy:
     def all_agree(self, ok: bool) -> bool:
         """True when `ok` holds on every rank. Every rank must call it."""
         return ok
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` (a CPU tensor), stacked in rank order on the CPU. Every rank
+        must call it."""
+        return tensor.unsqueeze(0)
 
     def gather_object(self, obj) -> list:
         """Every rank's `obj`, in rank order. Every rank must call it."""
@@ -266,6 +272,12 @@ class _ProcessGroupStrategy(Strategy):
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device)  # nccl moves CUDA tensors only
+        parts = [torch.empty_like(tensor) for _ in range(self.env.world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts).cpu()
+
     def all_agree(self, ok: bool) -> bool:
         flag = torch.tensor([1 if ok else 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -319,7 +331,7 @@ class DDPStrategy(_ProcessGroupStrategy):
         self.hook_state = None  # the comm hook's state (PowerSGD's, local SGD's), for checkpoints
         self.averager = None  # local SGD's PeriodicModelAverager
 
-    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32", telemetry=None) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -330,6 +342,10 @@ class DDPStrategy(_ProcessGroupStrategy):
                                                   self.system.timeout)
         if self.tap is not None:  # the noise scale reads each bucket before the sum
             hook = noise.tapped_comm_hook(hook, self.tap, model)
+        # The telemetry times the chosen hook (with the tap's read) from the outside; it never
+        # replaces it.
+        if telemetry is not None:
+            hook = telemetry.wrap_hook(hook)
         try:
             ddp.register_comm_hook(self.hook_state, hook)
         except TypeError as e:  # torch allows bf16 sums only with NCCL >= 2.10 or XCCL in its build
@@ -506,7 +522,7 @@ class FSDPStrategy(_ProcessGroupStrategy):
     grad_sync = "collective"  # reduce-scatter, through the process group
     checkpoint_format = "dcp"  # torch.distributed.checkpoint: each rank writes its own shards
 
-    def wrap(self, model: nn.Module, *, precision: str = "fp32") -> nn.Module:
+    def wrap(self, model: nn.Module, *, precision: str = "fp32", telemetry=None) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -525,13 +541,23 @@ class FSDPStrategy(_ProcessGroupStrategy):
         # the root): one all-gather per step. Evaluation has no backward to reshard them after,
         # so after_evaluation does.
         fully_shard(model, mesh=mesh, mp_policy=policy)
+        # The noise tap reads each unit's gradient before its sum; the telemetry times the sum
+        # (with that read) and the all-gather from the outside (telemetry/collectives.py).
+        # (set_custom_reduce_scatter is recent: without it, fsdp's phases keep them inside.)
+        reduce_scatter = noise.tapped_reduce_scatter(self.tap) if self.tap is not None else None
+        timeable = telemetry and hasattr(FSDPModule, "set_custom_reduce_scatter")
+        comms = telemetry.fsdp_comms(reduce_scatter) if timeable else None
+        if comms:
+            reduce_scatter = comms[1]
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 # Sum, as DDP's hook above; the plain SUM op also works on gloo (no PREMUL_SUM).
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)
-                if self.tap is not None:
-                    module.set_custom_reduce_scatter(noise.tapped_reduce_scatter(self.tap))
+                if comms:
+                    module.set_custom_all_gather(comms[0])
+                if reduce_scatter is not None:
+                    module.set_custom_reduce_scatter(reduce_scatter)
         return model
 
     @contextlib.contextmanager
@@ -621,17 +647,19 @@ def pin_fp32_precision() -> str:
 
 
 def make_strategy(mode: str, env: DistEnv, system: SystemConfig,
-                  knobs: DDPConfig = DDPConfig()) -> Strategy:
+                  knobs: DDPConfig = DDPConfig(), before_group=None) -> Strategy:
     """Pick the device and backend, pin fp32, join the process group (ddp/fsdp), and return the
-    strategy (ddp with its knobs; config.ignored_by_mode has refused them for the others)."""
+    strategy (ddp with its knobs; config.ignored_by_mode has refused them for the others).
+    `before_group(backend)` runs just before the group is made (the flight recorder's set-up)."""
     device = resolve_device(system.device, env, system.backend)
     precision = pin_fp32_precision()
     if mode == "seq":  # config.resolve has already required a world size of 1
         strategy = Strategy(env, device)
-    elif mode == "ddp":
-        strategy = DDPStrategy(env, device, resolve_backend(system.backend, device), system,
-                               knobs)
     else:
-        strategy = STRATEGIES[mode](env, device, resolve_backend(system.backend, device), system)
+        backend = resolve_backend(system.backend, device)
+        if before_group is not None:
+            before_group(backend)
+        strategy = (DDPStrategy(env, device, backend, system, knobs) if mode == "ddp"
+                    else STRATEGIES[mode](env, device, backend, system))
     strategy.fp32_precision = precision
     return strategy

@@ -47,7 +47,8 @@ MANIFEST_DEPTH = 32
 MAY_CHANGE = {"epochs", "checkpoint_every", "keep", "keep_best", "early_stop", "best_metric",
               "out", "data_dir", "backend", "device",
               "threads", "timeout", "nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id",
-              "rdzv_backend", "max_restarts", "start_method", "zero"}
+              "rdzv_backend", "max_restarts", "start_method", "zero",
+              "phase_times", "profile", "tensorboard"}  # the last three: what a run records
 
 
 class CheckpointError(UserError):

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Column, Table
 
 from dptrain.config import RESOLVED_SECTION
 from dptrain.errors import UserError
@@ -426,11 +426,9 @@ class RunLog:
             self._metrics = open(self.out / METRICS, "a", buffering=1)
         self.console.print("[bold]dptrain[/] " + "  ".join(f"{k}={v}" for k, v in header.items()))
         if self.console.is_terminal:
-            self._progress = Progress(TextColumn("[bold]epoch"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
-                                      console=self.console, transient=False)
+            self._progress = progress_bar(self.console)
             self._task = self._progress.add_task("train", total=header["epochs"], metrics="",
-                                                 completed=len(records))
+                                                 rate="", completed=len(records))
             self._progress.start()
 
     def stopped(self, message: str) -> None:
@@ -454,13 +452,18 @@ class RunLog:
         with storage_errors(self.out / METRICS):
             self._metrics.write(json.dumps(record) + "\n")
             self._metrics.flush()
-        text = (f"train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
-                f"val_acc {record['val_accuracy']:.4f}  lr {record['lr']:.4g}  "
-                f"{record['epoch_seconds']:.2f}s")
+        rate = f"{si(record['samples_per_second'])} samples/s"
         if self._progress is not None:
-            self._progress.update(self._task, advance=1, metrics=text)
+            # What matters most first: the bar cuts the rest off at the terminal's edge.
+            text = (f"val_acc {record['val_accuracy']:.4f}  train_loss "
+                    f"{record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
+                    f"lr {record['lr']:.4g}  {record['epoch_seconds']:.2f}s")
+            self._progress.update(self._task, advance=1, metrics=text, rate=rate)
         else:
-            self.console.print(f"epoch {record['epoch']:>4}  {text}")
+            self.console.print(f"epoch {record['epoch']:>4}  train_loss {record['train_loss']:.4f}"
+                               f"  val_loss {record['val_loss']:.4f}  val_acc "
+                               f"{record['val_accuracy']:.4f}  lr {record['lr']:.4g}  "
+                               f"{record['epoch_seconds']:.2f}s  {rate}")
 
     def finish(self, summary: dict[str, Any], state_dict: dict) -> None:
         """Write model.pt, then summary.json (its presence marks the run finished).
@@ -490,6 +493,26 @@ class RunLog:
             except OSError:
                 pass  # the line it could not write was reported when it failed (a full disk)
             self._metrics = None
+
+
+def progress_bar(console: Console) -> Progress:
+    """The terminal's progress line: the epoch count, a short bar, the time left and the last
+    epoch's samples/s always fit 80 columns (about 50 of them); the metrics fill what is left,
+    cut with an ellipsis."""
+    return Progress(TextColumn("[bold]epoch[/] {task.completed:>3}/{task.total}"),
+                    BarColumn(bar_width=12), TimeRemainingColumn(compact=True),
+                    TextColumn("{task.fields[rate]}", table_column=Column(min_width=15)),
+                    TextColumn("{task.fields[metrics]}",
+                               table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                    console=console, transient=False, expand=True)
+
+
+def si(value: float) -> str:
+    """A rate in 4 significant characters: 950, 41.2k, 1.35M."""
+    for limit, suffix in ((1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.3g}{suffix}"
+    return f"{value:.0f}"
 
 
 def peak_rss_bytes() -> int:

@@ -12,7 +12,8 @@ from dptrain.errors import UserError
 from dptrain.storage.runlog import METRICS, SUMMARY, write_atomic
 from dptrain.study.sweep import check_relative, read_sweep
 
-FIGURES = ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png")
+FIGURES = ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png",
+           "time_breakdown.png")
 
 
 def _pyplot():
@@ -94,14 +95,24 @@ def _curves(ax_loss, ax_acc, runs: list[tuple[str, dict, list[dict]]]) -> None:
             ax.legend(fontsize="small")
 
 
-def plot_runs(run_dirs: list[Path], out: Path) -> Path:
-    """Loss curves and val accuracy of several runs side by side, in one PNG."""
+def plot_runs(run_dirs: list[Path], out: Path, *, breakdown: bool = False) -> Path:
+    """Loss curves and val accuracy of several runs side by side, in one PNG; `breakdown`:
+    where each run's time goes instead (time_breakdown)."""
     names = [Path(d).name for d in run_dirs]
     if len(set(names)) < len(names):  # e.g. two sweeps' ddp-8: name their sweeps too
         names = [f"{Path(d).parent.name}/{Path(d).name}" for d in run_dirs]
     runs = [(f"{name}: {run_label(s)}", s, m)
             for name, d in zip(names, run_dirs) for s, m in [read_run(d)]]
     plt = _pyplot()
+    if breakdown:
+        bars = [(name, metrics) for name, (_, _, metrics) in zip(names, runs)]
+        if not any(epoch_breakdown(m) for _, m in bars):
+            raise UserError("none of these runs timed its phases (runs before dptrain had "
+                            "phase times, or --no-phase-times)")
+        fig, ax = plt.subplots(figsize=(5.5 + 1.1 * len(bars), 5.5), constrained_layout=True)
+        _phase_bars(ax, bars)
+        ax.set_title("Where the time goes: seconds per epoch (mean over ranks)")
+        return _save(fig, plt, out)
     noisy = any(_has_noise(m) for _, _, m in runs)  # a third panel: the noise scale
     fig, axes = plt.subplots(1, 3 if noisy else 2, figsize=(19 if noisy else 13, 5),
                              constrained_layout=True)
@@ -131,6 +142,107 @@ def _noise_curves(ax, runs: list[tuple[str, dict, list[dict]]]) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+# --- where the time goes ----------------------------------------------------------------------
+
+# (key, label, colour) in stacking order: the training steps' phases, what else the epoch took,
+# then validation and checkpoint writing, which follow the epoch.
+SEGMENTS = (("batch", "batch (index + gather)", "#8c8c8c"),
+            ("forward_backward", "forward + backward", "#1f77b4"),
+            ("gather", "parameter all-gather (fsdp)", "#17becf"),
+            ("sum", "gradient sum", "#2ca02c"),
+            ("wait", "waiting for the slowest peer", "#d62728"),
+            ("optimizer", "optimizer (lr, NaN check, step)", "#ff7f0e"),
+            ("epoch_end", "the epoch's end (its loss sum)", "#bcbd22"),
+            ("other", "rest of the epoch (the loop's own lines)", "#e0e0e0"),
+            ("evaluation", "validation", "#9467bd"),
+            ("checkpoint", "checkpoint writing", "#8c564b"))
+
+
+def epoch_breakdown(metrics: list[dict]) -> dict[str, float]:
+    """Seconds per epoch by segment (SEGMENTS), the mean over ranks and over the epochs after
+    the first (which also pays first touches); {} when the run timed no phases."""
+    timed = [m for m in metrics if "phase_seconds" in m]
+    timed = timed[1:] or timed
+    if not timed:
+        return {}
+    segments: dict[str, float] = {}
+    for m in timed:
+        phases = m["phase_seconds"]["mean"]
+        for key, seconds in {**phases, "other": max(m["epoch_seconds"] - sum(phases.values()), 0),
+                             "evaluation": m["val_seconds"],
+                             "checkpoint": m["checkpoint_seconds"]}.items():
+            segments[key] = segments.get(key, 0.0) + seconds / len(timed)
+    return segments
+
+
+def _phase_bars(ax, bars: list[tuple[str, list[dict]]], legend: bool = True) -> None:
+    """A stacked bar per (label, metrics); a legend of the segments that occur, at the right."""
+    breakdowns = [epoch_breakdown(metrics) for _, metrics in bars]
+    x = range(len(bars))
+    bottom = [0.0] * len(bars)
+    for key, label, colour in SEGMENTS:
+        heights = [b.get(key, 0.0) for b in breakdowns]
+        if any(heights):
+            ax.bar(x, heights, bottom=bottom, color=colour, label=label, width=0.7,
+                   edgecolor="white", linewidth=0.5)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+    for i, b in enumerate(breakdowns):
+        if not b:
+            ax.text(i, 0, "no phase\ntimes", ha="center", va="bottom", fontsize="small")
+    ax.set_xticks(list(x), [label for label, _ in bars], rotation=30 if len(bars) > 6 else 0)
+    ax.set_ylabel("seconds per epoch")
+    ax.grid(alpha=0.3, axis="y")
+    if legend:
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles[::-1], labels[::-1], fontsize="small",  # the stack's order, top first
+                  loc="upper left", bbox_to_anchor=(1.01, 1))
+
+
+def _breakdown_table(path: Path, panels: list[tuple[str, list]]) -> None:
+    """The figure's numbers: seconds per epoch by segment, a line per run."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["cell", "run", *(key for key, _, _ in SEGMENTS)])
+    for cell, bars in panels:
+        for run, metrics in bars:
+            breakdown = epoch_breakdown(metrics)
+            writer.writerow([cell, run, *(f"{breakdown[key]:.6f}" if key in breakdown else ""
+                                          for key, _, _ in SEGMENTS)])
+    write_atomic(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def _time_breakdown(plt, sweep_dir: Path, rows: list[dict], keys: list[str]) -> Path | None:
+    """time_breakdown.png (and its numbers, time_breakdown.csv): a stacked bar per run (seq,
+    then each mode by nproc), one panel per cell of a --vary grid; None when no run timed its
+    phases."""
+    cells = _cells(rows, keys) if keys else [("", rows)]
+    panels = []
+    for label, runs in cells:
+        ordered = sorted(runs, key=lambda r: (r["mode"] != "seq", r["mode"], r["nproc"]))
+        bars = [("seq" if r["mode"] == "seq" else f"{r['mode']} x{r['nproc']}",
+                 read_run(sweep_dir / check_relative(r["run_dir"], "run_dir"))[1])
+                for r in ordered]
+        panels.append((label, bars))
+    if not any(epoch_breakdown(m) for _, bars in panels for _, m in bars):
+        return None
+    _breakdown_table(sweep_dir / "time_breakdown.csv", panels)
+    columns = min(len(panels), 2)
+    lines = -(-len(panels) // columns)
+    width = max(len(bars) for _, bars in panels)
+    fig, axes = plt.subplots(lines, columns, squeeze=False, constrained_layout=True,
+                             figsize=(3 + columns * (1.5 + 0.9 * width), 4.5 * lines))
+    for i, (ax, (label, bars)) in enumerate(zip(axes.flat, panels)):
+        _phase_bars(ax, bars, legend=i == columns - 1)  # beside the first line's last panel
+        if label:
+            ax.set_title(label)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Where the time goes: seconds per epoch, mean over ranks and epochs "
+                 f"({setting(rows[0], keys)})")
+    return _save(fig, plt, sweep_dir / "time_breakdown.png")
 
 
 def report(sweep_dir: Path) -> list[Path]:
@@ -146,8 +258,11 @@ def report(sweep_dir: Path) -> list[Path]:
         raise UserError(f"{sweep_dir}: every run of this sweep failed; nothing to plot")
     modes = meta.get("modes") or [meta["mode"]]  # sweeps before --vary had one mode
     plt = _pyplot()
-    if meta.get("vary"):
-        return grid_figures(plt, ok, modes, [v["key"] for v in meta["vary"]], sweep_dir)
+    keys = [v["key"] for v in meta.get("vary") or []]
+    breakdown = _time_breakdown(plt, sweep_dir, ok, keys)
+    extra = [breakdown] if breakdown else []
+    if keys:
+        return grid_figures(plt, ok, modes, keys, sweep_dir, also=extra)
     runs = [(f"{r['mode']} x{r['nproc']}, lr={r['lr']:.3g}",
              *read_run(sweep_dir / check_relative(r["run_dir"], "run_dir"))) for r in ok]
     paths = []
@@ -160,7 +275,7 @@ def report(sweep_dir: Path) -> list[Path]:
     paths.append(_time_vs_nproc(plt, ok, modes, sweep_dir / "time_vs_nproc.png"))
     if any(_has_noise(m) for _, _, m in runs):
         paths.append(_noise_figure(plt, runs, setting(ok[0]), sweep_dir / "noise_scale.png"))
-    return paths
+    return paths + extra
 
 
 def _noise_figure(plt, runs, title: str, out: Path) -> Path:
@@ -263,7 +378,7 @@ MODE_STYLES = {"seq": dict(ls="", marker="*", ms=11), "ddp": dict(ls="-", marker
 
 
 def grid_figures(plt, rows: list[dict], modes: list[str], keys: list[str],
-                 sweep_dir: Path) -> list[Path]:
+                 sweep_dir: Path, also: list[Path] = ()) -> list[Path]:
     """What a grid shows, each figure where the grid has its data: speedup against nproc (one
     line per cell) and as a cell x nproc heatmap; memory and time per epoch against nproc; test
     accuracy against the global batch (one line per value of the other varied keys)."""
@@ -276,14 +391,15 @@ def grid_figures(plt, rows: list[dict], modes: list[str], keys: list[str],
         paths.append(_memory_vs_nproc(plt, rows, keys, sweep_dir / "memory_vs_nproc.png"))
     if {"batch_size", "full_batch"} & set(keys):
         paths.append(_accuracy_vs_batch(plt, rows, keys, sweep_dir))
+    paths += also  # drawn already (time_breakdown)
     if any(r.get("noise_scale") for r in rows):  # every run with the estimate, over epochs
         runs = [(f"{r['mode']} x{r['nproc']}, {_values_label(r, keys)}",
                  *read_run(sweep_dir / r["run_dir"])) for r in rows if r.get("noise_scale")]
         paths.append(_noise_figure(plt, runs, "the runs' noise scale",
                                    sweep_dir / "noise_scale.png"))
     if not paths:
-        raise UserError(f"{sweep_dir}: this grid has no speedups (no seq run), no memory and no "
-                        "varied batch to draw")
+        raise UserError(f"{sweep_dir}: this grid has no speedups (no seq run), no memory, no "
+                        "phase times and no varied batch to draw")
     return paths
 
 
