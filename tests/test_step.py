@@ -150,3 +150,34 @@ def test_optimizers_skip_on_the_flag(cls):
     flag.zero_()
     optimizer.step()
     assert not torch.equal(param.detach(), before)
+
+
+def test_the_first_update_does_not_import_sympy():
+    """The step's first backward must not pull in sympy (torch.fx's shape checks, ~0.3 s, a
+    fifth of `dptrain seq`'s training), as loss.backward(gradient) does."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, types, numpy as np, torch
+from dptrain.components.model import MLP
+from dptrain.components.step import NonFiniteGuard, make_optimizer, make_step
+from dptrain.config import Config
+from dptrain.distributed.strategy import DistEnv, Strategy
+from dptrain.telemetry import Telemetry
+from dptrain.train import Samples
+rng = np.random.default_rng(0)
+mnist = types.SimpleNamespace(images=rng.integers(0, 255, (256, 784), dtype=np.uint8),
+                              labels=rng.integers(0, 10, 256).astype(np.uint8))
+strategy = Strategy(DistEnv(), torch.device("cpu"))
+model = strategy.wrap(MLP())
+guard = NonFiniteGuard(strategy.device)
+optimizer = make_optimizer(Config().optim, model.parameters(), 0.01, skip_if=guard.flag)
+samples = Samples(mnist, strategy.device)
+step = make_step(strategy, model, optimizer, samples, guard, telemetry=Telemetry(updates=1))
+step.begin_epoch(1)
+step(0, samples.rows(np.arange(64)), 64, 0.01)
+sys.exit(3 if "sympy" in sys.modules else 0)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr or "the first update imported sympy"
