@@ -6,7 +6,6 @@ and config errors stay instant.
 """
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -21,7 +20,8 @@ import typer
 from dptrain.config import Config, resolve, resolve_threads, to_toml
 from dptrain.errors import ONE_LINE_EXIT, USER_ERROR_EXIT, UserError
 from dptrain.storage.runlog import (LAUNCH_TIME_ENV, LOCK_HELD_ENV, SUMMARY, RunLock,
-                                    check_out_dir, err, peak_rss_bytes, write_summary)
+                                    check_out_dir, err, peak_rss_bytes, read_json,
+                                    write_summary)
 
 # The launcher's scratch folder (the workers' config, torchrun's error files) is
 # $TMPDIR/dptrain-<pid>-*, not inside --out: a worker must be able to report a full disk of
@@ -99,9 +99,10 @@ def launch(mode: str, config: Config, *, force: bool, resume: str, started: floa
         worker += (["--force"] if force else []) + ([f"--resume={resume}"] if resume else [])
         _torchrun(torchrun_args(config) + [f"--log-dir={tmp / 'torchrun'}"]
                   + worker_entry(mode, config) + worker, out)
-    if (out / SUMMARY).exists():  # on the node that held rank 0
-        summary = json.loads((out / SUMMARY).read_text())
-        # The workers were forked from this process and share its pages (torch, ...).
+    summary = read_json(out / SUMMARY)
+    if isinstance(summary, dict) and isinstance(summary.get("memory"), dict):
+        # On the node that held rank 0. The workers were forked from this process and share
+        # its pages (torch, ...).
         # (wall_seconds stays rank 0's: the number it printed, from `started` on.)
         summary["memory"]["launcher_peak_rss_bytes"] = peak_rss_bytes()
         write_summary(out, summary)

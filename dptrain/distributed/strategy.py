@@ -21,7 +21,7 @@ from torch import nn
 
 from dptrain.components import noise
 from dptrain.components.noise import GradientTap
-from dptrain.config import DDPConfig, SystemConfig, cpu_cores
+from dptrain.config import DDPConfig, SystemConfig
 from dptrain.distributed import gradsum
 from dptrain.errors import UserError
 from dptrain.storage.runlog import peak_rss_bytes, write_atomic

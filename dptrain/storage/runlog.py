@@ -86,10 +86,9 @@ def storage_errors(path):
 
 def stopped_message(out: Path) -> str:
     """The user error that stopped the last attempt of the run in `out`; "" if none did."""
-    try:
-        return json.loads((out / STOPPED).read_text())["message"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
+    stopped = read_json(out / STOPPED)
+    message = stopped.get("message") if isinstance(stopped, dict) else None
+    return message if isinstance(message, str) else ""
 
 
 def command_start_time() -> float:
@@ -217,16 +216,56 @@ def _real_dir(path: Path) -> bool:
 def read_small(path: Path, limit: int) -> bytes | None:
     """A regular file's bytes if it has at most `limit`; None for anything else (a link, a
     FIFO, a folder, a larger file, an unreadable one). Never blocks, never follows a link."""
+    from dptrain.storage.safeload import LoadError, read_bounded
+
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+        return read_bounded(path, limit, follow_links=False)
+    except LoadError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            return None
-        data = f.read(limit + 1)
-    return data if len(data) <= limit else None
+
+
+# Bounds of the files a run writes, when they are read back from a folder (which anyone may
+# have edited): far above what a run writes (a summary is a few KB; metrics.jsonl grows by
+# about 1 KB an epoch with its phase times), far below what would exhaust memory.
+SUMMARY_BYTES = 16 << 20
+METRICS_BYTES = 256 << 20
+
+
+def read_json(path: Path, limit: int = SUMMARY_BYTES) -> Any:
+    """A JSON file of a run or sweep folder (summary.json, stopped.json, ...), parsed; None when
+    it is not a regular file of at most `limit` bytes holding JSON nested at most 32 deep."""
+    from dptrain.storage.safeload import nesting_depth
+
+    data = read_small(path, limit)
+    try:
+        value = json.loads(data) if data is not None else None
+    except (ValueError, RecursionError):
+        return None
+    return value if nesting_depth(value) <= 32 else None
+
+
+def read_summary(run_dir: Path) -> dict:
+    """A run's summary.json (read_json); UserError in one line when it is not one."""
+    summary = read_json(Path(run_dir) / SUMMARY)
+    if not isinstance(summary, dict):
+        raise UserError(f"{Path(run_dir) / SUMMARY}: not a run's summary (a regular JSON file "
+                        "that dptrain writes); damaged?")
+    return summary
+
+
+def read_records(path: Path) -> list[dict]:
+    """The complete records of a metrics.jsonl (bounded as read_json); a line still being
+    written, or damaged, is not one. [] when the file is not there or not readable."""
+    data = read_small(path, METRICS_BYTES)
+    records = []
+    for line in (data or b"").decode(errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.endswith("}") else None
+        except (ValueError, RecursionError):
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _is_run_config(path: Path) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 
 from dptrain.config import Config, build_config, read_toml
 from dptrain.errors import UserError
-from dptrain.storage.runlog import SUMMARY, write_atomic
+from dptrain.storage.runlog import read_summary, write_atomic
 from dptrain.study.sweep import read_sweep
 
 # The knobs, and their defaults: what a run may change against its seq fp32 reference.
@@ -73,10 +73,11 @@ def load_runs(sweep_dirs: list[Path]) -> list[dict[str, Any]]:
             config = asdict(build_config(read_toml(folder / "config.toml"),
                                          source=str(folder / "config.toml")))
             runs.append({"row": row, "folder": folder, "config": config,
-                         "summary": json.loads((folder / SUMMARY).read_text())})
+                         "summary": read_summary(folder)})
     if not runs:
         raise UserError(f"no finished runs in {', '.join(map(str, sweep_dirs))}")
     return runs
+
 
 
 def knob_values(config: dict) -> dict[str, Any]:

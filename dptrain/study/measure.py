@@ -8,7 +8,6 @@ killed if it does not stop. Its files stay in the plan's folder.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from dptrain.config import Config, resolve
 from dptrain.errors import USER_ERROR_EXIT, UserError
-from dptrain.storage.runlog import METRICS, peak_rss_bytes
+from dptrain.storage.runlog import METRICS, peak_rss_bytes, read_records
 
 # Seconds of timed updates per measured point (after WARMUP untimed ones): enough for a
 # steady mean on a CPU, short enough for a plan of about a minute.
@@ -157,7 +156,7 @@ def train_until(config_file: Path, out: Path, *, mode: str, nproc: int, epochs: 
     ended = "epochs"
     try:
         while child.poll() is None:
-            records = read_records(out)
+            records = read_records(out / METRICS)
             if target is not None and records and records[-1]["val_accuracy"] >= target:
                 ended = "target"
                 break
@@ -175,17 +174,8 @@ def train_until(config_file: Path, out: Path, *, mode: str, nproc: int, epochs: 
                             f"{lines[-1].removeprefix('dptrain: error: ')}")
         raise RuntimeError(f"{' '.join(argv[2:4])} failed: "
                            f"{lines[-1] if lines else child.returncode} (its log: {log})")
-    return {"command": ["dptrain", *argv[3:]], "records": read_records(out), "ended": ended,
+    return {"command": ["dptrain", *argv[3:]], "records": read_records(out / METRICS), "ended": ended,
             "seconds": seconds}
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    """The complete lines of a run's metrics.jsonl so far."""
-    try:
-        text = (run_dir / METRICS).read_text()
-    except OSError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.endswith("}")]
 
 
 def _stop(child: subprocess.Popen) -> None:

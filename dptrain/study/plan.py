@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import time
 from dataclasses import asdict, replace
@@ -30,6 +29,7 @@ from dptrain.components.memory import (available_bytes, parameter_count, require
                                        training_memory)
 from dptrain.config import Config, cpu_cores, resolve, to_toml
 from dptrain.errors import UserError
+from dptrain.storage.runlog import read_json
 from dptrain.study.costmodel import CostModel, VM_2CORE, fit
 
 PLAN_JSON = "plan.json"
@@ -136,7 +136,7 @@ def measure_constants(config: Config, mnist, split, cores: int, max_nproc: int,
     widest = max(widths, key=parameter_count)
     baselines = {"seq": peak_rss_bytes() - memory_per_rank(config, widest, batch, 1, "seq", 0)}
     if max_nproc >= 2:
-        echo(f"timing updates: ddp x2 at the same widths")
+        echo("timing updates: ddp x2 at the same widths")
         ddp, worker_rss = measure.time_ddp(configs, guess[2], 2)
         points += [{"mode": "ddp", "nproc": 2, "hidden": list(w), "params": parameter_count(w),
                     "batch": batch, "step_seconds": s} for w, s in zip(widths, ddp)]
@@ -149,7 +149,7 @@ def load_constants(path: Path, machine: dict) -> dict:
     """The constants of an earlier plan.json (or its folder), if measured on this machine."""
     path = path / PLAN_JSON if path.is_dir() else path
     try:
-        earlier = json.loads(path.read_text())
+        earlier = read_json(path)
         constants, theirs = earlier["constants"], earlier["machine"]
         CostModel.from_dict(constants["cost_model"])
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -5,11 +5,11 @@ matplotlib is imported inside the functions that draw, never by the CLI at start
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dptrain.errors import UserError
-from dptrain.storage.runlog import METRICS, SUMMARY, write_atomic
+from dptrain.storage.runlog import (METRICS, SUMMARY, read_records, read_summary,
+                                    write_atomic)
 from dptrain.study.sweep import check_relative, read_sweep
 
 FIGURES = ("loss.png", "val_accuracy.png", "accuracy_vs_nproc.png", "time_vs_nproc.png",
@@ -35,11 +35,10 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     if not (run_dir / METRICS).exists():
         why = "is not a run folder" if not (run_dir / CONFIG).exists() else "has no epochs yet"
         raise UserError(f"{run_dir} {why} (no {METRICS})")
-    lines = (run_dir / METRICS).read_text().splitlines()
     # A run writes its metrics line by line: a line being written is not yet a record.
-    metrics = [record for line in lines if line.strip() for record in _record(line)]
+    metrics = [record for record in read_records(run_dir / METRICS) if _plottable(record)]
     if (run_dir / SUMMARY).exists():
-        return json.loads((run_dir / SUMMARY).read_text()), metrics
+        return read_summary(run_dir), metrics
     resolved = read_toml(run_dir / CONFIG).get(RESOLVED_SECTION) if (run_dir / CONFIG).exists() \
         else None
     if not isinstance(resolved, dict) or not metrics:
@@ -49,11 +48,10 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     return {**resolved, "unfinished": True}, metrics
 
 
-def _record(line: str) -> list[dict]:
-    try:
-        return [json.loads(line)]
-    except ValueError:
-        return []
+def _plottable(record: dict) -> bool:
+    """A record with the numbers every curve draws (an edited or damaged line is left out)."""
+    return all(isinstance(record.get(key), (int, float)) and not isinstance(record.get(key), bool)
+               for key in ("epoch", "train_loss", "val_loss", "val_accuracy"))
 
 
 def run_label(summary: dict) -> str:

@@ -31,8 +31,8 @@ from rich.markup import escape
 from dptrain.config import (Config, ConfigError, DDPConfig, build_config, cpu_cores, ddp_knobs,
                             ignored_by_mode, read_toml, section_of, to_toml)
 from dptrain.errors import UserError
-from dptrain.storage.runlog import (METRICS, SUMMARY, RunLock, read_small, storage_errors,
-                                    write_atomic)
+from dptrain.storage.runlog import (METRICS, SUMMARY, RunLock, read_json, read_records,
+                                    read_small, read_summary, storage_errors, write_atomic)
 
 SWEEP_JSON = "sweep.json"
 SWEEP_CSV = "sweep.csv"
@@ -452,7 +452,7 @@ def _json_value(value: Any) -> Any:
 def _finished(run_dir: Path) -> dict:
     """The sweep's columns of a finished run: its summary, the largest per-rank memory, and
     its typical epoch."""
-    summary = json.loads((run_dir / SUMMARY).read_text())
+    summary = read_summary(run_dir)
     fields_ = {key: summary[key] for key in COLUMNS if key in summary and key != "run_dir"}
     memory = summary.get("memory", {})
     fields_.update({key: max(memory[key]) for key in MEMORY_KEYS if memory.get(key)})
@@ -462,11 +462,8 @@ def _finished(run_dir: Path) -> dict:
 def epoch_seconds(run_dir: Path) -> float | None:
     """Median seconds of an epoch's training steps, leaving out the first epoch when there
     are more (it also pays the warm-up: first touches of the data and of new buffers)."""
-    try:
-        lines = (run_dir / METRICS).read_text().splitlines()
-        seconds = [json.loads(line)["epoch_seconds"] for line in lines if line.strip()]
-    except (OSError, ValueError, KeyError):
-        return None
+    seconds = [r["epoch_seconds"] for r in read_records(run_dir / METRICS)
+               if isinstance(r.get("epoch_seconds"), (int, float))]
     return statistics.median(seconds[1:] or seconds) if seconds else None
 
 
@@ -541,7 +538,8 @@ def grid_to_resume(out: Path) -> tuple[Grid, Config]:
     """The grid and base config of the interrupted sweep in `out`, for `--resume`. Every value
     from sweep.json is checked as the flags are: they name the files the sweep writes."""
     if not (out / SWEEP_JSON).exists() and (out / SUMMARY).exists():
-        mode = json.loads((out / SUMMARY).read_text()).get("mode", "ddp")
+        summary = read_json(out / SUMMARY)
+        mode = summary.get("mode", "ddp") if isinstance(summary, dict) else "ddp"
         raise UserError(f"--resume {out}: a training run, not a sweep; continue a training run "
                         f"with `dptrain {mode} --resume {out}`")
     meta = read_sweep(out)
