@@ -19,11 +19,12 @@ is tr(Sigma) * (1/b - 1/N) (Sigma with the 1/(N-1) normalisation): the estimates
 weight, exact for any b <= N (the full batch, b = N, has no noise), where the paper's 1/b
 assumes an infinite population.
 
-On the device, per update: the norms of the pre-sum gradient (a DDP bucket's parameters, an FSDP
-unit's reduce-scatter input, a micro-batch's gradients) and of the summed gradients this rank
-holds, appended to a list (one foreach kernel each); once per epoch they are added, in a fixed
-order, into an (updates x parts+1) matrix that joins the epoch's one all-reduce of the losses.
-The host then computes the estimates per update and averages them over the epoch (`estimate`).
+On the device, per update: the norms of the pre-sum gradient (a DDP bucket's flat buffer, an
+FSDP unit's reduce-scatter input, a micro-batch's gradients) and of the summed gradients this
+rank holds, appended to a list (one kernel each, a foreach one for lists of tensors); once per
+epoch they are added, in a fixed order, into an (updates x parts+1) matrix that joins the epoch's
+one all-reduce of the losses. The host then computes the estimates per update and averages them
+over the epoch (`estimate`).
 """
 
 from __future__ import annotations
@@ -78,27 +79,23 @@ class GradientTap:
     def begin_update(self, index: int) -> None:
         self._index, self._next = index, 0
 
-    def pre_sum(self, tensors: torch.Tensor | Sequence[torch.Tensor],
-                keys: Sequence[int] | None = None) -> None:
-        """A piece of this rank's gradient before the sum over ranks (ddp, fsdp): a bucket's
-        gradients or a unit; pieces of one update add up, in the order of `keys` (the
-        parameters' positions), whatever order they came in."""
-        self._add(tensors, self.column, keys)
+    def pre_sum(self, tensor: torch.Tensor, key: int = 0) -> None:
+        """A flat piece of this rank's gradient before the sum over ranks (a DDP bucket's
+        buffer, an FSDP unit's reduce-scatter input); the pieces of one update add up in the
+        order of their keys, then of their arrival."""
+        self._add([torch.linalg.vector_norm(tensor)], self.column, (key,))
 
     def micro_batch(self, tensors: Sequence[torch.Tensor]) -> None:
         """The whole gradient of one micro-batch (seq), before it is added to the others'."""
-        self._add(tensors, self._next)
+        self._add(torch._foreach_norm(list(tensors)) if tensors else [], self._next)
         self._next += 1
 
     def summed(self, grads: Sequence[torch.Tensor]) -> None:
         """The gradients this rank holds after the update's sum (its shards under fsdp)."""
-        self._add(grads, self.parts)
+        self._add(torch._foreach_norm(list(grads)) if grads else [], self.parts)
 
-    def _add(self, tensors, column: int, keys: Sequence[int] | None = None) -> None:
-        if isinstance(tensors, torch.Tensor):
-            norms = [torch.linalg.vector_norm(tensors)]
-        else:
-            norms = torch._foreach_norm(list(tensors)) if tensors else []
+    def _add(self, norms: list[torch.Tensor], column: int,
+             keys: Sequence[int] | None = None) -> None:
         self._norms.extend(norms)
         self._at.extend([self._index * self.columns + column] * len(norms))
         self._keys.extend(keys if keys is not None else range(len(norms)))
@@ -108,14 +105,49 @@ class GradientTap:
         to be summed over ranks with the epoch's other totals."""
         out = torch.zeros(updates * self.columns, dtype=torch.float64, device=self.device)
         if self._norms:
-            # A fixed order of addition: DDP may hand the same gradients over in other
-            # buckets after it rebuilds them, and a resumed run must give the same digits.
+            # A fixed order of addition (by key, not by arrival): DDP's buckets and FSDP's
+            # units may come in another order from one update to the next.
             order = sorted(range(len(self._norms)), key=lambda i: (self._at[i], self._keys[i]))
             squares = torch.stack([self._norms[i] for i in order]).to(torch.float64).square()
             at = torch.tensor([self._at[i] for i in order], dtype=torch.int64, device=self.device)
             out.index_add_(0, at, squares)
             out.view(updates, self.columns)[:, self.parts] *= self.summed_share
         return out
+
+
+class BucketTap(GradientTap):
+    """ddp's tap: the comm hook hands it each bucket's flat buffer before the sum
+    (`tapped_comm_hook`), and the summed gradient is read from the same buffers after it.
+
+    With gradient_as_bucket_view the parameters' .grad are views of those buffers, and DDP
+    leaves the sum in them, so one norm per bucket serves both reads: on the default model one
+    kernel each, where per-parameter norms (a foreach kernel over bucket.gradients() and over
+    the .grad list) cost 14% of a ddp x 2 epoch on the 2-core VM (benchmarks/ab.py).
+
+    A bucket's buffer holds its parameters in DDP's layout, which DDP changes once, after a
+    process's first update (the order the gradients came in); the float32 norm of the same
+    numbers in another order rounds differently (~1e-7 relative). So the first update after a
+    start or a resume rounds its bucket norms unlike an uninterrupted run's same update: the
+    epoch's estimate can differ in its ninth digit. The training itself is untouched."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._buffers: list[tuple[int, torch.Tensor]] = []
+
+    def begin_update(self, index: int) -> None:
+        super().begin_update(index)
+        self._buffers = []
+
+    def bucket(self, index: int, buffer: torch.Tensor) -> None:
+        """Bucket `index`'s buffer, before the sum."""
+        self._buffers.append((index, buffer))
+        self.pre_sum(buffer, index)
+
+    def summed(self, grads: Sequence[torch.Tensor]) -> None:
+        """The update's summed gradient, as the buffers hold it now (`grads` views them)."""
+        keys, buffers = [i for i, _ in self._buffers], [b for _, b in self._buffers]
+        self._add(torch._foreach_norm(buffers) if buffers else [], self.parts, keys)
+        self._buffers = []  # no old buffer kept alive past DDP's rebuild
 
 
 def unbiased_parts(small_sq: np.ndarray, small_sizes: np.ndarray, big_sq: np.ndarray,
@@ -178,15 +210,13 @@ def estimate(matrix: Sequence[float], batches: Sequence[int], parts: int,
 # Where each mode reads its small batches (the strategies install these; nothing here is
 # called by the loop):
 
-def tapped_comm_hook(hook, tap: GradientTap, model: torch.nn.Module):
-    """DDP comm hook `hook`, wrapped: it first reads this rank's gradients in the bucket, before
-    the sum. DDP hands a hook a bucket of this rank's gradients and nothing else does, so the
-    norms cost one pass over the bucket, which the sum reads anyway. Per parameter, in the
-    model's order: DDP rebuilds its buckets after the first update, in another order."""
-    position = {param: i for i, param in enumerate(model.parameters())}
+def tapped_comm_hook(hook, tap: BucketTap):
+    """DDP comm hook `hook`, wrapped: it first hands the bucket's buffer, this rank's gradients
+    before the sum, to the tap. DDP hands a hook a bucket of this rank's gradients and nothing
+    else does; one norm over the flat buffer, which the sum reads anyway."""
 
     def observed(state, bucket):  # `bucket`, not annotated: DDP checks both (gradsum.py)
-        tap.pre_sum(bucket.gradients(), [position[p] for p in bucket.parameters()])
+        tap.bucket(bucket.index(), bucket.buffer())
         return hook(state, bucket)
 
     return observed

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dptrain.components import noise
-from dptrain.components.noise import GradientTap
+from dptrain.components.noise import BucketTap, GradientTap
 from dptrain.config import DDPConfig, SystemConfig
 from dptrain.distributed import gradsum
 from dptrain.errors import UserError
@@ -242,8 +242,7 @@ class _ProcessGroupStrategy(Strategy):
         self.system = system
         # The ranks' shares are the noise scale's small batches; wrap() installs the reading.
         n = env.world_size
-        self.tap = GradientTap(device, n, column=env.rank,
-                               summed_share=1 / n if self.mode == "ddp" else 1.0) if n > 1 else None
+        self.tap = GradientTap(device, n, column=env.rank) if n > 1 else None
         if not dist.is_initialized():
             setup = max(system.timeout, SETUP_TIMEOUT_S)
             # device_id binds nccl's communicator to this rank's GPU at once; gloo has none.
@@ -328,6 +327,9 @@ class DDPStrategy(_ProcessGroupStrategy):
             # The noise scale compares the ranks' gradients with their exact sum, which
             # compression approximates and local SGD skips: no estimate rather than a wrong one.
             self.tap = None
+        elif self.tap is not None:  # read from DDP's buckets (noise.BucketTap)
+            n = env.world_size
+            self.tap = BucketTap(device, n, column=env.rank, summed_share=1 / n)
         self.hook_state = None  # the comm hook's state (PowerSGD's, local SGD's), for checkpoints
         self.averager = None  # local SGD's PeriodicModelAverager
 
@@ -341,7 +343,7 @@ class DDPStrategy(_ProcessGroupStrategy):
                                                   list(model.parameters()), self.env,
                                                   self.system.timeout)
         if self.tap is not None:  # the noise scale reads each bucket before the sum
-            hook = noise.tapped_comm_hook(hook, self.tap, model)
+            hook = noise.tapped_comm_hook(hook, self.tap)
         # The telemetry times the chosen hook (with the tap's read) from the outside; it never
         # replaces it.
         if telemetry is not None:
