@@ -156,6 +156,7 @@ class RunConfig:
     keep: int = 2  # the newest checkpoints kept
     keep_best: bool = False  # also keep the best epoch's checkpoint (best_metric) in checkpoints/best/
     phase_times: bool = True  # time the phases of every update (telemetry/phases.py)
+    noise_scale: bool = True  # the gradient noise scale, where an update has 2+ small batches
     profile: str = ""  # "START:COUNT": torch.profiler over those updates; "" = off
     tensorboard: bool = False  # event files in RUN/tensorboard (the tensorboard extra)
 

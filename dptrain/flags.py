@@ -131,6 +131,10 @@ def training_flags(
         "Time the phases of every update on every rank (batch, forward/backward, gradient sum, "
         "waiting for peers, optimizer) into metrics.jsonl and summary.json.", "phase-times",
         TELEMETRY, "--phase-times/--no-phase-times")] = None,
+    noise_scale: Annotated[Optional[bool], _opt(
+        "Measure the gradient noise scale (what dptrain plan predicts from) in ddp and fsdp "
+        "runs of 2+ ranks and with --accumulate 2+, into metrics.jsonl and summary.json.",
+        "noise-scale", TELEMETRY, "--noise-scale/--no-noise-scale")] = None,
     profile: Annotated[Optional[str], _opt(
         "Record updates START+1 to START+COUNT of the run (over all epochs) with torch.profiler: "
         f"one Chrome trace per rank in RUN/profile/. --profile alone: {DEFAULT_PROFILE}.", "off",

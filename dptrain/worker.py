@@ -93,7 +93,8 @@ def run(mode: str, config: Config, *, force: bool = False, resume: str = "",
                                              "writes only folders there: remove it")
 
     strategy = make_strategy(mode, env, config.system, config.ddp,
-                             before_group=functools.partial(arm_flight_recorder, out))
+                             before_group=functools.partial(arm_flight_recorder, out),
+                             noise_scale=config.run.noise_scale)
     lock = RunLock(out)  # rank 0's, taken before anything is written
     ok = False
     try:

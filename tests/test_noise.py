@@ -135,6 +135,19 @@ def test_seq_without_micro_batches_has_no_estimate(trained_run):
     assert "noise_scale" not in json.loads((trained_run / "summary.json").read_text())
 
 
+def test_no_noise_scale_leaves_it_unread(tmp_path):
+    """--no-noise-scale: no tap, so no estimate, where 2 micro-batches would give one."""
+    from dptrain.storage import checkpoint
+    from dptrain.worker import run
+
+    config, _ = checkpoint.config_and_resume("seq", {
+        "out": str(tmp_path / "run"), "device": "cpu", "epochs": 1, "checkpoint_every": 0,
+        "accumulate": 2, "threads": 1, "noise_scale": False})
+    summary = run("seq", config)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert "noise_scale" not in summary and "grad_sq" not in record
+
+
 @pytest.mark.slow
 def test_plot_draws_the_noise_scale(ddp_runs, trained_run, tmp_path):
     """`dptrain plot` adds a third panel, the noise scale over epochs, when a run has it."""

@@ -109,6 +109,7 @@ class Strategy:
     grad_sync = "none"  # how gradients are summed over ranks
     checkpoint_format = "torch"  # one state.pt, written by rank 0
     fp32_precision = "ieee"  # of float32 matmuls: as make_strategy pinned it
+    noise_scale = True  # read the gradient noise scale where an update has two small batches
 
     def __init__(self, env: DistEnv, device: torch.device):
         self.env = env
@@ -180,7 +181,7 @@ class Strategy:
     def gradient_tap(self, model: nn.Module, micro_batches: int) -> GradientTap | None:
         """What reads the gradient noise scale's small batches (components/noise.py): in one
         process, the micro-batches of an update; None where an update has fewer than two."""
-        if micro_batches < 2:
+        if micro_batches < 2 or not self.noise_scale:
             return None
         tap = GradientTap(self.device, micro_batches)
         noise.tap_micro_batches(model, tap)
@@ -264,7 +265,7 @@ class _ProcessGroupStrategy(Strategy):
         return tensor
 
     def gradient_tap(self, model: nn.Module, micro_batches: int) -> GradientTap | None:
-        return self.tap
+        return self.tap if self.noise_scale else None
 
     def gather_object(self, obj) -> list:
         gathered = [None] * self.env.world_size
@@ -342,8 +343,9 @@ class DDPStrategy(_ProcessGroupStrategy):
         self.hook_state, hook = gradsum.comm_hook(self.grad_sync, self.knobs,
                                                   list(model.parameters()), self.env,
                                                   self.system.timeout)
-        if self.tap is not None:  # the noise scale reads each bucket before the sum
-            hook = noise.tapped_comm_hook(hook, self.tap)
+        tap = self.gradient_tap(model, 1)
+        if tap is not None:  # the noise scale reads each bucket before the sum
+            hook = noise.tapped_comm_hook(hook, tap)
         # The telemetry times the chosen hook (with the tap's read) from the outside; it never
         # replaces it.
         if telemetry is not None:
@@ -546,7 +548,8 @@ class FSDPStrategy(_ProcessGroupStrategy):
         # The noise tap reads each unit's gradient before its sum; the telemetry times the sum
         # (with that read) and the all-gather from the outside (telemetry/collectives.py).
         # (set_custom_reduce_scatter is recent: without it, fsdp's phases keep them inside.)
-        reduce_scatter = noise.tapped_reduce_scatter(self.tap) if self.tap is not None else None
+        tap = self.gradient_tap(model, 1)
+        reduce_scatter = noise.tapped_reduce_scatter(tap) if tap is not None else None
         timeable = telemetry and hasattr(FSDPModule, "set_custom_reduce_scatter")
         comms = telemetry.fsdp_comms(reduce_scatter) if timeable else None
         if comms:
@@ -649,10 +652,12 @@ def pin_fp32_precision() -> str:
 
 
 def make_strategy(mode: str, env: DistEnv, system: SystemConfig,
-                  knobs: DDPConfig = DDPConfig(), before_group=None) -> Strategy:
+                  knobs: DDPConfig = DDPConfig(), before_group=None, *,
+                  noise_scale: bool = True) -> Strategy:
     """Pick the device and backend, pin fp32, join the process group (ddp/fsdp), and return the
     strategy (ddp with its knobs; config.ignored_by_mode has refused them for the others).
-    `before_group(backend)` runs just before the group is made (the flight recorder's set-up)."""
+    `before_group(backend)` runs just before the group is made (the flight recorder's set-up);
+    `noise_scale`: False leaves the gradient noise scale unread (--no-noise-scale)."""
     device = resolve_device(system.device, env, system.backend)
     precision = pin_fp32_precision()
     if mode == "seq":  # config.resolve has already required a world size of 1
@@ -663,5 +668,5 @@ def make_strategy(mode: str, env: DistEnv, system: SystemConfig,
             before_group(backend)
         strategy = (DDPStrategy(env, device, backend, system, knobs) if mode == "ddp"
                     else STRATEGIES[mode](env, device, backend, system))
-    strategy.fp32_precision = precision
+    strategy.fp32_precision, strategy.noise_scale = precision, noise_scale
     return strategy
