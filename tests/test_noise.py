@@ -135,6 +135,31 @@ def test_seq_without_micro_batches_has_no_estimate(trained_run):
     assert "noise_scale" not in json.loads((trained_run / "summary.json").read_text())
 
 
+def test_the_tap_keeps_no_tensor_per_norm():
+    """An epoch's norms go into one store, not a tensor each: thousands of small tensors kept
+    for an epoch between a wide model's large transient buffers fragmented the heap (seq
+    --accumulate 4 at hidden 1024,1024 peaked 350 MB higher than without the tap)."""
+    import gc
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(type(o) is torch.Tensor for o in gc.get_objects())
+
+    tap = GradientTap(torch.device("cpu"), 2)
+    grads = [torch.randn(16, 8), torch.randn(16)]
+    tap.begin_epoch()
+    before = live_tensors()
+    for index in range(2000):
+        tap.begin_update(index)
+        tap.micro_batch(grads)
+        tap.micro_batch(grads)
+        tap.summed(grads)
+    assert live_tensors() - before <= 2  # the store, grown once or more (the old one freed)
+    matrix = tap.end_epoch(2000).view(2000, 3)
+    expected = float(sum(g.square().sum() for g in grads))
+    assert torch.allclose(matrix, torch.full_like(matrix, expected), rtol=1e-5)
+
+
 def test_no_noise_scale_leaves_it_unread(tmp_path):
     """--no-noise-scale: no tap, so no estimate, where 2 micro-batches would give one."""
     from dptrain.storage import checkpoint
