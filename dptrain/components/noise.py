@@ -136,38 +136,50 @@ class GradientTap:
 
 
 class BucketTap(GradientTap):
-    """ddp's tap: the comm hook hands it each bucket's flat buffer before the sum
-    (`tapped_comm_hook`), and the summed gradient is read from the same buffers after it.
+    """ddp's tap: the comm hook hands it each bucket before the sum (`tapped_comm_hook`), and
+    the summed gradient is read from the same memory after it.
 
-    With gradient_as_bucket_view the parameters' .grad are views of those buffers, and DDP
-    leaves the sum in them, so one norm per bucket serves both reads: on the default model one
-    kernel each, where per-parameter norms (a foreach kernel over bucket.gradients() and over
-    the .grad list) cost 14% of a ddp x 2 epoch on the 2-core VM (benchmarks/ab.py).
+    With gradient_as_bucket_view the parameters' .grad are views of the bucket's flat buffer,
+    and DDP leaves the sum there, so one norm per bucket serves both reads: one kernel each,
+    where per-parameter norms (a foreach kernel over bucket.gradients() and over the .grad list)
+    cost 14% of a ddp x 2 epoch of the default model on the 2-core VM (benchmarks/ab.py).
 
-    A bucket's buffer holds its parameters in DDP's layout, which DDP changes once, after a
-    process's first update (the order the gradients came in); the float32 norm of the same
-    numbers in another order rounds differently (~1e-7 relative). So the first update after a
-    start or a resume rounds its bucket norms unlike an uninterrupted run's same update: the
-    epoch's estimate can differ in its ninth digit. The training itself is untouched."""
+    But a buffer holds its parameters in DDP's layout, which DDP changes once, after a
+    process's first update (to the order the gradients came in), and the float32 norm of the
+    same numbers in another order rounds differently. A process starts (fresh, resumed or
+    restarted) at the first update of an epoch, so that update is read per parameter, keyed by
+    the parameter's place in the model: the same digits in every layout, and a resumed run
+    records what the uninterrupted one did (tests/test_reliability.py compares them)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._buffers: list[tuple[int, torch.Tensor]] = []
+        self._position: dict[torch.Tensor, int] = {}
+        self._held: list[tuple[int, torch.Tensor]] = []  # (key, memory) read before the sum
+
+    def watch(self, model: torch.nn.Module) -> None:
+        """The model's parameters, in its order (the first update's per-parameter keys)."""
+        self._position = {param: i for i, param in enumerate(model.parameters())}
 
     def begin_update(self, index: int) -> None:
         super().begin_update(index)
-        self._buffers = []
+        self._held = []
 
-    def bucket(self, index: int, buffer: torch.Tensor) -> None:
-        """Bucket `index`'s buffer, before the sum."""
-        self._buffers.append((index, buffer))
-        self.pre_sum(buffer, index)
+    def bucket(self, bucket) -> None:
+        """A DDP GradBucket of this rank's gradients, before the sum."""
+        if self._index == 0:  # perhaps DDP's layout before its rebuild: per parameter
+            pieces = [(self._position[p], g)
+                      for p, g in zip(bucket.parameters(), bucket.gradients())]
+        else:
+            pieces = [(bucket.index(), bucket.buffer())]
+        self._held.extend(pieces)
+        for key, tensor in pieces:
+            self._write(tensor, self.column, key)
 
     def summed(self, grads: Sequence[torch.Tensor]) -> None:
-        """The update's summed gradient, as the buffers hold it now (`grads` views them)."""
-        for index, buffer in self._buffers:
-            self._write(buffer, self.parts, index)
-        self._buffers = []  # no old buffer kept alive past DDP's rebuild
+        """The update's summed gradient, as the buckets hold it now (`grads` views them)."""
+        for key, tensor in self._held:
+            self._write(tensor, self.parts, key)
+        self._held = []  # no old buffer kept alive past DDP's rebuild
 
 
 def unbiased_parts(small_sq: np.ndarray, small_sizes: np.ndarray, big_sq: np.ndarray,
@@ -230,13 +242,14 @@ def estimate(matrix: Sequence[float], batches: Sequence[int], parts: int,
 # Where each mode reads its small batches (the strategies install these; nothing here is
 # called by the loop):
 
-def tapped_comm_hook(hook, tap: BucketTap):
-    """DDP comm hook `hook`, wrapped: it first hands the bucket's buffer, this rank's gradients
-    before the sum, to the tap. DDP hands a hook a bucket of this rank's gradients and nothing
-    else does; one norm over the flat buffer, which the sum reads anyway."""
+def tapped_comm_hook(hook, tap: BucketTap, model: torch.nn.Module):
+    """DDP comm hook `hook`, wrapped: it first hands the bucket, this rank's gradients before
+    the sum, to the tap. DDP hands a hook a bucket of this rank's gradients and nothing else
+    does; one norm over the flat buffer, which the sum reads anyway."""
+    tap.watch(model)
 
     def observed(state, bucket):  # `bucket`, not annotated: DDP checks both (gradsum.py)
-        tap.bucket(bucket.index(), bucket.buffer())
+        tap.bucket(bucket)
         return hook(state, bucket)
 
     return observed
