@@ -11,11 +11,11 @@ import torch.multiprocessing as mp
 from dptrain.distributed.shm_sum import BUFFER_BYTES, SharedMemorySum, supported
 
 pytestmark = pytest.mark.skipif(not supported(), reason="shared-memory sums need x86-64")
-# Rounds of 64 elements: 1000 = 15 rounds + 40, 513 = 8 rounds + 1. With 3 ranks a round of 48
+# Rounds of 64 elements: 1000 = 15 rounds + 40, 513 = 8 rounds + 1, 100 = 64 + 36. With 3 ranks a round of 48
 # or more is reduce-scattered (uneven shares: 64 = 16 + 16 + 32 elements in whole cache lines),
 # a shorter one added by every rank: both ways, in both slot sets, with full and partial lengths.
 ROUND, ALL_READ_BELOW = 64, 48
-LENGTHS = (1000, 7, 1000, 513, 64, 48, 47) * 3
+LENGTHS = (1000, 7, 1000, 513, 100, 64, 48, 47) * 3
 
 
 def _values(rank: int, call: int, n: int) -> torch.Tensor:
@@ -27,8 +27,14 @@ def _rank(rank: int, world_size: int, port: int, results) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     summer = SharedMemorySum(1000, rank, world_size, timeout_s=1.0, round_elements=ROUND,
                              all_read_below=ALL_READ_BELOW)
-    sums = [summer.sum_(_values(rank, call, n)) for call, n in enumerate(LENGTHS)]
+    sums, kept = [], []
+    for call, n in enumerate(LENGTHS):
+        values = _values(rank, call, n)
+        sums.append(summer.sum_(values.clone()))
+        if summer.keeps_inputs(n):  # what the noise scale reads after the sum
+            kept.append(torch.equal(torch.cat(summer.own_inputs(n)), values))
     results[rank] = torch.cat(sums)
+    results[f"kept{rank}"] = kept
     # A 20M-parameter model (the study's widest) maps no more than BUFFER_BYTES.
     results[f"map{rank}"] = len(SharedMemorySum(20_000_000, rank, world_size, 1.0)._map)
     dist.barrier()
@@ -61,6 +67,8 @@ def test_ranks_get_the_same_exact_sums(free_port, world_size):
         for rank in range(world_size):
             assert torch.equal(results[rank], expected), rank  # the same bits on every rank
             assert results[f"map{rank}"] <= BUFFER_BYTES + 4096
+            # this rank's own inputs, intact after sums of one and two rounds (7 to 100)
+            assert results[f"kept{rank}"] == [True] * 15, rank
         late = list(range(1, world_size))
         assert f"timed out: rank 0 waited 1 s for rank(s) {late}" in results["timeout"]
     assert _shm_files() <= before  # the buffer has no name to leave behind

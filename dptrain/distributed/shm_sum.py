@@ -78,6 +78,21 @@ class SharedMemorySum:
             self._round(flat[start:start + self.round_elements])
         return tensor
 
+    def keeps_inputs(self, n: int) -> bool:
+        """Whether this rank's input slots still hold all of an n-element sum once it is done:
+        at most two rounds (the two slot sets alternate; a third overwrites the first)."""
+        return -(-n // self.round_elements) <= 2
+
+    def own_inputs(self, n: int) -> list[torch.Tensor]:
+        """This rank's n elements of its last sum as they went in, in order: views of its
+        input slots, which only this rank writes, and not before its next sum but one (the
+        noise scale reads them after the sum, outside the wait for the peers)."""
+        rounds = -(-n // self.round_elements)
+        assert rounds <= 2, "keeps_inputs(n) is False"
+        sizes = [min(self.round_elements, n - i * self.round_elements) for i in range(rounds)]
+        return [self._inputs[(self.rounds - rounds + i) % 2, self.rank, :size]
+                for i, size in enumerate(sizes)]
+
     def _round(self, piece: torch.Tensor) -> None:
         n = piece.numel()
         inputs = self._inputs[self.rounds % 2, :, :n]

@@ -345,7 +345,8 @@ class DDPStrategy(_ProcessGroupStrategy):
                                                   self.system.timeout)
         tap = self.gradient_tap(model, 1)
         if tap is not None:  # the noise scale reads each bucket before the sum
-            hook = noise.tapped_comm_hook(hook, tap, model)
+            summer = self.hook_state if self.grad_sync == "shm" else None
+            hook = noise.tapped_comm_hook(hook, tap, model, summer)
         # The telemetry times the chosen hook (with the tap's read) from the outside; it never
         # replaces it.
         if telemetry is not None:
