@@ -69,10 +69,11 @@ def updates_per_epoch(batch: int) -> int:
 
 
 def run_config(setting: Setting, batch: int, out: Path) -> Path:
-    """The run's config file: the setting's, with its width and batch."""
+    """The run's config file: the setting's, with its width and batch, and the noise scale read
+    at every update (as plan's calibration reads it: its B_noise predicts the other batches)."""
     config = config_from_flags({"config": str(REPO / "configs" / "study" / setting.config),
                                 "hidden": ",".join(map(str, setting.hidden)),
-                                "batch_size": batch})
+                                "batch_size": batch, "noise_every": 1})
     resolve(config, mode="ddp", world_size=2, n_train=N_TRAIN)  # a bad cell fails here
     path = out / "config.toml"
     path.write_text(to_toml(config))

@@ -157,6 +157,10 @@ class RunConfig:
     keep_best: bool = False  # also keep the best epoch's checkpoint (best_metric) in checkpoints/best/
     phase_times: bool = True  # time the phases of every update (telemetry/phases.py)
     noise_scale: bool = True  # the gradient noise scale, where an update has 2+ small batches
+    # Read it at one update of every K (the last of each K in an epoch): at every update it
+    # costs about 4% of a ddp x 2 epoch of the default model, at K = 4 2.3 to 2.8% (the 2-core
+    # VM, benchmarks/noise_ab.py; docs/PERFORMANCE.md)
+    noise_every: int = 4
     profile: str = ""  # "START:COUNT": torch.profiler over those updates; "" = off
     tensorboard: bool = False  # event files in RUN/tensorboard (the tensorboard extra)
 
@@ -347,6 +351,7 @@ def validate(c: Config) -> list[str]:
         ("run.checkpoint_every", c.run.checkpoint_every, c.run.checkpoint_every >= 0,
          ">= 0 (0 = no checkpoints)"),
         ("run.keep", c.run.keep, c.run.keep >= 1, ">= 1"),
+        ("run.noise_every", c.run.noise_every, c.run.noise_every >= 1, ">= 1"),
         ("launch.node_rank", c.launch.node_rank,
          0 <= c.launch.node_rank < max(c.launch.nnodes, 1), f"in [0, nnodes={c.launch.nnodes})"),
     ]

@@ -135,6 +135,10 @@ def training_flags(
         "Measure the gradient noise scale (what dptrain plan predicts from) in ddp and fsdp "
         "runs of 2+ ranks and with --accumulate 2+, into metrics.jsonl and summary.json.",
         "noise-scale", TELEMETRY, "--noise-scale/--no-noise-scale")] = None,
+    noise_every: Annotated[Optional[int], _opt(
+        "Read the noise scale at one update in K (the last of every K in an epoch): about 1/K "
+        "of its cost, at up to sqrt(K) times its standard error.", str(_DEFAULTS.run.noise_every),
+        TELEMETRY)] = None,
     profile: Annotated[Optional[str], _opt(
         "Record updates START+1 to START+COUNT of the run (over all epochs) with torch.profiler: "
         f"one Chrome trace per rank in RUN/profile/. --profile alone: {DEFAULT_PROFILE}.", "off",

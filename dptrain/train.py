@@ -121,7 +121,7 @@ def train_epoch(step: EagerStep, samples: Samples, order: np.ndarray, plan: Plan
         raise NonFinite(first_step + first, step.loss_at(first))
     noise = {}
     if step.tap is not None:
-        batches = epoch_batches(plan.samples_per_epoch, plan.global_batch)
+        batches = step.tap.read(epoch_batches(plan.samples_per_epoch, plan.global_batch))
         noise = estimate(norms, batches, step.tap.parts, plan.n_train)
     return loss_sum / plan.samples_per_epoch, noise
 
@@ -143,7 +143,8 @@ def train(config: Config, plan: Plan, strategy: Strategy, mnist: Mnist, split: S
         records, earlier_seconds = list(resume.records), resume.meta["train_seconds"]
     loss_sum = LOSS_SUMS[config.train.loss]
     # The noise scale's small batches: the ranks' shares, or seq's micro-batches (noise.py).
-    tap = strategy.gradient_tap(model, micro_batches=config.train.accumulate)
+    tap = strategy.gradient_tap(model, micro_batches=config.train.accumulate,
+                                every=config.run.noise_every)
     step = make_step(strategy, model, optimizer, samples, guard, config.optim.clip_grad_norm,
                      telemetry=telemetry, accumulate=config.train.accumulate,
                      precision=config.train.precision, tap=tap)

@@ -48,6 +48,7 @@ def test_unknown_key_and_section_are_named(tmp_path):
     ('[model]\nactivation = "gelu"\n', "model.activation: expected one of relu, sigmoid, tanh"),
     ("[model]\nhidden = [16, 0]\n", "model.hidden"),
     ("[launch]\nnproc = 0\n", "launch.nproc: must be >= 1"),
+    ("[run]\nnoise_every = 0\n", "run.noise_every: must be >= 1, got 0"),
     ('[optim]\nlr_scaling = "cube"\n', "optim.lr_scaling: expected one of none, linear, sqrt, seed"),
     ('[launch]\nrdzv_endpoint = "head"\n', "launch.rdzv_endpoint: expected HOST:PORT"),
     ("[launch]\nnnodes = 2\n", "a multi-node run needs --rdzv-endpoint"),

@@ -44,7 +44,7 @@ def test_micro_batches_give_the_known_answer():
     tap = GradientTap(torch.device("cpu"), 2)
     tap_micro_batches(model, tap)
     rows = batches(1200, 4)
-    tap.begin_epoch()
+    tap.begin_epoch(len(rows))
     for index, batch in enumerate(rows):
         tap.begin_update(index)
         theta.grad = None
@@ -61,7 +61,7 @@ def test_rank_shares_give_the_known_answer():
     taps = [GradientTap(torch.device("cpu"), 2, column=r, summed_share=0.5) for r in range(2)]
     rows = batches(1200, 5, seed=1)
     for tap in taps:
-        tap.begin_epoch()
+        tap.begin_epoch(len(rows))
     for index, batch in enumerate(rows):
         parts = [Z[share].sum(0) / len(batch) for share in batch.tensor_split(2)]
         for tap, part in zip(taps, parts):
@@ -147,7 +147,7 @@ def test_the_tap_keeps_no_tensor_per_norm():
 
     tap = GradientTap(torch.device("cpu"), 2)
     grads = [torch.randn(16, 8), torch.randn(16)]
-    tap.begin_epoch()
+    tap.begin_epoch(2000)
     before = live_tensors()
     for index in range(2000):
         tap.begin_update(index)
@@ -158,6 +158,54 @@ def test_the_tap_keeps_no_tensor_per_norm():
     matrix = tap.end_epoch(2000).view(2000, 3)
     expected = float(sum(g.square().sum() for g in grads))
     assert torch.allclose(matrix, torch.full_like(matrix, expected), rtol=1e-5)
+
+
+@pytest.mark.parametrize("updates, read", [(10, [2, 5, 8, 9]), (9, [2, 5, 8]), (2, [1]),
+                                           (1, [0])])
+def test_the_last_of_every_k_updates_is_read_alone(updates, read):
+    """every = 3: the last update of each group of 3 and the epoch's last, each a row of what
+    every = 1 records; the others not read at all (the hooks see `reading` False), and `read`
+    picks their batches. The first update is read only in an epoch of one."""
+    taps = {k: GradientTap(torch.device("cpu"), 2, every=k) for k in (1, 3)}
+    grads = [torch.randn(5, 4), torch.randn(4)]
+    for tap in taps.values():
+        tap.begin_epoch(updates)
+        reading = []
+        for index in range(updates):
+            tap.begin_update(index)
+            reading.append(tap.reading)
+            scaled = [g * (index + 1) for g in grads]
+            tap.micro_batch(scaled)
+            tap.micro_batch(grads)
+            tap.summed(scaled)
+    assert [i for i, r in enumerate(reading) if r] == read
+    every = taps[1].end_epoch(updates).view(updates, 3)
+    sampled = taps[3].end_epoch(updates).view(len(read), 3)
+    assert torch.equal(sampled, every[read])
+    assert taps[3].rows(updates) == len(read) and taps[3].read(list(range(updates))) == read
+
+
+def test_noise_every_changes_the_record_alone(tmp_path):
+    """seq with 2 micro-batches, one epoch (41 updates) read at every update and at 11 of
+    them: the same training to the last bit, and estimates that differ, within their errors.
+    (Not a larger standard error: in a first epoch it is mostly the drift of training over the
+    epoch, which 11 updates see as well as 41.)"""
+    from dptrain.storage import checkpoint
+    from dptrain.worker import run
+
+    records, summaries = {}, {}
+    for every in (1, 4):
+        config, _ = checkpoint.config_and_resume("seq", {
+            "out": str(tmp_path / f"every-{every}"), "device": "cpu", "epochs": 1,
+            "checkpoint_every": 0, "accumulate": 2, "threads": 1, "noise_every": every})
+        summaries[every] = run("seq", config)
+        records[every] = json.loads((tmp_path / f"every-{every}" / "metrics.jsonl").read_text())
+    assert summaries[1]["train_loss"] == summaries[4]["train_loss"]
+    assert summaries[1]["test_accuracy"] == summaries[4]["test_accuracy"]
+    for key in ("grad_sq", "trace_cov", "noise_scale"):
+        a, b = records[1][key], records[4][key]
+        error = np.hypot(records[1][f"{key}_se"], records[4][f"{key}_se"])
+        assert a != b and abs(a - b) < 3 * error, (key, a, b, error)
 
 
 def test_no_noise_scale_leaves_it_unread(tmp_path):

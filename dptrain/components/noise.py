@@ -58,13 +58,20 @@ class GradientTap:
     The last column: this rank's part of the summed gradient's squared norm, times
     `summed_share` (1/world size where every rank holds the whole sum, 1 where each holds a
     shard), so that the sum over ranks is the whole norm. Nothing is read by the host here.
+
+    `every` K (run.noise_every): read one update of each K, the last of each group of K in an
+    epoch (updates K-1, 2K-1, ..., and the epoch's last), a row of the matrix each, the others
+    not at all: their hooks ask `reading` first. The last of a group, not the first: an
+    epoch's first update is dearer to read under ddp (BucketTap), and is read only where K = 1
+    or the epoch has one update.
     """
 
     def __init__(self, device: torch.device, parts: int, *, column: int | None = None,
-                 summed_share: float = 1.0):
+                 summed_share: float = 1.0, every: int = 1):
         self.device, self.parts, self.column = device, parts, column
-        self.summed_share = summed_share
-        self._index, self._next = 0, 0
+        self.summed_share, self.every = summed_share, every
+        self._index, self._row, self._next, self._updates = 0, 0, 0, 0
+        self.reading = True  # whether this update is read (begin_update)
         # The epoch's norms, written in place (out=) into one preallocated tensor: thousands of
         # small tensors kept for an epoch between a wide model's large transient buffers
         # fragmented the heap (+350 MB peak RSS for seq --accumulate 4 at hidden 1024,1024).
@@ -76,26 +83,41 @@ class GradientTap:
     def columns(self) -> int:
         return self.parts + 1
 
-    def begin_epoch(self) -> None:
-        self._at, self._keys = [], []
+    def begin_epoch(self, updates: int) -> None:
+        """An epoch of `updates` updates begins."""
+        self._at, self._keys, self._updates = [], [], updates
+
+    def rows(self, updates: int) -> int:
+        """The matrix's rows for an epoch of `updates`: the updates read."""
+        return -(-updates // self.every)
+
+    def read(self, items: Sequence) -> list:
+        """Those of an epoch's per-update `items` (say, its global batches) that are read."""
+        n, k = len(items), self.every
+        return [items[min(start + k, n) - 1] for start in range(0, n, k)]
 
     def begin_update(self, index: int) -> None:
         self._index, self._next = index, 0
+        self._row, place = divmod(index, self.every)
+        self.reading = place == self.every - 1 or index == self._updates - 1
 
     def pre_sum(self, tensor: torch.Tensor, key: int = 0) -> None:
         """A flat piece of this rank's gradient before the sum over ranks (a DDP bucket's
         buffer, an FSDP unit's reduce-scatter input); the pieces of one update add up in the
         order of their keys, then of their arrival."""
-        self._write(tensor, self.column, key)
+        if self.reading:
+            self._write(tensor, self.column, key)
 
     def micro_batch(self, tensors: Sequence[torch.Tensor]) -> None:
         """The whole gradient of one micro-batch (seq), before it is added to the others'."""
-        self._norm_of_all(tensors, self._next)
-        self._next += 1
+        if self.reading:
+            self._norm_of_all(tensors, self._next)
+            self._next += 1
 
     def summed(self, grads: Sequence[torch.Tensor]) -> None:
         """The gradients this rank holds after the update's sum (its shards under fsdp)."""
-        self._norm_of_all(grads, self.parts)
+        if self.reading:
+            self._norm_of_all(grads, self.parts)
 
     def _norm_of_all(self, tensors: Sequence[torch.Tensor], column: int, key: int = 0) -> None:
         """One norm of a list of tensors (per tensor, then of those, in the list's order)."""
@@ -110,7 +132,7 @@ class GradientTap:
             self._store = self._store.double()  # float64 gradients keep their precision
         if n == len(self._store):  # the first epoch learns the size; later ones reuse it
             self._store = torch.cat([self._store, torch.empty_like(self._store)])
-        self._at.append(self._index * self.columns + column)
+        self._at.append(self._row * self.columns + column)
         self._keys.append(key)
         slot = self._store[n]
         if tensor.dtype == slot.dtype:
@@ -119,8 +141,9 @@ class GradientTap:
             slot.copy_(torch.linalg.vector_norm(tensor))
 
     def end_epoch(self, updates: int) -> torch.Tensor:
-        """The (updates x columns) matrix of squared norms, flattened (float64, on the device):
-        to be summed over ranks with the epoch's other totals."""
+        """The (rows(updates) x columns) matrix of squared norms, flattened (float64, on the
+        device): to be summed over ranks with the epoch's other totals."""
+        updates = self.rows(updates)
         out = torch.zeros(updates * self.columns, dtype=torch.float64, device=self.device)
         n = len(self._at)
         if n:
@@ -193,6 +216,8 @@ class BucketTap(GradientTap):
 
     def summed(self, grads: Sequence[torch.Tensor]) -> None:
         """The update's summed gradient, as the buckets hold it now (`grads` views them)."""
+        if not self.reading:
+            return
         for key, tensor in self._held:
             self._write(tensor, self.parts, key)
         self._held = []  # no old buffer kept alive past DDP's rebuild
@@ -271,6 +296,8 @@ def tapped_comm_hook(hook, tap: BucketTap, model: torch.nn.Module, summer=None):
     tap.watch(model)
 
     def observed(state, bucket):  # `bucket`, not annotated: DDP checks both (gradsum.py)
+        if not tap.reading:
+            return hook(state, bucket)
         buffer = bucket.buffer()
         if summer is None or tap.first_update or not summer.keeps_inputs(buffer.numel()):
             tap.bucket(bucket)

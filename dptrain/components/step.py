@@ -91,7 +91,7 @@ class EagerStep:
     def begin_epoch(self, updates: int) -> None:
         self.guard.reset()
         if self.tap is not None:
-            self.tap.begin_epoch()
+            self.tap.begin_epoch(updates)
         if len(self._record) != updates:
             self._record = torch.zeros(updates, 2, dtype=torch.float32, device=self.samples.device)
 

@@ -178,12 +178,14 @@ class Strategy:
         it holds; the next backward outside sums them all over ranks (--accumulate)."""
         return contextlib.nullcontext()
 
-    def gradient_tap(self, model: nn.Module, micro_batches: int) -> GradientTap | None:
-        """What reads the gradient noise scale's small batches (components/noise.py): in one
-        process, the micro-batches of an update; None where an update has fewer than two."""
+    def gradient_tap(self, model: nn.Module, micro_batches: int,
+                     every: int = 1) -> GradientTap | None:
+        """What reads the gradient noise scale's small batches (components/noise.py), at every
+        `every`-th update of an epoch: in one process, the micro-batches of an update; None
+        where an update has fewer than two."""
         if micro_batches < 2 or not self.noise_scale:
             return None
-        tap = GradientTap(self.device, micro_batches)
+        tap = GradientTap(self.device, micro_batches, every=every)
         noise.tap_micro_batches(model, tap)
         return tap
 
@@ -264,8 +266,12 @@ class _ProcessGroupStrategy(Strategy):
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def gradient_tap(self, model: nn.Module, micro_batches: int) -> GradientTap | None:
-        return self.tap if self.noise_scale else None
+    def gradient_tap(self, model: nn.Module, micro_batches: int,
+                     every: int = 1) -> GradientTap | None:
+        if not self.noise_scale or self.tap is None:
+            return None
+        self.tap.every = every  # wrap() installed its reading: this tap, whatever the stride
+        return self.tap
 
     def gather_object(self, obj) -> list:
         gathered = [None] * self.env.world_size

@@ -48,8 +48,8 @@ MAY_CHANGE = {"epochs", "checkpoint_every", "keep", "keep_best", "early_stop", "
               "out", "data_dir", "backend", "device",
               "threads", "timeout", "nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id",
               "rdzv_backend", "max_restarts", "start_method", "zero",
-              "phase_times", "noise_scale", "profile",
-              "tensorboard"}  # the last four: what a run records
+              "phase_times", "noise_scale", "noise_every", "profile",
+              "tensorboard"}  # the last five: what a run records
 
 
 class CheckpointError(UserError):

@@ -50,7 +50,8 @@ def time_updates(config: Config, strategy, samples, train_rows, guess_seconds: f
     guard = NonFiniteGuard(strategy.device)
     optimizer = make_optimizer(config.optim, model.parameters(), plan.lr, skip_if=guard.flag)
     step = make_step(strategy, model, optimizer, samples, guard,
-                     tap=strategy.gradient_tap(model, micro_batches=1))
+                     tap=strategy.gradient_tap(model, micro_batches=1,
+                                               every=config.run.noise_every))
     order = samples.rows(epoch_order(train_rows, config.train.seed, 1)[:plan.samples_per_epoch])
     batches = list(global_batches(order, plan.global_batch))
     timed = min(MOST, max(FEWEST, round(POINT_SECONDS / max(guess_seconds, 1e-6))))
@@ -124,7 +125,8 @@ def _ddp_worker(rank: int, nproc: int, port: int, configs: list[Config], guesses
     env = DistEnv.from_environ()
     mnist = load_mnist(configs[0].data.data_dir)
     split = split_indices(len(mnist.labels), configs[0].data.split_seed)
-    strategy = make_strategy("ddp", env, configs[0].system)
+    strategy = make_strategy("ddp", env, configs[0].system,
+                             noise_scale=configs[0].run.noise_scale)  # as the run would read it
     try:
         samples = Samples(mnist, strategy.device)
         seconds = [time_updates(c, strategy, samples, split.train, g)

@@ -174,7 +174,10 @@ def calibrate(config: Config, out: Path, target: float | None, budget: float, n_
     goal = f"val accuracy {target}" if target is not None else f"{epochs} epochs"
     echo(f"calibration: ddp x{CALIBRATION_NPROC} at batch {plan0.global_batch} until {goal}, "
          f"at most {budget:g} s")
-    (out / "config.toml").write_text(to_toml(config))
+    # The noise scale at every update, whatever the config says: B_noise sets S_min, and
+    # sampling (--noise-every) would double its error where its cost does not matter.
+    every_update = replace(config, run=replace(config.run, noise_scale=True, noise_every=1))
+    (out / "config.toml").write_text(to_toml(every_update))
     run = measure.train_until(out / "config.toml", out / "calibration", mode="ddp",
                               nproc=CALIBRATION_NPROC, epochs=epochs, target=target,
                               budget=budget, log=out / "calibration.log")
