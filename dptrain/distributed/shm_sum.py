@@ -68,6 +68,7 @@ class SharedMemorySum:
             2, world_size + 1, self.round_elements)
         self._inputs, self._results = slots[:, :world_size], slots[:, world_size]
         self._flags = np.frombuffer(self._map, dtype=np.int64, offset=4 * slot_floats)[::FLAG_STRIDE]
+        self._own_views: dict[tuple[int, int], list[torch.Tensor]] = {}  # own_inputs'
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Replace `tensor` (float32, CPU, contiguous) by its sum over the ranks; returns it."""
@@ -87,11 +88,14 @@ class SharedMemorySum:
         """This rank's n elements of its last sum as they went in, in order: views of its
         input slots, which only this rank writes, and not before its next sum but one (the
         noise scale reads them after the sum, outside the wait for the peers)."""
-        rounds = -(-n // self.round_elements)
-        assert rounds <= 2, "keeps_inputs(n) is False"
-        sizes = [min(self.round_elements, n - i * self.round_elements) for i in range(rounds)]
-        return [self._inputs[(self.rounds - rounds + i) % 2, self.rank, :size]
-                for i, size in enumerate(sizes)]
+        key = (n, self.rounds % 2)  # the views, made once: a read costs an index otherwise
+        if key not in self._own_views:
+            rounds = -(-n // self.round_elements)
+            assert rounds <= 2, "keeps_inputs(n) is False"
+            sizes = [min(self.round_elements, n - i * self.round_elements) for i in range(rounds)]
+            self._own_views[key] = [self._inputs[(self.rounds - rounds + i) % 2, self.rank, :size]
+                                    for i, size in enumerate(sizes)]
+        return self._own_views[key]
 
     def _round(self, piece: torch.Tensor) -> None:
         n = piece.numel()
