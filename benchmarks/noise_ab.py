@@ -17,7 +17,7 @@ verdict is the median over launches of each launch's median ratio, with their ra
 Each arm is what train.py builds for a run with or without --no-noise-scale (worker.py's malloc
 settings included), and an epoch is timed as train.py times epoch_seconds: train_epoch, then the
 strategy's end of epoch (the tap's end-of-epoch matrix, its all-reduce and the host's estimate
-included). The ranks are this script's own processes, a minimal torchrun: gloo over TCP on this
+included); after it, untimed, the arm's validation pass, as in a run. The ranks are this script's own processes, a minimal torchrun: gloo over TCP on this
 host. `--same` is an A/A check: both arms without the tap, whose ratio should be 1.
 """
 
@@ -103,7 +103,8 @@ class Arm:
         from dptrain.distributed.strategy import make_strategy
         from dptrain.telemetry import Telemetry
         from dptrain.telemetry.phases import HostClock, Layout
-        from dptrain.train import Samples
+        from dptrain.components.model import LOSS_SUMS
+        from dptrain.train import Samples, evaluate
 
         self.strategy = make_strategy(args.mode, env, config.system, config.ddp,
                                       noise_scale=tap_on)
@@ -120,24 +121,30 @@ class Arm:
                                          every=config.run.noise_every)
         assert (tap is not None) == tap_on, "this setting has no noise scale to measure"
         self.samples = Samples(mnist, self.strategy.device)
+        self.evaluate = functools.partial(evaluate, self.model, self.samples,
+                                          strategy=self.strategy,
+                                          loss_sum=LOSS_SUMS[config.train.loss],
+                                          batch=config.train.eval_batch_size)
         self.step = make_step(self.strategy, self.model, optimizer, self.samples, guard,
                               telemetry=self.telemetry, accumulate=config.train.accumulate,
                               tap=tap)
 
-    def epoch(self, epoch: int, plan, train_rows, seed: int) -> float:
-        """One epoch's seconds, timed as train.py times epoch_seconds."""
+    def epoch(self, epoch: int, plan, split, seed: int) -> float:
+        """One epoch's seconds, timed as train.py times epoch_seconds; then, untimed, what
+        train.py does between epochs that touches much memory: the validation pass."""
         from dptrain.components.data import epoch_order
         from dptrain.train import train_epoch
 
         first_step = (epoch - 1) * plan.updates_per_epoch
         self.telemetry.begin_epoch(epoch, first_step)
         start = time.perf_counter()
-        order = epoch_order(train_rows, seed, epoch)
+        order = epoch_order(split.train, seed, epoch)
         train_epoch(self.step, self.samples, order, plan, self.strategy, first_step,
                     self.telemetry)
         self.strategy.end_epoch(self.model)
         seconds = time.perf_counter() - start
         self.telemetry.end_epoch(self.strategy.all_gather)
+        self.evaluate(split.val)
         return seconds
 
 
@@ -164,7 +171,7 @@ def rank_main(args, *, tap_first: bool, out: Path) -> None:
     seconds = {"off": [], "on": []}
     for epoch in range(1, args.epochs + 1):
         for name in (("off", "on") if epoch % 2 else ("on", "off")):
-            seconds[name].append(arms[name].epoch(epoch, plan, split.train, config.train.seed))
+            seconds[name].append(arms[name].epoch(epoch, plan, split, config.train.seed))
     strategy = arms["off"].strategy
     del arms  # DDP's reducers go before the process group they use (else gloo may abort)
     gc.collect()
