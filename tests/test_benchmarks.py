@@ -106,3 +106,19 @@ def test_precision_times_fp32_and_bf16_alternately():
                         "--min-seconds", "0")
     assert "CPU bf16 features:" in result.stdout
     assert "bf16/fp32" in result.stdout and "bf16 layers/bf16" in result.stdout
+
+
+@pytest.mark.slow
+def test_noise_ab_alternates_the_tap_in_the_same_processes(tmp_path):
+    run_script("noise_ab.py", "--launches", "2", "--epochs", "3", "--json",
+               str(tmp_path / "n.json"))
+    report = json.loads((tmp_path / "n.json").read_text())
+    assert [launch["built_first"] for launch in report["launches"]] == ["off", "on"]
+    for launch in report["launches"]:
+        assert len(launch["seconds"]["off"]) == len(launch["seconds"]["on"]) == 3
+    assert len(report["launch_medians"]) == 2 and 0.5 < report["ratio"] < 2
+
+
+def test_tap_cold_times_every_read_cold_and_warm():
+    result = run_script("tap_cold.py", "--rounds", "3")
+    assert "(the tap's)" in result.stdout and "np.dot of a numpy view made once" in result.stdout
