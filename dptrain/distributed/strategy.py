@@ -180,8 +180,8 @@ class Strategy:
 
     def gradient_tap(self, model: nn.Module, micro_batches: int,
                      every: int = 1) -> GradientTap | None:
-        """What reads the gradient noise scale's small batches (components/noise.py), at every
-        `every`-th update of an epoch: in one process, the micro-batches of an update; None
+        """What reads the gradient noise scale's small batches (components/noise.py), at one
+        update in `every` (GradientTap): in one process, the micro-batches of an update; None
         where an update has fewer than two."""
         if micro_batches < 2 or not self.noise_scale:
             return None

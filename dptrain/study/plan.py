@@ -175,7 +175,8 @@ def calibrate(config: Config, out: Path, target: float | None, budget: float, n_
     echo(f"calibration: ddp x{CALIBRATION_NPROC} at batch {plan0.global_batch} until {goal}, "
          f"at most {budget:g} s")
     # The noise scale at every update, whatever the config says: B_noise sets S_min, and
-    # sampling (--noise-every) would double its error where its cost does not matter.
+    # reading fewer updates (--noise-every) would multiply its error by 2-3 where its cost
+    # does not matter.
     every_update = replace(config, run=replace(config.run, noise_scale=True, noise_every=1))
     (out / "config.toml").write_text(to_toml(every_update))
     run = measure.train_until(out / "config.toml", out / "calibration", mode="ddp",
