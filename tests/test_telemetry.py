@@ -16,7 +16,7 @@ from dptrain.config import ConfigError, build_config, resolve
 from dptrain.errors import UserError
 from dptrain.flags import config_from_flags, fill_optional_values
 from dptrain.storage.runlog import RunLog
-from dptrain.telemetry.hangs import stall_line
+from dptrain.telemetry.hangs import read_heartbeats, stall_line
 from dptrain.telemetry.phases import Layout, run_totals, split
 
 DDP_PHASES = ["batch", "forward_backward", "sum", "wait", "optimizer", "epoch_end"]
@@ -77,6 +77,20 @@ def test_a_stalled_rank_is_named_with_where_the_others_waited():
         "forward/backward): the timeout is too short for the work, or the ranks are in "
         "different collectives")
     assert stall_line(0, 3, 30.0, {}, now=100.2) == ""  # the store did not answer
+
+
+def test_a_store_that_is_gone_reads_as_nothing_without_a_word(monkeypatch, capfd):
+    """A peer reads the heartbeats while rank 0, the store's host, has ended: its client's
+    retries logged C++ backtraces, 29 lines around the failure's one (a flaky CI run)."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    assert read_heartbeats(2, timeout_s=0.5) == {}
+    assert capfd.readouterr().err == ""
 
 
 # --- one real ddp run --------------------------------------------------------------------------

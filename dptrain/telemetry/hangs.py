@@ -16,8 +16,10 @@ recent collectives is dumped per rank into the run folder on a timeout. Untested
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -91,15 +93,37 @@ class Heartbeat:
             error.heartbeats = read_heartbeats(self.env.world_size)
 
 
+@contextlib.contextmanager
+def _no_stderr():
+    """File descriptor 2 to /dev/null for a while, for C++ that cannot be told to be quiet.
+
+    A TCPStore client whose host is gone logs every retry with a C++ backtrace (30 lines a
+    try, at any TORCH_CPP_LOG_LEVEL) before it gives up. On a failing run's path rank 0 may
+    have ended first; its peers then read the store while it closes, and their retries buried
+    the failure's one line. Only a failure's path reads the store, so hiding its stderr
+    (Python's too, for up to READ_TIMEOUT_S) hides nothing the user needs.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def read_heartbeats(world_size: int, timeout_s: float = READ_TIMEOUT_S) -> dict[int, dict | None]:
     """Every rank's last heartbeat (None where a rank wrote none); {} if the store does not
     answer within `timeout_s`."""
     try:
-        store = _client(timeout_s)
-        beats = {}
-        for rank in range(world_size):
-            key = _key(rank)
-            beats[rank] = json.loads(store.get(key)) if store.check([key]) else None
+        with _no_stderr():  # the store's host may be closing: its reads log backtraces too
+            store = _client(timeout_s)
+            beats = {}
+            for rank in range(world_size):
+                key = _key(rank)
+                beats[rank] = json.loads(store.get(key)) if store.check([key]) else None
         return beats
     except Exception:  # DistStoreError, a refused connection, a torn JSON
         return {}
