@@ -75,11 +75,10 @@ def test_rank_shares_give_the_known_answer():
 def test_without_the_finite_population_weight_the_answer_is_wrong():
     """The check above can fail: the paper's 1/b weights (an infinite population) move |G|^2
     by tr(Sigma)/8 here, many standard errors."""
-    small = np.array([[4.0, 6.0]]), np.array([[2, 2]])
-    exact = unbiased_parts(*small, np.array([4.5]), np.array([4]), 8)
-    infinite = unbiased_parts(*small, np.array([4.5]), np.array([4]), 10**12)
+    exact = unbiased_parts([4.0, 6.0], [2, 2], 4.5, 4, 8)
+    infinite = unbiased_parts([4.0, 6.0], [2, 2], 4.5, 4, 10**12)
     assert exact[1] == pytest.approx(infinite[1])  # tr(Sigma): the same difference of weights
-    assert exact[0] - infinite[0] == pytest.approx(exact[1][0] / 8)
+    assert exact[0] - infinite[0] == pytest.approx(exact[1] / 8)
 
 
 def test_what_an_estimate_leaves_out():

@@ -72,12 +72,9 @@ class GradientTap:
         self.summed_share, self.every = summed_share, every
         self._index, self._row, self._next, self._updates = 0, 0, 0, 0
         self.reading = True  # whether this update is read (begin_update)
-        # The epoch's norms, written in place (out=) into one preallocated tensor: thousands of
-        # small tensors kept for an epoch between a wide model's large transient buffers
-        # fragmented the heap (+350 MB peak RSS for seq --accumulate 4 at hidden 1024,1024).
-        self._store = torch.empty(256, dtype=torch.float32, device=device)
-        self._at: list[int] = []  # flat (update, column) index of each norm
-        self._keys: list[int] = []  # its order within that cell (a bucket's or a unit's key)
+        # The epoch's squared norms: on the host for CPU runs, where reading one costs no
+        # sync and host code is cheaper cold; on the device otherwise, read once per epoch.
+        self._squares = HostSquares() if device.type == "cpu" else DeviceSquares(device)
 
     @property
     def columns(self) -> int:
@@ -85,7 +82,8 @@ class GradientTap:
 
     def begin_epoch(self, updates: int) -> None:
         """An epoch of `updates` updates begins."""
-        self._at, self._keys, self._updates = [], [], updates
+        self._updates = updates
+        self._squares.clear()
 
     def rows(self, updates: int) -> int:
         """The matrix's rows for an epoch of `updates`: the updates read."""
@@ -125,14 +123,41 @@ class GradientTap:
             self._write(torch.stack(torch._foreach_norm(list(tensors))), column, key)
 
     def _write(self, tensor: torch.Tensor, column: int, key: int) -> None:
-        """The norm of `tensor` into the next place of the epoch's store, for update cell
-        `column`: in place where the dtypes agree (float32 gradients in a float32 store)."""
-        n = len(self._at)
+        """The squared norm of `tensor`, for this update's cell `column`."""
+        self._squares.add(tensor, self._row * self.columns + column, key)
+
+    def end_epoch(self, updates: int) -> torch.Tensor:
+        """The (rows(updates) x columns) matrix of squared norms, flattened (float64, on the
+        device): to be summed over ranks with the epoch's other totals."""
+        return self._squares.matrix(self.rows(updates), self.columns, self.summed_share)
+
+
+class DeviceSquares:
+    """An epoch's squared norms on an accelerator, left there until the epoch's all-reduce: no
+    read syncs with the host. Each norm is written in place (out=) into one preallocated
+    tensor; `cell` is its flat (update, column) place in the matrix, `key` its order within
+    that cell (a bucket's or a unit's).
+
+    One tensor, not a tensor per norm: thousands of small tensors kept for an epoch between a
+    wide model's large transient buffers fragmented the heap (+350 MB peak RSS for seq
+    --accumulate 4 at hidden 1024,1024)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._store = torch.empty(256, dtype=torch.float32, device=device)
+        self.clear()
+
+    def clear(self) -> None:
+        self._cells: list[int] = []
+        self._keys: list[int] = []
+
+    def add(self, tensor: torch.Tensor, cell: int, key: int) -> None:
+        n = len(self._cells)
         if tensor.dtype == torch.float64 and self._store.dtype != torch.float64:
             self._store = self._store.double()  # float64 gradients keep their precision
         if n == len(self._store):  # the first epoch learns the size; later ones reuse it
             self._store = torch.cat([self._store, torch.empty_like(self._store)])
-        self._at.append(self._row * self.columns + column)
+        self._cells.append(cell)
         self._keys.append(key)
         slot = self._store[n]
         if tensor.dtype == slot.dtype:
@@ -140,22 +165,57 @@ class GradientTap:
         else:
             slot.copy_(torch.linalg.vector_norm(tensor))
 
-    def end_epoch(self, updates: int) -> torch.Tensor:
-        """The (rows(updates) x columns) matrix of squared norms, flattened (float64, on the
-        device): to be summed over ranks with the epoch's other totals."""
-        updates = self.rows(updates)
-        out = torch.zeros(updates * self.columns, dtype=torch.float64, device=self.device)
-        n = len(self._at)
+    def matrix(self, rows: int, columns: int, summed_share: float) -> torch.Tensor:
+        """The squares added into their cells (float64, flat), the last column times
+        `summed_share`."""
+        out = torch.zeros(rows * columns, dtype=torch.float64, device=self.device)
+        n = len(self._cells)
         if n:
             # A fixed order of addition (by key, not by arrival): DDP's buckets and FSDP's
             # units may come in another order from one update to the next.
-            order = np.lexsort((self._keys, self._at))
+            order = np.lexsort((self._keys, self._cells))
             index = torch.from_numpy(order).to(self.device)
             squares = self._store[:n][index].to(torch.float64).square()
-            at = torch.from_numpy(np.asarray(self._at)[order]).to(self.device)
-            out.index_add_(0, at, squares)
-            out.view(updates, self.columns)[:, self.parts] *= self.summed_share
+            cells = torch.from_numpy(np.asarray(self._cells)[order]).to(self.device)
+            out.index_add_(0, cells, squares)
+            out.view(rows, columns)[:, -1] *= summed_share
         return out
+
+
+class HostSquares:
+    """DeviceSquares' counterpart on the CPU, where a read is no sync: each squared norm is a
+    Python float at once (one dot product, its tensor freed at once), and the matrix is built
+    in plain Python.
+
+    Host code, because a CPU run's tap comes cold, between forward and backward passes, where
+    an operation costs its code path more than its bytes: the default model's gradient takes
+    torch.vdot about half of vector_norm(out=)'s time (benchmarks/tap_cold.py), and the epoch's
+    matrix about 30 us in Python against ~100 us in torch's ops. (numpy's dot is cheaper
+    still, but its OpenBLAS splits a dot of more than 10,000 floats over threads, beside the
+    ranks' own.)"""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self._squares: list[tuple[int, int, float]] = []  # (cell, key, square), as added
+
+    def add(self, tensor: torch.Tensor, cell: int, key: int) -> None:
+        if tensor.dtype in (torch.float32, torch.float64):
+            flat = tensor if tensor.dim() == 1 else tensor.reshape(-1)
+            square = torch.vdot(flat, flat).item()
+        else:  # half precision: its dot would add up in half precision
+            square = torch.linalg.vector_norm(tensor, dtype=torch.float64).item() ** 2
+        self._squares.append((cell, key, square))
+
+    def matrix(self, rows: int, columns: int, summed_share: float) -> torch.Tensor:
+        out = [0.0] * (rows * columns)
+        # By cell, then key, then arrival (a stable sort): DeviceSquares' order.
+        for cell, _, square in sorted(self._squares, key=lambda added: added[:2]):
+            out[cell] += square
+        for last in range(columns - 1, len(out), columns):
+            out[last] *= summed_share
+        return torch.tensor(out, dtype=torch.float64)
 
 
 class BucketTap(GradientTap):
@@ -223,17 +283,16 @@ class BucketTap(GradientTap):
         self._held = []  # no old buffer kept alive past DDP's rebuild
 
 
-def unbiased_parts(small_sq: np.ndarray, small_sizes: np.ndarray, big_sq: np.ndarray,
-                   big_sizes: np.ndarray, population: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per update: unbiased (|G|^2, tr(Sigma)) from the squared norms of the small batches'
-    mean gradients (updates x parts; a size of 0 marks a part to leave out) and of the big
-    batch's (updates). Needs two or more parts of one or more samples in every update."""
-    used = small_sizes > 0
-    weight = np.where(used, 1.0 / np.maximum(small_sizes, 1) - 1.0 / population, 0.0)
-    count = used.sum(axis=1)
-    small_mean = np.where(used, small_sq, 0.0).sum(axis=1) / count
-    w_small = weight.sum(axis=1) / count  # E[small_mean] = |G|^2 + tr(Sigma) * w_small
-    w_big = 1.0 / big_sizes - 1.0 / population  # E[big_sq] = |G|^2 + tr(Sigma) * w_big
+def unbiased_parts(small_sq: Sequence[float], small_sizes: Sequence[int], big_sq: float,
+                   big_size: int, population: int) -> tuple[float, float]:
+    """One update's unbiased (|G|^2, tr(Sigma)) from the squared norms of its small batches'
+    mean gradients (a size of 0 marks a part to leave out) and of its big batch's. Needs two or
+    more parts of one or more samples."""
+    used = [(sq, size) for sq, size in zip(small_sq, small_sizes) if size > 0]
+    small_mean = sum(sq for sq, _ in used) / len(used)
+    # E[small_mean] = |G|^2 + tr(Sigma) * w_small; E[big_sq] = |G|^2 + tr(Sigma) * w_big.
+    w_small = sum(1 / size - 1 / population for _, size in used) / len(used)
+    w_big = 1 / big_size - 1 / population
     trace = (small_mean - big_sq) / (w_small - w_big)
     grad_sq = (w_small * big_sq - w_big * small_mean) / (w_small - w_big)
     return grad_sq, trace
@@ -253,29 +312,45 @@ def estimate(matrix: Sequence[float], batches: Sequence[int], parts: int,
     swamps the signal), and the standard errors of the epoch means (*_se: the spread over the
     epoch's updates, which includes training's drift; none with one update per epoch).
     Empty where no update has two parts of one sample or more.
+
+    Plain Python, not numpy: it runs at the end of every epoch, inside epoch_seconds, where
+    numpy's calls come cold, at several times their warm cost. For the default ddp x 2 epoch
+    (11 updates read) numpy's version took about 300 us cold, this one about 50 us
+    (benchmarks/noise_ab.py's profile); it costs ~1.6 us per update read, against the read's
+    own ~25 us.
     """
-    batches = np.asarray(batches, dtype=np.float64)
-    table = np.asarray(matrix, dtype=np.float64).reshape(len(batches), parts + 1)
-    sizes = np.array([shares(int(b), parts) for b in batches], dtype=np.float64)
-    usable = (sizes > 0).sum(axis=1) >= 2
-    if not usable.any():
+    columns, sizes = parts + 1, {}
+    grads, traces = [], []
+    for row, batch in enumerate(batches):
+        if min(batch, parts) < 2:  # fewer than two shares of one sample or more
+            continue
+        if batch not in sizes:
+            sizes[batch] = shares(int(batch), parts)
+        norms = matrix[row * columns:(row + 1) * columns]
+        # A rank's pre-sum gradient is its share (b/B) of the mean: its own mean is (B/b) times it.
+        own = [sq * (batch / size) ** 2 if size else 0.0
+               for sq, size in zip(norms[:parts], sizes[batch])]
+        grad_sq, trace = unbiased_parts(own, sizes[batch], norms[parts], batch, population)
+        grads.append(grad_sq)
+        traces.append(trace)
+    n = len(grads)
+    if not n:
         return {}
-    sizes, table, batches = sizes[usable], table[usable], batches[usable]
-    # A rank's pre-sum gradient is its share (b/B) of the mean: its own mean is (B/b) times it.
-    scale = np.where(sizes > 0, (batches[:, None] / np.maximum(sizes, 1)) ** 2, 0.0)
-    grad_sq, trace = unbiased_parts(table[:, :parts] * scale, sizes, table[:, parts], batches,
-                                    population)
-    record = {"grad_sq": float(grad_sq.mean()), "trace_cov": float(trace.mean())}
-    if record["grad_sq"] > 0:
-        record["noise_scale"] = record["trace_cov"] / record["grad_sq"]
-    n = len(grad_sq)
+    g, t = sum(grads) / n, sum(traces) / n
+    record = {"grad_sq": g, "trace_cov": t}
+    if g > 0:
+        record["noise_scale"] = t / g
     if n >= 2:
-        cov = np.cov(np.stack([grad_sq, trace])) / n  # of the two epoch means
-        record["grad_sq_se"] = math.sqrt(cov[0, 0])
-        record["trace_cov_se"] = math.sqrt(cov[1, 1])
-        if "noise_scale" in record:  # the delta method for a ratio of means
-            g, t = record["grad_sq"], record["trace_cov"]
-            var = (cov[1, 1] / g**2 - 2 * t * cov[0, 1] / g**3 + t**2 * cov[0, 0] / g**4)
+        # The covariance of the two epoch means: the spread over the updates (n - 1), / n.
+        def cov(xs, mx, ys, my):
+            return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / ((n - 1) * n)
+
+        var_g, var_t, cov_gt = cov(grads, g, grads, g), cov(traces, t, traces, t), \
+            cov(grads, g, traces, t)
+        record["grad_sq_se"] = math.sqrt(var_g)
+        record["trace_cov_se"] = math.sqrt(var_t)
+        if g > 0:  # the delta method for a ratio of means
+            var = var_t / g**2 - 2 * t * cov_gt / g**3 + t**2 * var_g / g**4
             record["noise_scale_se"] = math.sqrt(max(var, 0.0))
     return {k: v for k, v in record.items() if math.isfinite(v)}
 
