@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import train
-from dptrain.components.noise import (GradientTap, estimate, shares, tap_micro_batches,
-                                      unbiased_parts)
+from dptrain.components.noise import (DeviceSquares, GradientTap, HostSquares, estimate,
+                                      shares, tap_micro_batches, unbiased_parts)
 
 # A population of N = 8 per-sample gradients z_i = G + s * e_i, e_i the 8 sign vectors of
 # {-1, 1}^3 (they average to zero): a linear loss z_i . theta has exactly these gradients.
@@ -79,6 +79,32 @@ def test_without_the_finite_population_weight_the_answer_is_wrong():
     infinite = unbiased_parts([4.0, 6.0], [2, 2], 4.5, 4, 10**12)
     assert exact[1] == pytest.approx(infinite[1])  # tr(Sigma): the same difference of weights
     assert exact[0] - infinite[0] == pytest.approx(exact[1] / 8)
+
+
+def test_the_host_and_the_device_stores_fill_the_same_matrix():
+    """A CPU run keeps its squared norms on the host (HostSquares), a GPU run on the device
+    (DeviceSquares, run here on the CPU: no GPU to test it on). Both fill the same cells, the
+    last column times the summed share, and neither depends on the order in which a cell's
+    pieces arrive (DDP's buckets may come in another order from one update to the next)."""
+    generator = torch.Generator().manual_seed(0)
+    pieces = [(torch.randn(size, generator=generator), cell, key)
+              for cell in range(6) for key, size in enumerate((700, 13002, 3))]
+    pieces.append((torch.randn(16, 784, generator=generator), 4, 3))  # a parameter's gradient
+    matrices = []
+    for store in (HostSquares(), DeviceSquares(torch.device("cpu")), HostSquares()):
+        arrival = pieces if len(matrices) < 2 else pieces[::-1]
+        for tensor, cell, key in arrival:
+            store.add(tensor, cell, key)
+        matrices.append(store.matrix(2, 3, summed_share=0.5))
+    host, device, reversed_host = matrices
+    squares = [0.0] * 6
+    for tensor, cell, _ in pieces:
+        squares[cell] += tensor.double().square().sum().item()
+    expected = torch.tensor(squares, dtype=torch.float64).view(2, 3)
+    expected[:, 2] *= 0.5
+    torch.testing.assert_close(host, expected.flatten(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(device, host, rtol=1e-5, atol=0)
+    assert torch.equal(reversed_host, host)
 
 
 def test_what_an_estimate_leaves_out():

@@ -19,12 +19,14 @@ is tr(Sigma) * (1/b - 1/N) (Sigma with the 1/(N-1) normalisation): the estimates
 weight, exact for any b <= N (the full batch, b = N, has no noise), where the paper's 1/b
 assumes an infinite population.
 
-On the device, per update: the norms of the pre-sum gradient (a DDP bucket's flat buffer, an
-FSDP unit's reduce-scatter input, a micro-batch's gradients) and of the summed gradients this
-rank holds, written into one preallocated tensor (one kernel each; a list of tensors: a foreach
-kernel and the norm of those norms); once per epoch their squares are added, in a fixed order,
-into an (updates x parts+1) matrix that joins the epoch's one all-reduce of the losses. The host
-then computes the estimates per update and averages them over the epoch (`estimate`).
+Per update read (one in K, `--noise-every`): the squared norms of the pre-sum gradient (a DDP
+bucket's flat buffer, an FSDP unit's reduce-scatter input, a micro-batch's gradients) and of
+the summed gradients this rank holds (one kernel each; a list of tensors: a foreach kernel and
+the norm of those norms). On a GPU they stay on the device (DeviceSquares); on the CPU, where
+reading a number is no sync, each is a host float at once (HostSquares), which costs less
+there. Once per epoch they are added, in a fixed order, into an (updates read x parts+1) matrix
+that joins the epoch's one all-reduce of the losses. The host then computes the estimates per
+update and averages them over the epoch (`estimate`).
 """
 
 from __future__ import annotations
