@@ -185,16 +185,17 @@ class DeviceSquares:
 
 
 class HostSquares:
-    """DeviceSquares' counterpart on the CPU, where a read is no sync: each squared norm is a
-    Python float at once (one dot product, its tensor freed at once), and the matrix is built
-    in plain Python.
+    """DeviceSquares' counterpart on the CPU, where a read is no sync: each norm is a Python
+    float at once (its tensor freed at once), squared in float64 as DeviceSquares squares it,
+    and the matrix is built in plain Python.
 
     Host code, because a CPU run's tap comes cold, between forward and backward passes, where
-    an operation costs its code path more than its bytes: the default model's gradient takes
-    torch.vdot about half of vector_norm(out=)'s time (benchmarks/tap_cold.py), and the epoch's
-    matrix about 30 us in Python against ~100 us in torch's ops. (numpy's dot is cheaper
-    still, but its OpenBLAS splits a dot of more than 10,000 floats over threads, beside the
-    ranks' own.)"""
+    an operation costs its code path more than its bytes: the epoch's matrix takes about 37 us
+    in Python against ~120 us in torch's ops, and a norm into a new tensor about half the time
+    of one written in place (benchmarks/tap_cold.py). Not a dot product, which is cheaper: the
+    norm's reduction adds up alike wherever a tensor starts in memory, and MKL's dot (torch's)
+    does not, which changed a parameter's digits between DDP's two bucket layouts and broke
+    exact resume; numpy's dot splits more than 10,000 floats over OpenBLAS's threads."""
 
     def __init__(self):
         self.clear()
@@ -204,11 +205,10 @@ class HostSquares:
 
     def add(self, tensor: torch.Tensor, cell: int, key: int) -> None:
         if tensor.dtype in (torch.float32, torch.float64):
-            flat = tensor if tensor.dim() == 1 else tensor.reshape(-1)
-            square = torch.vdot(flat, flat).item()
-        else:  # half precision: its dot would add up in half precision
-            square = torch.linalg.vector_norm(tensor, dtype=torch.float64).item() ** 2
-        self._squares.append((cell, key, square))
+            norm = torch.linalg.vector_norm(tensor).item()
+        else:  # half precision would add up in half precision
+            norm = torch.linalg.vector_norm(tensor, dtype=torch.float32).item()
+        self._squares.append((cell, key, norm * norm))
 
     def matrix(self, rows: int, columns: int, summed_share: float) -> torch.Tensor:
         out = [0.0] * (rows * columns)
