@@ -193,9 +193,10 @@ class HostSquares:
     an operation costs its code path more than its bytes: the epoch's matrix takes about 37 us
     in Python against ~120 us in torch's ops, and a norm into a new tensor about half the time
     of one written in place (benchmarks/tap_cold.py). Not a dot product, which is cheaper: the
-    norm's reduction adds up alike wherever a tensor starts in memory, and MKL's dot (torch's)
-    does not, which changed a parameter's digits between DDP's two bucket layouts and broke
-    exact resume; numpy's dot splits more than 10,000 floats over OpenBLAS's threads."""
+    norm's reduction adds up alike wherever a tensor starts in memory, and torch's CPU dot (a
+    BLAS call) does not (the same floats at 32 offsets: 2 different dots, 1 norm), which
+    changed a parameter's digits between DDP's two bucket layouts and broke exact resume;
+    numpy's dot splits more than 10,000 floats over OpenBLAS's threads."""
 
     def __init__(self):
         self.clear()
