@@ -158,7 +158,7 @@ class RunConfig:
     phase_times: bool = True  # time the phases of every update (telemetry/phases.py)
     noise_scale: bool = True  # the gradient noise scale, where an update has 2+ small batches
     # Read it at one update of every K (the last of each K in an epoch): at every update it
-    # costs about 3.7% of a ddp x 2 epoch of the default model, at K = 4 about 2.2% (the 2-core VM,
+    # costs about 4.3% of a ddp x 2 epoch of the default model, at K = 4 about 2.2% (the 2-core VM,
     # benchmarks/noise_ab.py; docs/PERFORMANCE.md)
     noise_every: int = 4
     profile: str = ""  # "START:COUNT": torch.profiler over those updates; "" = off

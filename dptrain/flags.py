@@ -137,7 +137,7 @@ def training_flags(
         "noise-scale", TELEMETRY, "--noise-scale/--no-noise-scale")] = None,
     noise_every: Annotated[Optional[int], _opt(
         "Read the noise scale at one update in K (the last of every K in an epoch): fewer reads "
-        "cost less (ddp x 2 of the default model: 2.2% of an epoch at 4, 3.7% at 1) and give a "
+        "cost less (ddp x 2 of the default model: 2.2% of an epoch at 4, 4.3% at 1) and give a "
         "larger standard error (2-3x at 4).", str(_DEFAULTS.run.noise_every), TELEMETRY)] = None,
     profile: Annotated[Optional[str], _opt(
         "Record updates START+1 to START+COUNT of the run (over all epochs) with torch.profiler: "
