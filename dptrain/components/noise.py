@@ -53,13 +53,15 @@ def epoch_batches(samples_per_epoch: int, global_batch: int) -> list[int]:
 
 
 class GradientTap:
-    """Squared gradient norms of every update of an epoch, kept on the device.
+    """Squared gradient norms of an epoch's updates read: on a GPU kept on the device until the
+    epoch's end (DeviceSquares), on the CPU as host floats (HostSquares).
 
     Columns 0..parts-1: the pre-sum gradients, one per small batch (a rank's share under
     ddp/fsdp: `column` is this rank's; a micro-batch in seq: the next column per backward).
     The last column: this rank's part of the summed gradient's squared norm, times
     `summed_share` (1/world size where every rank holds the whole sum, 1 where each holds a
-    shard), so that the sum over ranks is the whole norm. Nothing is read by the host here.
+    shard), so that the sum over ranks is the whole norm. On a GPU nothing is read by the host
+    here.
 
     `every` K (run.noise_every): read one update of each K, the last of each group of K in an
     epoch (updates K-1, 2K-1, ..., and the epoch's last), a row of the matrix each, the others
